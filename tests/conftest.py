@@ -1,0 +1,24 @@
+"""Shared fixtures: tiny models built once per test session, offline."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tests import tiny_models  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_policy(tmp_path_factory) -> str:
+    """Directory of a 2-layer Llama causal LM and its word-level tokenizer."""
+    return tiny_models.build_policy(str(tmp_path_factory.mktemp("tiny_policy")))
+
+
+@pytest.fixture(scope="session")
+def tiny_reward_model(tmp_path_factory) -> str:
+    """Directory of a 2-layer Llama sequence classifier (one output) sharing the tokenizer."""
+    return tiny_models.build_reward_model(str(tmp_path_factory.mktemp("tiny_reward")))
