@@ -19,10 +19,15 @@ class PromptInput:
 
 @dataclasses.dataclass(frozen=True)
 class RenderedPrompt:
-    """A prompt after the policy's chat template (or raw text): what the trainer will see."""
+    """A prompt after the policy's chat template (or raw text): what the trainer will see.
+
+    ``messages`` keeps the conversation before rendering ((role, content) pairs; a plain-text
+    prompt is one user turn) so reward models can render it with their own template.
+    """
     prompt_id: str
     prompt: str
     prompt_token_ids: tuple[int, ...]
+    messages: tuple[tuple[str, str], ...] = ()
 
 
 @dataclasses.dataclass
