@@ -54,7 +54,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["rso", "rso.*", "beam_pipelines", "beam_pipelines.*",
                                     "trainer", "trainer.*"]),
-    package_data={"rso": ["data/*.jsonl"]},
+    package_data={"rso": ["data/*.jsonl.gz", "data/README.md"]},
     install_requires=CORE,
     extras_require={
         # The Beam pipeline with the transformers engine only (no vLLM).

