@@ -49,12 +49,14 @@ class PromptCandidates:
     """The candidates of one prompt: the unit that moves from generation to selection.
 
     After selection ``candidates`` holds the kept responses in acceptance order and ``pairs``
-    the (chosen, rejected) indices into them. Stages that change candidates (reward, re-scoring)
-    keep the other fields with ``dataclasses.replace``.
+    the (chosen, rejected) indices into them, and ``num_candidates`` the N they were selected
+    from (after dedup). Stages that change candidates (reward, re-scoring) keep the other fields
+    with ``dataclasses.replace``.
     """
     prompt: RenderedPrompt
     candidates: list[Candidate]
     pairs: list[tuple[int, int]] | None = None
+    num_candidates: int | None = None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -49,6 +49,22 @@ COLUMNS: tuple[Column, ...] = (
     Column("run_id", STRING, "the run that wrote the record"),
 )
 COLUMN_NAMES: tuple[str, ...] = tuple(c.name for c in COLUMNS)
+
+# best-of-n writes SFT targets (RAFT) instead of pairs: TRL's prompt-completion format.
+SFT_COLUMNS: tuple[Column, ...] = (
+    Column("prompt_id", STRING, "stable id of the prompt"),
+    Column("prompt", STRING, "the rendered prompt text"),
+    Column("prompt_token_ids", INT_LIST, "token ids of the rendered prompt"),
+    Column("completion", STRING, "the best of the N responses"),
+    Column("completion_token_ids", INT_LIST, "its generated token ids"),
+    Column("ref_logps", DOUBLE, "its sft_logp (SPEC 1)"),
+    Column("reward", DOUBLE, "its reward"),
+    Column("finish_reason", STRING, '"stop" or "length"'),
+    Column("selection", STRING, "selection method (best-of-n)"),
+    Column("policy_model", STRING, "policy model id with revision or content hash"),
+    Column("reward_model", STRING, "reward model id(s) with revision or content hash"),
+    Column("run_id", STRING, "the run that wrote the record"),
+)
 BY_NAME: dict[str, Column] = {c.name: c for c in COLUMNS}
 
 _ARROW_TYPES = {STRING: pa.string(), INT: pa.int64(), DOUBLE: pa.float64(),
@@ -59,16 +75,17 @@ class SchemaError(ValueError):
     """A record that does not follow SPEC 5; the message names the column."""
 
 
-def arrow_schema() -> pa.Schema:
-    return pa.schema([pa.field(c.name, _ARROW_TYPES[c.kind], nullable=False) for c in COLUMNS])
+def arrow_schema(columns: tuple[Column, ...] = COLUMNS) -> pa.Schema:
+    return pa.schema([pa.field(c.name, _ARROW_TYPES[c.kind], nullable=False) for c in columns])
 
 
-def validate_record(record: Mapping[str, Any], where: str = "record") -> None:
+def validate_record(record: Mapping[str, Any], where: str = "record",
+                    columns: tuple[Column, ...] = COLUMNS) -> None:
     """Raises SchemaError if a column is missing or of the wrong kind."""
-    missing = [n for n in COLUMN_NAMES if n not in record]
+    missing = [c.name for c in columns if c.name not in record]
     if missing:
         raise SchemaError(f"{where}: missing column(s) {', '.join(missing)}")
-    for c in COLUMNS:
+    for c in columns:
         v = record[c.name]
         ok = {
             STRING: isinstance(v, str),
@@ -80,11 +97,11 @@ def validate_record(record: Mapping[str, Any], where: str = "record") -> None:
             raise SchemaError(f"{where}: column {c.name} must be {c.kind}, got {type(v).__name__}")
 
 
-def to_example(record: Mapping[str, Any]) -> bytes:
+def to_example(record: Mapping[str, Any], columns: tuple[Column, ...] = COLUMNS) -> bytes:
     """Serialises a record as a tf.train.Example."""
     ex = Example()
     features = ex.features.feature
-    for c in COLUMNS:
+    for c in columns:
         v = record[c.name]
         if c.kind == STRING:
             features[c.name].bytes_list.value.append(v.encode("utf-8"))
@@ -97,13 +114,14 @@ def to_example(record: Mapping[str, Any]) -> bytes:
     return ex.SerializeToString(deterministic=True)
 
 
-def from_example(data: bytes, where: str = "record") -> dict[str, Any]:
+def from_example(data: bytes, where: str = "record",
+                 columns: tuple[Column, ...] = COLUMNS) -> dict[str, Any]:
     """Parses a tf.train.Example into a record; raises SchemaError for a missing feature."""
     ex = Example()
     ex.ParseFromString(data)
     features = ex.features.feature
     out: dict[str, Any] = {}
-    for c in COLUMNS:
+    for c in columns:
         if c.name not in features:
             raise SchemaError(f"{where}: missing feature {c.name}")
         f = features[c.name]
