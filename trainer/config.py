@@ -1,0 +1,135 @@
+"""`rso train` configuration: one typed, validated object for the whole trainer.
+
+Built from ``--config FILE.yaml`` and flags (flags win), in the same style as the pipeline's
+``GenerateConfig`` (:mod:`rso.config`). Every field is documented in place; ``validate()`` fails
+at start with one clear message.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from typing import Literal, Optional
+
+from rso.config import Config, ConfigError, option
+
+LossType = Literal["sigmoid-norm", "hinge-norm", "hinge", "ipo"]
+
+# Settings that decide which pairs land in which optimizer step, and how the loss is computed.
+# A resumed run must keep them, or it would not continue the same run.
+RESUME_INVARIANTS = ("data", "data_format", "eval_fraction", "loss", "gamma", "batch_size",
+                     "grad_accum", "seed", "shuffle_buffer", "bucket_batches", "max_length",
+                     "recompute_reference", "optimizer", "epochs", "max_steps", "scheduler",
+                     "warmup_steps")
+
+
+@dataclasses.dataclass
+class TrainConfig(Config):
+    # ---- data
+    data: list[str] = option([], "pipeline output directory (needs _SUCCESS), or a glob of "
+                             "pairs-*.parquet / *.tfrecord[.gz] files; local or gs://; repeatable")
+    data_format: Literal["auto", "parquet", "tfrecord"] = option(
+        "auto", "which files of an output directory to read; auto = Parquet if present")
+    eval_data: list[str] = option([], "held-out pairs, same forms as --data (optional)")
+    eval_fraction: float = option(0.0, "hold out this fraction of prompts of --data for "
+                                  "evaluation (by hash of prompt_id, so a prompt's pairs stay on "
+                                  "one side)")
+    max_length: Optional[int] = option(None, "skip pairs whose prompt + longer response exceeds "
+                                       "this many tokens (never truncated: that would break the "
+                                       "reference log-probs)")
+    shuffle_buffer: int = option(4096, "pairs held in the streaming shuffle buffer (1 = no "
+                                 "shuffle)")
+    bucket_batches: int = option(16, "length bucketing: sort windows of this many batches by "
+                                 "length, then shuffle the batches (1 = no bucketing)")
+    # ---- model
+    policy: str = option("", "initial policy: Hugging Face causal LM directory")
+    output: str = option("", "local output directory: checkpoints, metrics, plots, final model")
+    trust_remote_code: bool = option(False, "let the model repository run its own code")
+    gradient_checkpointing: bool = option(False, "recompute activations in backward (less "
+                                          "memory, about 30% slower)")
+    precision: Literal["auto", "fp32", "bf16"] = option(
+        "auto", "bf16 autocast (weights stay fp32); auto = bf16 on a CUDA device that supports "
+        "it, fp32 elsewhere; bf16 on CPU is opt-in")
+    device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = cuda when available")
+    num_threads: Optional[int] = option(None, "torch CPU threads (default: torch's choice)")
+    # ---- loss (SPEC 6)
+    loss: LossType = option("sigmoid-norm", "sigmoid-norm (DPO) | hinge-norm (RSO/SLiC "
+                            "normalised) | hinge (SLiC) | ipo")
+    gamma: float = option(0.05, "loss scale gamma (not the sampling beta)")
+    # ---- reference log-probs
+    strict_reference: bool = option(False, "stop when the first batch's stored reference "
+                                    "log-probs disagree with the initial policy")
+    reference_tolerance: float = option(0.05, "largest per-sequence gap (nats) between stored "
+                                        "and recomputed reference log-probs before warning")
+    recompute_reference: bool = option(False, "compute reference log-probs once with the "
+                                       "initial policy in fp32, cache them in --output, and "
+                                       "train from the cache")
+    # ---- optimisation
+    optimizer: Literal["adamw", "adafactor"] = option("adamw", "adamw | adafactor (the paper's)")
+    lr: float = option(1e-6, "peak learning rate")
+    weight_decay: float = option(0.0, "decoupled weight decay")
+    adam_beta1: float = option(0.9, "AdamW beta1 (Adafactor: 0 = no first moment)")
+    adam_beta2: float = option(0.999, "AdamW beta2")
+    adam_eps: float = option(1e-8, "AdamW epsilon")
+    scheduler: Literal["constant", "linear", "cosine"] = option(
+        "linear", "decay after warm-up: constant | linear (to 0) | cosine (to 0)")
+    warmup_steps: int = option(0, "linear warm-up steps from 0 to --lr")
+    batch_size: int = option(8, "pairs per micro-batch (2x sequences in one forward)")
+    grad_accum: int = option(1, "micro-batches per optimizer step")
+    max_grad_norm: float = option(1.0, "clip the global gradient norm to this (0 = off)")
+    epochs: int = option(1, "passes over the training pairs (ignored when --max-steps is set)")
+    max_steps: Optional[int] = option(None, "optimizer steps to run; overrides --epochs")
+    # ---- checkpoints, evaluation, logging
+    save_every: int = option(0, "save a checkpoint every N optimizer steps (0 = only at the "
+                             "end)")
+    keep_checkpoints: int = option(2, "how many recent checkpoints to keep (0 = all)")
+    eval_every: int = option(0, "evaluate every N optimizer steps (0 = only at the end)")
+    resume: bool = option(False, "continue from the latest checkpoint in --output (starts from "
+                          "scratch when there is none)")
+    overwrite: bool = option(False, "start from scratch even if --output holds checkpoints")
+    seed: int = option(0, "seeds data order and torch (dropout)")
+    log_every: int = option(1, "write metrics every N optimizer steps")
+    tensorboard: bool = option(True, "also write TensorBoard event files to OUTPUT/tensorboard")
+    progress: bool = option(True, "show a progress bar")
+    plots: bool = option(True, "write PNG training curves to OUTPUT/plots at the end")
+
+    def validate(self) -> None:
+        def fail(msg: str) -> None:
+            raise ConfigError(msg)
+
+        if not self.data:
+            fail("--data is required")
+        if not self.policy:
+            fail("--policy is required")
+        if not self.output:
+            fail("--output is required")
+        if "://" in self.output:
+            fail(f"--output must be a local directory (got {self.output}); copy the result to "
+                 f"remote storage after training")
+        if "://" not in self.policy and not os.path.isdir(self.policy):
+            fail(f"policy directory not found: {self.policy}")
+        if not (self.gamma > 0 and math.isfinite(self.gamma)):
+            fail(f"--gamma must be a positive finite number, got {self.gamma}")
+        if not (self.lr >= 0 and math.isfinite(self.lr)):
+            fail(f"--lr must be >= 0, got {self.lr}")
+        for name in ("batch_size", "grad_accum", "epochs", "shuffle_buffer", "bucket_batches",
+                     "log_every"):
+            if getattr(self, name) < 1:
+                fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for name in ("save_every", "keep_checkpoints", "eval_every", "warmup_steps"):
+            if getattr(self, name) < 0:
+                fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
+        if self.max_steps is not None and self.max_steps < 1:
+            fail(f"--max-steps must be >= 1, got {self.max_steps}")
+        if self.max_length is not None and self.max_length < 2:
+            fail(f"--max-length must be >= 2, got {self.max_length}")
+        if not 0.0 <= self.eval_fraction < 1.0:
+            fail(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
+        if self.max_grad_norm < 0:
+            fail(f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
+        if self.reference_tolerance < 0:
+            fail(f"--reference-tolerance must be >= 0, got {self.reference_tolerance}")
+        if self.resume and self.overwrite:
+            fail("--resume and --overwrite exclude each other")
+        if self.num_threads is not None and self.num_threads < 1:
+            fail(f"--num-threads must be >= 1, got {self.num_threads}")

@@ -1,0 +1,275 @@
+"""Reading preference pairs for the trainer: resolve, validate, stream, shuffle, bucket.
+
+Sources are pipeline output directories (only complete ones, with ``_SUCCESS``), or files and
+globs of ``*.parquet`` / ``*.tfrecord[.gz]``, local or gs:// (through :mod:`rso.io`). Only the
+columns the trainer needs are read, a Parquet row group or a TFRecord record at a time, so data
+larger than memory streams. Stored token ids are used as they are: nothing is re-tokenised.
+
+An epoch is a deterministic function of (seed, epoch): file order is permuted, pairs pass a
+bounded shuffle buffer, then windows of ``bucket_batches`` batches are sorted by length, cut into
+batches and the batches shuffled (length bucketing: padding stays small, order stays random).
+Resuming replays the same stream and skips the batches already consumed.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from rso import io as rso_io
+from rso.schema import SchemaError, from_example
+from rso.tfrecord import CorruptRecordError, read_records
+
+T = TypeVar("T")
+
+# The columns the trainer reads (SPEC 5 names).
+COLUMNS = ("prompt_id", "prompt_token_ids", "chosen_token_ids", "rejected_token_ids",
+           "ref_chosen_logps", "ref_rejected_logps")
+_GLOB_CHARS = set("*?[")
+PARQUET, TFRECORD = "parquet", "tfrecord"
+
+
+class DataError(ValueError):
+    """Unreadable or invalid training data; the message names the file and the row."""
+
+
+@dataclasses.dataclass(slots=True)
+class Pair:
+    """One preference pair, as the trainer needs it."""
+    prompt_id: str
+    prompt_token_ids: list[int]
+    chosen_token_ids: list[int]
+    rejected_token_ids: list[int]
+    ref_chosen_logps: float
+    ref_rejected_logps: float
+    where: str  # "FILE: row N", for error messages
+
+    @property
+    def length(self) -> int:
+        """Tokens of the longer of the two sequences (prompt + response)."""
+        return len(self.prompt_token_ids) + max(len(self.chosen_token_ids),
+                                                len(self.rejected_token_ids))
+
+    @property
+    def key(self) -> str:
+        """Content key of the pair's token ids (the reference cache's key)."""
+        return pair_key(self.prompt_token_ids, self.chosen_token_ids, self.rejected_token_ids)
+
+
+def pair_key(prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[int]) -> str:
+    text = "|".join(",".join(map(str, ids)) for ids in (prompt, chosen, rejected))
+    return hashlib.sha256(text.encode("ascii")).hexdigest()[:32]
+
+
+# ------------------------------------------------------------------------------ resolving
+def _glob(pattern: str) -> list[str]:
+    """Sorted matches of a glob, local or gs://.
+
+    Works around rso.io.glob, which hands the pattern to fsspec.get_fs_token_paths; that call
+    expands the glob itself and fails unless exactly one file matches. Here the filesystem is
+    resolved from the pattern's literal head instead.
+    """
+    head = pattern[:min(pattern.index(c) for c in _GLOB_CHARS if c in pattern)]
+    fs, _ = rso_io.filesystem(head or ".")
+    return sorted(rso_io._qualify(fs, m) for m in fs.glob(fs._strip_protocol(pattern)))
+
+
+def _file_format(path: str) -> str:
+    if path.endswith(".parquet"):
+        return PARQUET
+    if path.endswith(".tfrecord") or path.endswith(".tfrecord.gz"):
+        return TFRECORD
+    raise DataError(f"{path}: not a .parquet, .tfrecord or .tfrecord.gz file")
+
+
+def _directory_files(directory: str, data_format: str) -> list[str]:
+    if not rso_io.exists(rso_io.join(directory, "_SUCCESS")):
+        raise DataError(f"{directory}: no _SUCCESS file, so the pipeline run that writes it has "
+                        f"not finished (or failed); refusing to train on partial output")
+    parquet = _glob(rso_io.join(directory, "pairs-*.parquet"))
+    tfrecord = _glob(rso_io.join(directory, "pairs-*.tfrecord*"))
+    if data_format == "auto":
+        return parquet or tfrecord
+    return parquet if data_format == PARQUET else tfrecord
+
+
+def resolve_files(sources: Sequence[str], data_format: str = "auto") -> list[str]:
+    """The data files named by ``sources`` (directories, files or globs), in a stable order."""
+    files: list[str] = []
+    for source in sources:
+        if _GLOB_CHARS & set(source):
+            matches = _glob(source)
+            if not matches:
+                raise DataError(f"{source}: the pattern matches no file")
+            files.extend(m for m in matches if _file_format(m))
+            continue
+        fs, path = rso_io.filesystem(source)
+        if fs.isdir(path):
+            files.extend(_directory_files(source.rstrip("/"), data_format))
+        elif fs.exists(path):
+            _file_format(source)
+            files.append(source)
+        else:
+            raise DataError(f"{source}: no such directory or file")
+    return list(dict.fromkeys(files))
+
+
+# ------------------------------------------------------------------------------ reading
+def validate_pair(record: Mapping, where: str, *, require_reference: bool = True,
+                  vocab_size: Optional[int] = None) -> None:
+    """Raises DataError (naming ``where``) unless the record can be trained on."""
+    missing = [c for c in COLUMNS if c not in record]
+    if missing:
+        raise DataError(f"{where}: missing column(s) {', '.join(missing)}")
+    if not isinstance(record["prompt_id"], str):
+        raise DataError(f"{where}: prompt_id must be a string, got {record['prompt_id']!r}")
+    for name in ("prompt_token_ids", "chosen_token_ids", "rejected_token_ids"):
+        ids = record[name]
+        if not ids:
+            raise DataError(f"{where}: {name} is empty")
+        if vocab_size is not None and (min(ids) < 0 or max(ids) >= vocab_size):
+            raise DataError(f"{where}: {name} holds a token id outside the policy's vocabulary "
+                            f"[0, {vocab_size})")
+    if require_reference:
+        for name in ("ref_chosen_logps", "ref_rejected_logps"):
+            value = record[name]
+            if value is None or not math.isfinite(value):
+                raise DataError(f"{where}: {name} is {value}, not a finite log-probability "
+                                f"(use --recompute-reference to compute it)")
+            if value > 1e-3:
+                raise DataError(f"{where}: {name} is {value} > 0, not a log-probability")
+
+
+def _raw_records(path: str) -> Iterator[dict]:
+    if _file_format(path) == PARQUET:
+        with rso_io.open_file(path, "rb") as f:
+            parquet = pq.ParquetFile(f)
+            missing = [c for c in COLUMNS if c not in parquet.schema_arrow.names]
+            if missing:
+                raise DataError(f"{path}: row 0: missing column(s) {', '.join(missing)}")
+            for batch in parquet.iter_batches(batch_size=1024, columns=list(COLUMNS)):
+                yield from batch.to_pylist()
+        return
+    index = 0
+    try:
+        for data in read_records(path):
+            yield from_example(data, where=f"{path}: row {index}")
+            index += 1
+    except SchemaError as e:
+        raise DataError(str(e)) from e
+    except CorruptRecordError as e:
+        raise DataError(str(e)) from e
+
+
+def read_pairs(path: str, *, require_reference: bool = True, vocab_size: Optional[int] = None,
+               reference: Optional[Mapping[str, tuple[float, float]]] = None) -> Iterator[Pair]:
+    """Streams the validated pairs of one file. With ``reference`` (a cache from
+    :mod:`trainer.reference`), the stored reference log-probs are replaced by the cached ones."""
+    for row, rec in enumerate(_raw_records(path)):
+        where = f"{path}: row {row}"
+        validate_pair(rec, where, require_reference=require_reference and reference is None,
+                      vocab_size=vocab_size)
+        pair = Pair(rec["prompt_id"], list(rec["prompt_token_ids"]),
+                    list(rec["chosen_token_ids"]), list(rec["rejected_token_ids"]),
+                    rec["ref_chosen_logps"], rec["ref_rejected_logps"], where)
+        if reference is not None:
+            cached = reference.get(pair.key)
+            if cached is None:
+                raise DataError(f"{where}: pair not in the reference cache; the data changed "
+                                f"since the cache was made (delete it to recompute)")
+            pair.ref_chosen_logps, pair.ref_rejected_logps = cached
+        yield pair
+
+
+# ------------------------------------------------------------------------------ ordering
+def in_eval_split(prompt_id: str, fraction: float) -> bool:
+    """True for about ``fraction`` of prompt ids: sha256(prompt_id) / 2**64 < fraction."""
+    if fraction <= 0:
+        return False
+    digest = hashlib.sha256(b"rso-eval\x00" + prompt_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "little") / 2.0 ** 64 < fraction
+
+
+def shuffle_buffer(items: Iterable[T], size: int, rng: np.random.Generator) -> Iterator[T]:
+    """Streaming shuffle: hold ``size`` items, emit a random one as each new item arrives."""
+    buffer: list[T] = []
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        j = int(rng.integers(size))
+        yield buffer[j]
+        buffer[j] = item
+    for j in rng.permutation(len(buffer)):
+        yield buffer[int(j)]
+
+
+def bucket_batches(pairs: Iterable[Pair], batch_size: int, window_batches: int,
+                   rng: Optional[np.random.Generator]) -> Iterator[list[Pair]]:
+    """Cuts windows of ``batch_size * window_batches`` pairs into batches of similar length.
+
+    Each window is sorted by :attr:`Pair.length` and cut into batches of ``batch_size``; with an
+    ``rng`` the batches of a window are emitted in random order. Only the stream's last batch
+    may be smaller, so an epoch of n pairs has ceil(n / batch_size) batches.
+    """
+    window_size = batch_size * window_batches
+
+    def emit(window: list[Pair]) -> Iterator[list[Pair]]:
+        window.sort(key=lambda p: p.length)
+        batches = [window[i:i + batch_size] for i in range(0, len(window), batch_size)]
+        order = rng.permutation(len(batches)) if rng is not None else range(len(batches))
+        for i in order:
+            yield batches[int(i)]
+
+    window: list[Pair] = []
+    for pair in pairs:
+        window.append(pair)
+        if len(window) == window_size:
+            yield from emit(window)
+            window = []
+    if window:
+        yield from emit(window)
+
+
+# ------------------------------------------------------------------------------ datasets
+@dataclasses.dataclass
+class PairSource:
+    """A set of data files and the rules deciding which of their pairs belong to this split."""
+    files: list[str]
+    keep: Callable[[Pair], bool] = lambda pair: True
+    vocab_size: Optional[int] = None
+    reference: Optional[Mapping[str, tuple[float, float]]] = None
+    require_reference: bool = True
+
+    def pairs(self, files: Optional[Sequence[str]] = None) -> Iterator[Pair]:
+        for path in self.files if files is None else files:
+            for pair in read_pairs(path, require_reference=self.require_reference,
+                                   vocab_size=self.vocab_size, reference=self.reference):
+                if self.keep(pair):
+                    yield pair
+
+    def count(self) -> int:
+        """Reads (and so validates) every pair once; returns how many this split keeps."""
+        return sum(1 for _ in self.pairs())
+
+    def epoch(self, epoch: int, seed: int, batch_size: int, window_batches: int,
+              buffer_size: int) -> Iterator[list[Pair]]:
+        """The batches of one training epoch, a deterministic function of (seed, epoch)."""
+        rng = np.random.default_rng([seed, epoch])
+        files = [self.files[int(i)] for i in rng.permutation(len(self.files))]
+        stream = shuffle_buffer(self.pairs(files), buffer_size, rng)
+        return bucket_batches(stream, batch_size, window_batches, rng)
+
+    def sequential(self, batch_size: int, window_batches: int) -> Iterator[list[Pair]]:
+        """Length-bucketed batches in file order, for evaluation and reference computation."""
+        return bucket_batches(self.pairs(), batch_size, window_batches, None)
+
+
+def length_filter(max_length: Optional[int]) -> Callable[[Pair], bool]:
+    if max_length is None:
+        return lambda pair: True
+    return lambda pair: pair.length <= max_length
