@@ -81,6 +81,16 @@ class GenerateConfig(Config):
     reward_model: list[RewardModelSpec] = option(
         [], "reward model, repeatable: PATH[,weight=W][,kind=pointwise|pairwise]")
     reward_batch_size: int = option(16, "sequences per reward forward pass")
+    reward_prompts_per_batch: int = option(
+        4, "prompts per reward RunInference batch; all their candidates are sorted by token "
+        "length and scored in forward passes of --reward-batch-size sequences")
+    reward_max_length: Optional[int] = option(
+        None, "longest reward-model input in tokens (capped at the model's own limit); longer "
+        "inputs lose their oldest context tokens, counted as reward_truncated")
+    pairwise_debias: Literal["both-orders", "random-flip"] = option(
+        "both-orders", "pairwise reward models' position bias: both-orders scores (y, b) and "
+        "(b, y) and averages (2 forwards per candidate); random-flip scores one order chosen by "
+        "a coin seeded from (seed, prompt_id)")
     # ---- select and pair
     selection: Selection = option("rso", "rso | top-k | random | best-of-n | rest (SPEC 3)")
     num_samples: int = option(8, "k: responses kept per prompt")
