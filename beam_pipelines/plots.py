@@ -1,0 +1,105 @@
+"""PNG plots of a run, drawn from the manifest's statistics (no extra pass over the data).
+
+- ``reward_distribution.png``: density of candidate rewards vs accepted rewards (what rejection
+  sampling did to the distribution);
+- ``chosen_vs_rejected.png``: density of chosen vs rejected rewards, and the chosen - rejected
+  margin;
+- ``acceptance.png``: prompts by number of responses kept (k), with the under-filled fraction.
+A plot whose data is empty says so instead of failing.
+"""
+from __future__ import annotations
+
+import io
+from typing import Any, Mapping
+
+import matplotlib
+
+matplotlib.use("Agg")  # no display; must precede pyplot
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+PLOT_NAMES = ("reward_distribution.png", "chosen_vs_rejected.png", "acceptance.png")
+
+
+def _density_steps(ax, stats: Mapping[str, Any], series: str, label: str) -> bool:
+    s = stats.get(series) or {}
+    hist = s.get("histogram")
+    if not hist or not s.get("count"):
+        return False
+    edges, counts = hist["edges"], hist["counts"]
+    width = edges[1] - edges[0]
+    total = sum(counts)
+    density = [c / (total * width) for c in counts]
+    ax.stairs(density, edges, label=f"{label} (n={s['count']}, mean={s['mean']:.3g})",
+              linewidth=1.5)
+    return True
+
+
+def _no_data(ax) -> None:
+    ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes)
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def reward_distribution(stats: Mapping[str, Any], title: str = "") -> bytes:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    drawn = [_density_steps(ax, stats, "candidate", "candidates"),
+             _density_steps(ax, stats, "accepted", "accepted")]
+    if any(drawn):
+        ax.legend()
+    else:
+        _no_data(ax)
+    ax.set(xlabel="reward", ylabel="density", title=f"Reward distribution {title}".strip())
+    return _png(fig)
+
+
+def chosen_vs_rejected(stats: Mapping[str, Any], title: str = "") -> bytes:
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    drawn = [_density_steps(left, stats, "chosen", "chosen"),
+             _density_steps(left, stats, "rejected", "rejected")]
+    if any(drawn):
+        left.legend()
+    else:
+        _no_data(left)
+    left.set(xlabel="reward", ylabel="density", title="Chosen vs rejected rewards")
+    if not _density_steps(right, stats, "margin", "chosen - rejected"):
+        _no_data(right)
+    else:
+        right.legend()
+    right.set(xlabel="reward margin", ylabel="density", title=f"Pair margins {title}".strip())
+    return _png(fig)
+
+
+def acceptance(acceptance_stats: Mapping[str, Any], title: str = "") -> bytes:
+    fig, ax = plt.subplots(figsize=(7, 4))
+    by_k = {int(k): v for k, v in (acceptance_stats.get("prompts_by_num_accepted") or {}).items()}
+    head = f"Responses kept per prompt {title}".strip()
+    frac = acceptance_stats.get("underfilled_fraction")
+    ratio = acceptance_stats.get("mean_accepted_over_candidates")
+    if frac is not None and ratio is not None:
+        head += f"\nunder-filled: {frac:.1%}, mean k/N: {ratio:.3g}"
+    if by_k:
+        ax.bar(list(by_k), list(by_k.values()), color="tab:blue")
+    else:
+        _no_data(ax)
+    ax.set_title(head)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="responses kept (k)", ylabel="prompts")
+    return _png(fig)
+
+
+def render_plots(manifest: Mapping[str, Any]) -> dict[str, bytes]:
+    """{file name: PNG bytes} for the manifest's reward and acceptance statistics."""
+    stats = manifest.get("reward_statistics", {})
+    title = f"({manifest.get('run_id', '')})"
+    return {
+        "reward_distribution.png": reward_distribution(stats, title),
+        "chosen_vs_rejected.png": chosen_vs_rejected(stats, title),
+        "acceptance.png": acceptance(manifest.get("acceptance", {}), title),
+    }

@@ -1,0 +1,238 @@
+"""The pipeline's write stage: the SPEC 5 output directory, with ``_SUCCESS`` written last.
+
+::
+
+    OUTPUT/pairs-SSSSS-of-NNNNN.parquet       records (rso.schema.arrow_schema)
+    OUTPUT/pairs-SSSSS-of-NNNNN.tfrecord.gz   the same records as tf.train.Example
+    OUTPUT/dead_letter-SSSSS-of-NNNNN.jsonl   DeadLetter.to_json(), one per line
+    OUTPUT/manifest.json                      config, versions, counters, statistics
+    OUTPUT/reward_distribution.png, chosen_vs_rejected.png, acceptance.png
+    OUTPUT/_SUCCESS                           empty; exists only when all of the above do
+
+A reader ignores a directory without ``_SUCCESS``. Call :func:`prepare_output` when the pipeline
+is built, then apply :class:`WriteOutputs`.
+"""
+from __future__ import annotations
+
+import glob
+import os
+from typing import Any, Iterable, Mapping
+
+import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+
+from beam_pipelines import manifest as M
+from beam_pipelines.plots import PLOT_NAMES, render_plots
+from beam_pipelines.read import DEAD_LETTER, dead_letter
+from rso import schema
+from rso.config import ConfigError
+
+STAGE = "write"
+SUCCESS = "_SUCCESS"
+MANIFEST = "manifest.json"
+# Every file a run writes; prepare_output removes exactly these (and Beam's temp folders).
+OUTPUT_PATTERNS = ("pairs-*.parquet", "pairs-*.tfrecord.gz", "sft-*.parquet",
+                   "sft-*.tfrecord.gz", "dead_letter-*.jsonl", MANIFEST, *PLOT_NAMES,
+                   "beam-temp-*/*")
+BEAM_TEMP = "beam-temp-*"  # the folders Beam's file sinks stage shards in
+
+
+class OutputExistsError(ConfigError):
+    """The output directory holds a complete run and overwrite was not asked for."""
+
+
+def join(base: str, name: str) -> str:
+    return FileSystems.join(base, name)
+
+
+def is_complete(output: str) -> bool:
+    """Whether ``output`` holds a finished run (its ``_SUCCESS`` marker exists)."""
+    return FileSystems.exists(join(output, SUCCESS))
+
+
+def prepare_output(output: str, overwrite: bool = False) -> list[str]:
+    """Makes ``output`` ready for a run, at pipeline construction; returns the paths removed.
+
+    A complete output (with ``_SUCCESS``) is refused with :class:`OutputExistsError` unless
+    ``overwrite``; then, or when a previous run stopped before ``_SUCCESS``, the files a run writes
+    (:data:`OUTPUT_PATTERNS`, ``_SUCCESS`` first) are deleted. Other files are left alone.
+    """
+    if not output:
+        raise ConfigError("--output is required")
+    if is_complete(output) and not overwrite:
+        raise OutputExistsError(
+            f"--output {output} already holds a complete run ({SUCCESS} exists); pass "
+            f"--overwrite to replace it or choose another directory")
+    removed = []
+    success = join(output, SUCCESS)
+    if FileSystems.exists(success):
+        FileSystems.delete([success])
+        removed.append(success)
+    patterns = [join(output, p) for p in OUTPUT_PATTERNS]
+    stale = sorted({m.path for r in FileSystems.match(patterns) for m in r.metadata_list})
+    if FileSystems.get_scheme(output) is None:  # local: Beam's match lists no folders
+        stale += sorted(glob.glob(os.path.join(glob.escape(output), BEAM_TEMP)))
+    if stale:
+        FileSystems.delete(stale)
+        removed.extend(stale)
+    return removed
+
+
+def write_file(path: str, data: bytes, mime_type: str) -> None:
+    """Writes a whole file through Beam's FileSystems (local or gs://)."""
+    with FileSystems.create(path, mime_type=mime_type,
+                            compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        f.write(data)
+
+
+class _Validate(beam.DoFn):
+    """Record -> the record with exactly the schema's columns; invalid -> dead letter."""
+
+    def __init__(self, columns: tuple[schema.Column, ...]):
+        self._columns = columns
+        self._names = {c.name for c in columns}
+
+    def process(self, record: Any) -> Iterable:
+        pid = record.get("prompt_id") if isinstance(record, Mapping) else None
+        try:
+            if not isinstance(record, Mapping):
+                raise schema.SchemaError(f"expected a dict, got {type(record).__name__}")
+            schema.validate_record(record, where=f"record of prompt {pid}", columns=self._columns)
+            extra = sorted(set(record) - self._names)
+            if extra:
+                raise schema.SchemaError(f"record of prompt {pid}: unknown column(s) "
+                                         f"{', '.join(map(str, extra))}")
+        except schema.SchemaError as e:
+            yield dead_letter("invalid_record", str(e), pid if isinstance(pid, str) else None,
+                              dict(record) if isinstance(record, Mapping) else repr(record),
+                              stage=STAGE)
+            return
+        yield {c.name: list(record[c.name]) if c.kind == schema.INT_LIST else record[c.name]
+               for c in self._columns}
+
+
+def _to_example(record: Mapping[str, Any], columns: tuple[schema.Column, ...]) -> bytes:
+    return schema.to_example(record, columns=columns)
+
+
+def _basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+class _Finish(beam.DoFn):
+    """Writes manifest.json, the plots and then ``_SUCCESS``; runs once, after every write.
+
+    The written files arrive as side inputs, so this runs only when all shards are final.
+    """
+
+    def __init__(self, output: str, config: Mapping, run_id: str, versions: Mapping,
+                 models: Mapping):
+        self._output, self._config, self._run_id = output, dict(config), run_id
+        self._versions, self._models = dict(versions), dict(models)
+
+    def process(self, _, totals, dead_counts, reward_stats, records_written, record_files,
+                example_files, dead_files) -> Iterable[str]:
+        files = {"parquet": [_basename(p) for p in record_files],
+                 "tfrecord": [_basename(p) for p in example_files],
+                 "dead_letters": [_basename(p) for p in dead_files],
+                 "plots": list(PLOT_NAMES)}
+        doc = M.build_manifest(config=self._config, run_id=self._run_id,
+                               versions=self._versions, models=self._models, totals=totals,
+                               dead_letters=dead_counts, reward_stats=reward_stats,
+                               records_written=records_written, files=files)
+        write_file(join(self._output, MANIFEST), M.dumps(doc), "application/json")
+        for name, png in render_plots(doc).items():
+            write_file(join(self._output, name), png, "image/png")
+        success = join(self._output, SUCCESS)
+        write_file(success, b"", "text/plain")
+        yield success
+
+
+class WriteOutputs(beam.PTransform):
+    """Writes the SPEC 5 output directory from ``{"pairs", "dead_letters", "summaries"}``.
+
+    Apply it to a dict of PCollections (a missing key means an empty PCollection)::
+
+        success = {"pairs": records, "dead_letters": dead, "summaries": summaries} | WriteOutputs(
+            cfg.output, cfg.to_dict(), run_id, M.package_versions(), {"policy": ..., ...})
+
+    - ``pairs``: record dicts with exactly the ``columns`` (default ``rso.schema.COLUMNS``; pass
+      ``rso.schema.SFT_COLUMNS`` and ``prefix="sft"`` for best-of-n). A record that fails
+      ``rso.schema.validate_record`` or has extra keys becomes a dead letter
+      ``(stage="write", reason="invalid_record")``.
+    - ``dead_letters``: :class:`DeadLetter` from every stage (flattened here with the write
+      stage's own).
+    - ``summaries``: one :class:`PromptSummary` per prompt that reached selection.
+    - ``config_dict`` (secret-looking keys are redacted), ``run_id``, ``versions`` (e.g.
+      :func:`beam_pipelines.manifest.package_versions`) and ``models`` (model ids) go into
+      manifest.json as given. Nothing is read from the environment.
+    - ``num_shards``: 0 lets the runner choose; an empty input still writes one valid empty
+      Parquet file (with the schema) and one empty TFRecord file.
+
+    Returns a PCollection holding the ``_SUCCESS`` path, produced after everything is written.
+    """
+
+    def __init__(self, output: str, config_dict: Mapping[str, Any], run_id: str,
+                 versions: Mapping[str, str], models: Mapping[str, Any],
+                 columns: tuple[schema.Column, ...] = schema.COLUMNS, prefix: str = "pairs",
+                 num_shards: int = 0):
+        super().__init__()
+        if not output:
+            raise ConfigError("--output is required")
+        self._output, self._config, self._run_id = output, config_dict, run_id
+        self._versions, self._models = versions, models
+        self._columns, self._prefix, self._num_shards = tuple(columns), prefix, num_shards
+
+    def expand(self, inputs: Mapping[str, beam.PCollection]) -> beam.PCollection:
+        unknown = set(inputs) - {"pairs", "dead_letters", "summaries"}
+        if unknown:
+            raise ValueError(f"WriteOutputs: unknown input(s) {sorted(unknown)}; expected "
+                             f"pairs, dead_letters, summaries")
+        if is_complete(self._output):
+            raise OutputExistsError(f"--output {self._output} already holds a complete run; "
+                                    f"call prepare_output(output, overwrite) first")
+        p = next(iter(inputs.values())).pipeline
+
+        def get(name: str) -> beam.PCollection:
+            return inputs[name] if name in inputs else p | f"No{name}" >> beam.Create([])
+
+        columns, out = self._columns, self._output
+        checked = get("pairs") | "Validate" >> beam.ParDo(_Validate(columns)).with_outputs(
+            DEAD_LETTER, main="records")
+        records = checked.records
+        dead = (get("dead_letters"), checked[DEAD_LETTER]) | "AllDeadLetters" >> beam.Flatten()
+        summaries = get("summaries")
+
+        record_files = records | "WriteParquet" >> beam.io.WriteToParquet(
+            join(out, self._prefix), schema.arrow_schema(columns), codec="snappy",
+            file_name_suffix=".parquet", num_shards=self._num_shards)
+        example_files = (records
+                         | "ToExample" >> beam.Map(_to_example, columns)
+                         | "WriteTFRecord" >> beam.io.WriteToTFRecord(
+                             join(out, self._prefix), file_name_suffix=".tfrecord.gz",
+                             compression_type=CompressionTypes.GZIP,
+                             num_shards=self._num_shards))
+        dead_files = (dead
+                      | "DeadLetterJson" >> beam.Map(lambda d: d.to_json())
+                      | "WriteDeadLetters" >> beam.io.WriteToText(
+                          join(out, "dead_letter"), file_name_suffix=".jsonl",
+                          num_shards=self._num_shards))
+
+        totals = summaries | "Totals" >> beam.CombineGlobally(M.SummaryTotalsFn())
+        dead_counts = dead | "CountDeadLetters" >> beam.CombineGlobally(M.CountByFn())
+        written = records | "CountRecords" >> beam.combiners.Count.Globally()
+        values = ((summaries | "SummaryRewards" >> beam.FlatMap(M.summary_values),
+                   records | "RecordRewards" >> beam.FlatMap(M.record_values))
+                  | "AllRewards" >> beam.Flatten())
+        reward_stats = values | "RewardStatistics" >> M.RewardStatistics()
+
+        side = beam.pvalue
+        return (p
+                | "Once" >> beam.Create([None])
+                | "Finish" >> beam.ParDo(
+                    _Finish(out, self._config, self._run_id, self._versions, self._models),
+                    side.AsSingleton(totals), side.AsSingleton(dead_counts),
+                    side.AsSingleton(reward_stats), side.AsSingleton(written),
+                    side.AsList(record_files), side.AsList(example_files),
+                    side.AsList(dead_files)))
