@@ -73,7 +73,7 @@ class GenerateConfig(Config):
     vllm_gpu_memory_utilization: Optional[float] = option(
         None, "vLLM: fraction of accelerator memory the engine may use; default 0.9 on GPU, "
         "0.3 on CPU (there it only bounds vLLM's start-up memory check)")
-    vllm_cpu_kv_cache_gib: Optional[float] = option(
+    vllm_cpu_kv_cache_gib: Optional[int] = option(
         None, "vLLM on CPU: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE); default: that "
         "environment variable, else 1")
     rescore_batch_size: int = option(16, "sequences per float32 re-scoring forward pass")

@@ -1,0 +1,188 @@
+"""Prompt rendering (SPEC 1): a prompt becomes the exact text and token ids the policy is given.
+
+Rendering happens once, before generation; the token ids are kept so that nothing downstream
+(the engines, the trainer) ever re-tokenises.
+
+- ``messages`` ((role, content) pairs) go through the policy tokenizer's chat template with
+  ``add_generation_prompt=True``. The rendered text is tokenised with
+  ``add_special_tokens=False``: the template itself writes any BOS it wants (this is what
+  ``apply_chat_template(tokenize=True)`` does too).
+- A tokenizer without a chat template gets the plain HH-RLHF style fallback
+  ``"Human: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:"`` (see :func:`plain_transcript`),
+  tokenised like a plain prompt.
+- A plain ``prompt`` string is used verbatim and tokenised with the tokenizer's default special
+  tokens (``add_special_tokens=True``: a BOS for Llama-style tokenizers), i.e. exactly how the
+  policy sees raw text in ``tokenizer(text)``. Its ``messages`` become ``(("user", text),)``.
+
+Context budget. With ``L = max_model_len`` (the model's context, :func:`context_length`), a prompt
+of ``P`` tokens is valid when ``1 <= P <= L - 1`` (room for at least one generated token);
+longer prompts raise ``PromptError("prompt_too_long")``. ``max_new_tokens`` is NOT added to the
+prompt: a response is cut at the context end instead, so a prompt of ``P`` tokens gets at most
+``min(max_new_tokens, L - P)`` new tokens and such a cut response has finish reason ``"length"``.
+vLLM does exactly this by itself; the transformers engine caps ``max_new_tokens`` per prompt the
+same way (:func:`new_token_budget`), so both engines agree.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Iterable, Sequence
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+
+from beam_pipelines.config import GenerateConfig
+from beam_pipelines.records import DeadLetter, PromptInput, RenderedPrompt
+
+DEAD_LETTER = "dead_letter"
+PLAIN_ROLES = {"user": "Human", "human": "Human", "assistant": "Assistant", "system": "System"}
+# Keys a Hugging Face config may hold its context length under (vLLM reads the same ones and
+# takes the smallest).
+CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
+                "max_sequence_length", "max_seq_length", "seq_len")
+
+
+class PromptError(ValueError):
+    """A prompt that cannot be rendered; ``reason`` is the dead-letter code."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+
+def plain_transcript(messages: Sequence[tuple[str, str]]) -> str:
+    """HH-RLHF style text for tokenizers without a chat template.
+
+    ``"Human: a\\n\\nAssistant: b\\n\\nAssistant:"``: turns joined by a blank line, roles
+    user/human -> Human, assistant -> Assistant, system -> System (others capitalised), then an
+    open ``Assistant:`` turn for the response.
+    """
+    turns = [f"{PLAIN_ROLES.get(role.lower(), role.capitalize())}: {content}"
+             for role, content in messages]
+    return "\n\n".join(turns + ["Assistant:"])
+
+
+def max_prompt_tokens(max_model_len: int) -> int:
+    """The longest valid prompt: ``max_model_len - 1`` (one position left for a response)."""
+    return max_model_len - 1
+
+
+def new_token_budget(prompt_len: int, max_new_tokens: int, max_model_len: int) -> int:
+    """``min(max_new_tokens, max_model_len - prompt_len)``: responses stop at the context end."""
+    return min(max_new_tokens, max_model_len - prompt_len)
+
+
+def context_length(policy: str, max_model_len: int | None = None,
+                   trust_remote_code: bool = False) -> int:
+    """The context length used everywhere: ``max_model_len`` when given, else the smallest of
+    the model config's context keys (:data:`CONTEXT_KEYS`, text config for multimodal models).
+    The engines are started with this same value, so rendering and generation agree."""
+    if max_model_len is not None:
+        if max_model_len < 2:
+            raise ValueError(f"max_model_len must be >= 2, got {max_model_len}")
+        return max_model_len
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(policy, trust_remote_code=trust_remote_code)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    values = [getattr(cfg, k) for k in CONTEXT_KEYS if isinstance(getattr(cfg, k, None), int)]
+    if not values:
+        raise ValueError(f"{policy}: the model config has no context length "
+                         f"({', '.join(CONTEXT_KEYS)}); set --max-model-len")
+    return min(values)
+
+
+def _chat_text(tokenizer: Any, messages: Sequence[tuple[str, str]]) -> str:
+    try:
+        return tokenizer.apply_chat_template(
+            [{"role": r, "content": c} for r, c in messages], tokenize=False,
+            add_generation_prompt=True)
+    except Exception as e:  # jinja raises its own errors (e.g. roles must alternate)
+        raise PromptError("chat_template_error", f"{type(e).__name__}: {e}") from e
+
+
+def render_prompt(tokenizer: Any, prompt_id: str, prompt: str | None,
+                  messages: Sequence[tuple[str, str]] | None,
+                  max_prompt_tokens: int) -> RenderedPrompt:
+    """Renders one prompt (see the module docstring for the rules); raises :class:`PromptError`
+    with reason ``invalid_prompt`` (both or neither of prompt/messages), ``empty_prompt``,
+    ``chat_template_error`` or ``prompt_too_long``."""
+    if (prompt is None) == (messages is None):
+        raise PromptError("invalid_prompt", "exactly one of prompt and messages must be given")
+    if messages is not None:
+        try:
+            messages = tuple((str(r), str(c)) for r, c in messages)
+        except (TypeError, ValueError) as e:
+            raise PromptError("invalid_prompt", f"messages must be (role, content) pairs: "
+                              f"{e}") from e
+        if not any(c.strip() for _, c in messages):
+            raise PromptError("empty_prompt", "the conversation has no content")
+        if getattr(tokenizer, "chat_template", None):
+            text, special = _chat_text(tokenizer, messages), False
+        else:
+            text, special = plain_transcript(messages), True
+    else:
+        if not isinstance(prompt, str):
+            raise PromptError("invalid_prompt", f"prompt must be a string, got "
+                              f"{type(prompt).__name__}")
+        if not prompt.strip():
+            raise PromptError("empty_prompt", "the prompt is empty")
+        text, special, messages = prompt, True, (("user", prompt),)
+    ids = tuple(int(i) for i in tokenizer(text, add_special_tokens=special)["input_ids"])
+    if not ids:
+        raise PromptError("empty_prompt", "the prompt has no tokens")
+    if len(ids) > max_prompt_tokens:
+        raise PromptError("prompt_too_long", f"{len(ids)} tokens > {max_prompt_tokens} allowed "
+                          f"(context length - 1)")
+    return RenderedPrompt(prompt_id=prompt_id, prompt=text, prompt_token_ids=ids,
+                          messages=messages)
+
+
+class RenderPromptsFn(beam.DoFn):
+    """PromptInput -> RenderedPrompt; failures -> tagged ``dead_letter`` DeadLetter(stage=render).
+
+    The policy tokenizer is loaded once per DoFn instance, in ``setup()``. Counters (namespace
+    "rso"): ``prompts_rendered`` and ``dead_letter_<reason>``.
+    """
+
+    def __init__(self, policy: str, max_model_len: int | None = None,
+                 trust_remote_code: bool = False):
+        self._policy = policy
+        self._max_model_len = max_model_len
+        self._trust_remote_code = trust_remote_code
+        self._rendered = Metrics.counter("rso", "prompts_rendered")
+
+    def setup(self) -> None:
+        from transformers import AutoTokenizer
+
+        self._tokenizer = AutoTokenizer.from_pretrained(
+            self._policy, trust_remote_code=self._trust_remote_code)
+        self._max_prompt_tokens = max_prompt_tokens(context_length(
+            self._policy, self._max_model_len, self._trust_remote_code))
+
+    def process(self, element: PromptInput) -> Iterable[Any]:
+        try:
+            rendered = render_prompt(self._tokenizer, element.prompt_id, element.prompt,
+                                     element.messages, self._max_prompt_tokens)
+        except PromptError as e:
+            Metrics.counter("rso", f"dead_letter_{e.reason}").inc()
+            yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter(
+                stage="render", reason=e.reason, detail=e.detail, prompt_id=element.prompt_id,
+                input=dataclasses.asdict(element)))
+            return
+        self._rendered.inc()
+        yield rendered
+
+
+class RenderPrompts(beam.PTransform):
+    """PCollection[PromptInput] -> ``DoOutputsTuple``: ``.rendered`` (main, RenderedPrompt) and
+    ``.dead_letter`` (DeadLetter). Use as ``out = prompts | RenderPrompts(config)``;
+    ``out.rendered``, ``out[DEAD_LETTER]``."""
+
+    def __init__(self, config: GenerateConfig):
+        super().__init__()
+        self._fn = RenderPromptsFn(config.policy, config.max_model_len, config.trust_remote_code)
+
+    def expand(self, prompts):
+        return prompts | "Render" >> beam.ParDo(self._fn).with_outputs(DEAD_LETTER,
+                                                                       main="rendered")

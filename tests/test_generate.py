@@ -1,0 +1,303 @@
+"""Candidate generation with real vLLM and real transformers on a tiny model, and fp32 rescoring.
+
+One vLLM engine serves the whole module (the handlers share it through the process cache).
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import shutil
+import weakref
+
+import apache_beam as beam
+import pytest
+import torch
+from apache_beam.metrics.metric import MetricsFilter
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from beam_pipelines import generate
+from beam_pipelines.config import GenerateConfig
+from beam_pipelines.generate import (GenerateCandidates, TransformersGenerationHandler,
+                                     VLLMGenerationHandler, get_vllm_engine,
+                                     make_generation_handler, response_text, truncate_at_eos)
+from beam_pipelines.records import Candidate, Failure, PromptCandidates, RenderedPrompt
+from beam_pipelines.render import DEAD_LETTER, render_prompt
+from beam_pipelines.rescore import RescoreCandidates
+from beam_pipelines.seeding import prompt_seed
+from tests.test_render import Collect
+from trainer.logprobs import sequence_logps
+
+N = 6
+MAX_NEW = 20
+TOL = 1e-3  # nats per sequence
+OUT_OF_VOCAB = 10 ** 6
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def policy(tiny_policy, tmp_path_factory) -> str:
+    """The tiny policy with an EOS logit of about 3.5 (P(EOS) ~ 0.1 per step) so that samples
+    end both ways ("stop" and "length") within MAX_NEW tokens."""
+    out = str(tmp_path_factory.mktemp("eos_policy"))
+    shutil.copytree(tiny_policy, out, dirs_exist_ok=True)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
+    ids = torch.randint(7, 250, (8, 40), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        hidden = model(ids, output_hidden_states=True).hidden_states[-1].reshape(-1, 128)
+        mean = hidden.mean(0)
+        model.lm_head.weight[model.config.eos_token_id] = 3.5 * mean / mean.norm() ** 2
+    model.save_pretrained(out, safe_serialization=True)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tok(policy):
+    return AutoTokenizer.from_pretrained(policy)
+
+
+@pytest.fixture(scope="module")
+def fp32_model(policy):
+    return AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval()
+
+
+@pytest.fixture(scope="module")
+def prompts(tok) -> list[RenderedPrompt]:
+    return [
+        render_prompt(tok, "chat", None, (("user", "How do I bake bread?"),), 255),
+        render_prompt(tok, "plain", "Human: what is two plus two?\n\nAssistant:", None, 255),
+        render_prompt(tok, "joke", None, (("user", "Tell me a joke."),), 255),
+    ]
+
+
+@pytest.fixture(scope="module")
+def near_context_end(tok) -> RenderedPrompt:
+    """250 prompt tokens in a 256-token context: at most 6 new tokens."""
+    return render_prompt(tok, "long", " ".join(["water"] * 250), None, 255)
+
+
+def bad_prompt() -> RenderedPrompt:
+    return RenderedPrompt("bad", "broken", (4, OUT_OF_VOCAB, 5), (("user", "broken"),))
+
+
+def make_config(policy: str, **changes) -> GenerateConfig:
+    base = dict(policy=policy, engine="vllm", dtype="float32", num_candidates=N,
+                max_new_tokens=MAX_NEW, enforce_eager=True, vllm_cpu_kv_cache_gib=1, seed=7,
+                batch_size=8)
+    return GenerateConfig(**{**base, **changes})
+
+
+@pytest.fixture(scope="module")
+def vllm_config(policy) -> GenerateConfig:
+    return make_config(policy)
+
+
+@pytest.fixture(scope="module")
+def vllm_model(vllm_config):
+    handler = VLLMGenerationHandler(vllm_config)
+    model = handler.load_model()
+    yield model
+    generate.clear_vllm_engines()
+
+
+def run(handler, batch, model) -> list:
+    return [r.inference for r in handler.run_inference(batch, model)]
+
+
+def assert_consistent(pc: PromptCandidates, eos_id: int, budget: int = MAX_NEW) -> None:
+    """N candidates; "stop" iff the last token is EOS; no EOS elsewhere; lengths in budget."""
+    assert len(pc.candidates) == N
+    for c in pc.candidates:
+        assert 1 <= c.num_tokens <= budget
+        assert eos_id not in c.token_ids[:-1]
+        if c.finish_reason == "stop":
+            assert c.token_ids[-1] == eos_id
+        else:
+            assert c.finish_reason == "length"
+            assert c.token_ids[-1] != eos_id and c.num_tokens == budget
+
+
+def assert_raw_logps(pcs: list[PromptCandidates], model, pad_id: int, tol: float = TOL) -> None:
+    """sft_logp == trainer.logprobs.sequence_logps of the same token ids (fp32)."""
+    for pc in pcs:
+        expected = sequence_logps(model, [pc.prompt.prompt_token_ids] * len(pc.candidates),
+                                  [c.token_ids for c in pc.candidates], pad_id).tolist()
+        for c, e in zip(pc.candidates, expected):
+            assert c.sft_logp == pytest.approx(e, abs=tol)
+
+
+def signature(pc: PromptCandidates) -> list:
+    return [(c.token_ids, c.finish_reason, round(c.sft_logp, 4)) for c in pc.candidates]
+
+
+# ----------------------------------------------------------------------------- pure helpers
+def test_truncate_at_eos():
+    eos = frozenset({3, 9})
+    assert truncate_at_eos([5, 6, 3, 1, 1], eos) == ((5, 6, 3), "stop")
+    assert truncate_at_eos([5, 9], eos) == ((5, 9), "stop")
+    assert truncate_at_eos([5, 6, 7], eos) == ((5, 6, 7), "length")
+
+
+def test_make_generation_handler_and_weakref_model(policy):
+    assert isinstance(make_generation_handler(make_config(policy)), VLLMGenerationHandler)
+    handler = make_generation_handler(make_config(policy, engine="transformers"))
+    assert isinstance(handler, TransformersGenerationHandler)
+    assert handler.batch_elements_kwargs() == {"min_batch_size": 1, "max_batch_size": 8}
+    model = handler.load_model()
+    assert weakref.ref(model)() is model
+
+
+def test_warns_once_when_proposal_is_not_pi_sft(policy, caplog, monkeypatch):
+    monkeypatch.setattr(generate, "_warned_not_pi_sft", False)
+    with caplog.at_level(logging.WARNING, logger=generate.__name__):
+        generate.warn_if_not_pi_sft(make_config(policy))
+        assert not caplog.records
+        generate.warn_if_not_pi_sft(make_config(policy, temperature=0.7, top_k=40))
+        generate.warn_if_not_pi_sft(make_config(policy, top_p=0.9))
+    assert len(caplog.records) == 1
+    assert "not pi_sft" in caplog.records[0].getMessage()
+
+
+# ----------------------------------------------------------------------------- vLLM
+def test_vllm_candidates_match_trainer_logps(vllm_config, vllm_model, prompts, near_context_end,
+                                             tok, fp32_model):
+    handler = VLLMGenerationHandler(vllm_config)
+    results = run(handler, prompts + [near_context_end], vllm_model)
+    for pc in results[:-1]:
+        assert_consistent(pc, tok.eos_token_id)
+    assert_consistent(results[-1], tok.eos_token_id, budget=6)  # cut at the context end
+    finishes = {c.finish_reason for pc in results[:-1] for c in pc.candidates}
+    assert finishes == {"stop", "length"}
+    assert_raw_logps(results, fp32_model, tok.pad_token_id)
+    for pc in results:
+        for c in pc.candidates:
+            assert c.text == response_text(tok, pc.prompt.prompt_token_ids, c.token_ids)
+
+
+def test_vllm_seeding_is_per_prompt(vllm_config, vllm_model, prompts):
+    handler = VLLMGenerationHandler(vllm_config)
+    first = run(handler, prompts, vllm_model)
+    again = run(handler, list(reversed(prompts)), vllm_model)[::-1]
+    assert [signature(a) for a in first] == [signature(b) for b in again]
+    # Same prompt text, another prompt id: another seed, other samples.
+    renamed = dataclasses.replace(prompts[0], prompt_id="chat-2")
+    assert prompt_seed(7, "chat", "generate") != prompt_seed(7, "chat-2", "generate")
+    other = run(handler, [renamed], vllm_model)[0]
+    assert [c.token_ids for c in other.candidates] != [c.token_ids for c in first[0].candidates]
+    # Another run seed: other samples for the same prompt id.
+    reseeded = run(VLLMGenerationHandler(vllm_config.replace(seed=8)), prompts[:1], vllm_model)
+    assert signature(reseeded[0]) != signature(first[0])
+
+
+def test_vllm_logps_stay_raw_at_other_temperatures(vllm_config, vllm_model, prompts, tok,
+                                                   fp32_model):
+    config = vllm_config.replace(temperature=0.6, top_k=40)
+    handler = VLLMGenerationHandler(config)
+    assert get_vllm_engine(config) is vllm_model.llm  # sampling knobs do not start an engine
+    results = run(handler, prompts[:2], vllm_model)
+    assert_raw_logps(results, fp32_model, tok.pad_token_id)
+
+
+def test_vllm_failing_prompt_does_not_fail_its_batch(vllm_config, vllm_model, prompts):
+    handler = VLLMGenerationHandler(vllm_config)
+    results = run(handler, [prompts[0], bad_prompt(), prompts[1]], vllm_model)
+    assert isinstance(results[1], Failure) and results[1].reason == "generation_failed"
+    assert "vocab" in results[1].detail
+    alone = run(handler, [prompts[0], prompts[1]], vllm_model)
+    assert [signature(r) for r in (results[0], results[2])] == [signature(r) for r in alone]
+
+
+def test_generate_candidates_on_the_direct_runner(vllm_config, vllm_model, prompts):
+    p = beam.Pipeline(runner="DirectRunner")
+    out = p | beam.Create(prompts + [bad_prompt()]) | GenerateCandidates(vllm_config)
+    _ = out.candidates | "CollectCandidates" >> beam.ParDo(Collect("gen"))
+    _ = out[DEAD_LETTER] | "CollectDead" >> beam.ParDo(Collect("gen_dead"))
+    result = p.run()
+    result.wait_until_finish()
+
+    got = dict(Collect.sink["gen"])
+    assert set(got) == {p.prompt_id for p in prompts}
+    direct = run(VLLMGenerationHandler(vllm_config), prompts, vllm_model)
+    for d in direct:
+        assert got[d.prompt.prompt_id].prompt == d.prompt
+        assert signature(got[d.prompt.prompt_id]) == signature(d)
+    [dead] = Collect.sink["gen_dead"]
+    assert (dead.stage, dead.reason, dead.prompt_id) == ("generate", "generation_failed", "bad")
+    assert dead.input["prompt_token_ids"] == [4, OUT_OF_VOCAB, 5]
+    counters = {c.key.metric.name: c.committed for c in result.metrics().query(
+        MetricsFilter().with_namespace("rso"))["counters"]}
+    assert counters["prompts_generated"] == 3
+    assert counters["dead_letter_generation_failed"] == 1
+
+
+# ----------------------------------------------------------------------------- transformers
+@pytest.fixture(scope="module")
+def hf_handler(policy):
+    handler = TransformersGenerationHandler(make_config(policy, engine="transformers",
+                                                        temperature=0.7, top_k=40))
+    return handler, handler.load_model()
+
+
+def test_transformers_candidates_match_trainer_logps(hf_handler, prompts, near_context_end, tok,
+                                                     fp32_model):
+    handler, model = hf_handler  # temperature 0.7, top_k 40: sft_logp must still be raw
+    results = run(handler, prompts[:2] + [near_context_end], model)
+    for pc in results[:-1]:
+        assert_consistent(pc, tok.eos_token_id)
+    assert_consistent(results[-1], tok.eos_token_id, budget=6)
+    assert {c.finish_reason for pc in results[:-1] for c in pc.candidates} == {"stop", "length"}
+    assert_raw_logps(results, fp32_model, tok.pad_token_id)
+    for pc in results:
+        for c in pc.candidates:
+            assert c.text == response_text(tok, pc.prompt.prompt_token_ids, c.token_ids)
+
+
+def test_transformers_seeding_and_failures(hf_handler, prompts):
+    handler, model = hf_handler
+    first = run(handler, prompts[:2], model)
+    state = torch.random.get_rng_state()
+    again = run(handler, [prompts[1], bad_prompt(), prompts[0]], model)
+    assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is untouched
+    assert signature(again[2]) == signature(first[0])
+    assert signature(again[0]) == signature(first[1])
+    assert isinstance(again[1], Failure) and again[1].reason == "generation_failed"
+    assert signature(first[0]) != signature(first[1])
+
+
+# ----------------------------------------------------------------------------- rescore
+def test_rescore_bf16_candidates_to_fp32(policy, prompts, tok, fp32_model):
+    config = make_config(policy, engine="transformers", dtype="bfloat16", rescore_batch_size=4)
+    assert config.rescore_in_fp32
+    handler = TransformersGenerationHandler(config)
+    bf16 = run(handler, prompts, handler.load_model())
+    expected = {pc.prompt.prompt_id: sequence_logps(
+        fp32_model, [pc.prompt.prompt_token_ids] * N, [c.token_ids for c in pc.candidates],
+        tok.pad_token_id).tolist() for pc in bf16}
+    gap = max(abs(c.sft_logp - e) for pc in bf16
+              for c, e in zip(pc.candidates, expected[pc.prompt.prompt_id]))
+    assert gap > 1e-3  # bf16 log-probs are off: rescoring has something to fix
+    broken = PromptCandidates(dataclasses.replace(prompts[0], prompt_id="broken"),
+                              [Candidate("x", (OUT_OF_VOCAB,), "length", 0.0)])
+
+    p = beam.Pipeline(runner="DirectRunner")
+    out = (p | beam.Create([(pc.prompt.prompt_id, pc) for pc in bf16 + [broken]])
+           | RescoreCandidates(config))
+    _ = out.candidates | "CollectRescored" >> beam.ParDo(Collect("rescored"))
+    _ = out[DEAD_LETTER] | "CollectDead" >> beam.ParDo(Collect("rescore_dead"))
+    p.run().wait_until_finish()
+
+    rescored = dict(Collect.sink["rescored"])
+    assert set(rescored) == set(expected)
+    for pc in bf16:
+        new = rescored[pc.prompt.prompt_id]
+        assert [c.token_ids for c in new.candidates] == [c.token_ids for c in pc.candidates]
+        assert [c.sft_logp for c in new.candidates] == pytest.approx(
+            expected[pc.prompt.prompt_id], abs=1e-4)
+    [dead] = Collect.sink["rescore_dead"]
+    assert (dead.prompt_id, dead.reason) == ("broken", "rescore_failed")
