@@ -1,0 +1,101 @@
+"""The policy: loading, device and precision choice, and pair log-probs in one forward pass.
+
+A micro-batch of B pairs becomes 2B sequences (B chosen, then B rejected, each after its prompt),
+left-padded by :func:`trainer.logprobs.pack` and scored in a single forward pass, so chosen and
+rejected share the batch and the kernel launches.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Any, ContextManager, Optional, Sequence
+
+import torch
+
+from trainer.data import Pair
+from trainer.logprobs import PackedBatch, forward_logps, pack
+
+log = logging.getLogger("rso.trainer")
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        from rso.config import ConfigError
+
+        raise ConfigError("--device cuda: no CUDA device is available")
+    return torch.device(device)
+
+
+def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+    """The autocast dtype, or None for plain fp32.
+
+    auto: bf16 on a CUDA device that supports it, else fp32. bf16 on CPU runs only when asked for.
+    """
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    if precision == "auto":
+        return torch.bfloat16 if cuda_bf16 else None
+    if precision == "bf16":
+        if device.type == "cuda" and not cuda_bf16:
+            from rso.config import ConfigError
+
+            raise ConfigError("--precision bf16: this CUDA device does not support bfloat16")
+        return torch.bfloat16
+    return None
+
+
+def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> ContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def load_policy(path: str, device: torch.device, trust_remote_code: bool = False
+                ) -> tuple[torch.nn.Module, Any]:
+    """The causal LM in fp32 (master weights) on ``device``, and its tokenizer if it has one
+    (kept only to be saved with checkpoints: the trainer never tokenises)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
+                                                 trust_remote_code=trust_remote_code)
+    model.to(device)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        log.warning("no tokenizer in %s (%s); checkpoints will hold the model only", path, e)
+        tokenizer = None
+    return model, tokenizer
+
+
+def pad_token_id(model: torch.nn.Module, tokenizer: Any) -> int:
+    """Any id works (padding is masked and left of every sequence); prefer the declared pad."""
+    for candidate in (getattr(tokenizer, "pad_token_id", None),
+                      getattr(model.config, "pad_token_id", None),
+                      getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(candidate, int):
+            return candidate
+    return 0
+
+
+def pack_pairs(pairs: Sequence[Pair], pad_id: int) -> PackedBatch:
+    """2B left-padded sequences: the B chosen responses, then the B rejected ones."""
+    prompts = [p.prompt_token_ids for p in pairs]
+    responses = ([p.chosen_token_ids for p in pairs] + [p.rejected_token_ids for p in pairs])
+    return pack(prompts + prompts, responses, pad_id)
+
+
+def pair_logps(model: torch.nn.Module, pairs: Sequence[Pair], pad_id: int,
+               device: torch.device) -> tuple[torch.Tensor, torch.Tensor, PackedBatch]:
+    """``(log pi(chosen|x), log pi(rejected|x))``, each [B] float32, from one forward pass."""
+    batch = pack_pairs(pairs, pad_id).to(device)
+    logps = forward_logps(model, batch)
+    return logps[:len(pairs)], logps[len(pairs):], batch
+
+
+def reference_logps(pairs: Sequence[Pair], device: torch.device
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The pairs' reference log-probs as float32 tensors."""
+    chosen = torch.tensor([p.ref_chosen_logps for p in pairs], dtype=torch.float32)
+    rejected = torch.tensor([p.ref_rejected_logps for p in pairs], dtype=torch.float32)
+    return chosen.to(device), rejected.to(device)

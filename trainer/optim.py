@@ -1,0 +1,49 @@
+"""Optimizer (AdamW or Adafactor) and learning-rate schedule (warm-up, then constant, linear or
+cosine decay)."""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from trainer.config import TrainConfig
+
+
+def lr_multiplier(step: int, warmup_steps: int, total_steps: int, kind: str) -> float:
+    """Factor applied to the peak learning rate before optimizer step ``step`` (0-based).
+
+    Warm-up, for step < W:  (step + 1) / W
+    then with p = (step - W) / max(1, T - W), clamped to [0, 1]:
+      constant: 1;   linear: 1 - p;   cosine: (1 + cos(pi * p)) / 2
+    """
+    if step < warmup_steps:
+        return (step + 1) / warmup_steps
+    if kind == "constant":
+        return 1.0
+    progress = min(1.0, max(0.0, (step - warmup_steps) / max(1, total_steps - warmup_steps)))
+    if kind == "linear":
+        return 1.0 - progress
+    if kind == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    raise ValueError(f"unknown schedule {kind!r}")
+
+
+def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW (torch), or Adafactor (transformers) as the paper used it: factored second moment,
+    no first moment; its learning rate is ours (no relative step, no parameter scaling)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                 eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+    from transformers.optimization import Adafactor
+
+    return Adafactor(params, lr=cfg.lr, scale_parameter=False, relative_step=False,
+                     warmup_init=False, weight_decay=cfg.weight_decay, beta1=None)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
+                    total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    def multiplier(step: int) -> float:
+        return lr_multiplier(step, cfg.warmup_steps, total_steps, cfg.scheduler)
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
