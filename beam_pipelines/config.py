@@ -139,14 +139,14 @@ class GenerateConfig(Config):
             fail(f"--top-p must be in (0, 1], got {self.top_p}")
         if self.top_k < 0:
             fail(f"--top-k must be >= 0, got {self.top_k}")
+        if not 0 <= self.rest_threshold < 1:
+            fail(f"--rest-threshold must be in [0, 1), got {self.rest_threshold}")
         if self.tie_margin < 0:
             fail(f"--tie-margin must be >= 0, got {self.tie_margin}")
         if self.max_prompts is not None and self.max_prompts < 1:
             fail(f"--max-prompts must be >= 1, got {self.max_prompts}")
         if self.batch_size < 1 or self.reward_batch_size < 1:
             fail("--batch-size and --reward-batch-size must be >= 1")
-        if self.pairing != "first-round" and self.selection == "best-of-n":
-            pass  # best-of-n keeps one response: it writes SFT targets, never pairs
 
     # ---- derived values
     @property

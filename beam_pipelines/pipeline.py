@@ -1,0 +1,107 @@
+"""`rso generate`: the RSO data pipeline, composed from one PTransform per stage.
+
+    read -> render -> generate -> reward -> select+pair -> [re-score in fp32] -> write
+
+Runs unchanged on the DirectRunner, Dataflow and Flink: every flag that is not a pipeline
+setting (see ``config.py``) is a Beam pipeline option (``--runner``, ``--project``, ...).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from typing import Sequence
+
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+
+from beam_pipelines import manifest
+from beam_pipelines.config import GenerateConfig
+from beam_pipelines.generate import GenerateCandidates, warn_if_not_pi_sft
+from beam_pipelines.model_id import model_id
+from beam_pipelines.read import ReadPrompts
+from beam_pipelines.render import RenderPrompts
+from beam_pipelines.rescore import RescoreCandidates
+from beam_pipelines.reward import ScoreRewards
+from beam_pipelines.select import SUMMARY, SelectAndPair, ToRecords
+from beam_pipelines.write import WriteOutputs, prepare_output
+from rso import schema
+
+log = logging.getLogger("rso.generate")
+
+DEAD_LETTER = "dead_letter"
+
+
+def model_ids(config: GenerateConfig) -> dict[str, str]:
+    """``policy`` and ``reward`` ids (name + content hash) as records and the manifest carry."""
+    rewards = [f"{model_id(r.path)}*{r.weight:g}" + (":pairwise" if r.kind == "pairwise" else "")
+               for r in config.reward_model]
+    return {"policy": model_id(config.policy), "reward": "+".join(rewards)}
+
+
+def build_pipeline(pipeline: beam.Pipeline, config: GenerateConfig) -> beam.PCollection:
+    """Adds every stage to ``pipeline``; returns the PCollection holding the _SUCCESS path."""
+    run_id = config.resolved_run_id()
+    ids = model_ids(config)
+    warn_if_not_pi_sft(config)
+
+    prompts, read_dead = pipeline | "Read" >> ReadPrompts(
+        config.input, config.input_format, config.max_prompts, config.seed)
+    rendered = prompts | "Render" >> RenderPrompts(config)
+    generated = rendered.rendered | "Generate" >> GenerateCandidates(config)
+    scored = generated.candidates | "Reward" >> ScoreRewards(config.reward_model, config)
+    selected = scored.main | "Select" >> SelectAndPair(config)
+    kept = selected.selected
+    dead = [read_dead, rendered[DEAD_LETTER], generated[DEAD_LETTER], scored.dead_letter]
+    if config.rescore_in_fp32:
+        rescored = kept | "Rescore" >> RescoreCandidates(config)
+        kept = rescored.candidates
+        dead.append(rescored[DEAD_LETTER])
+    records = kept | "ToRecords" >> ToRecords(config, run_id, ids["policy"], ids["reward"])
+
+    best_of_n = config.selection == "best-of-n"
+    return {
+        "pairs": records,
+        "dead_letters": tuple(dead) | "DeadLetters" >> beam.Flatten(),
+        "summaries": selected[SUMMARY],
+    } | "Write" >> WriteOutputs(
+        config.output, config.to_dict(), run_id, manifest.package_versions(), ids,
+        columns=schema.SFT_COLUMNS if best_of_n else schema.COLUMNS,
+        prefix="sft" if best_of_n else "pairs")
+
+
+def run(config: GenerateConfig, beam_args: Sequence[str] = ()) -> dict:
+    """Builds and runs the pipeline; returns the manifest it wrote."""
+    beam_args = list(beam_args)
+    if not any(a == "--runner" or a.startswith("--runner=") for a in beam_args):
+        # The in-process portable runner that Beam's DirectRunner uses when it cannot start
+        # Prism (which it would first try to download): same semantics, no network.
+        beam_args.append("--runner=FnApiRunner")
+    options = PipelineOptions(beam_args)
+    prepare_output(config.output, config.overwrite)
+    start = time.time()
+    log.info("run %s: %s -> %s (policy %s, engine %s)", config.resolved_run_id(), config.input,
+             config.output, config.policy, config.engine)
+    with beam.Pipeline(options=options) as p:
+        build_pipeline(p, config)
+    from rso.io import open_file, join
+
+    with open_file(join(config.output, "manifest.json"), "r") as f:
+        result = json.load(f)
+    log.info("done in %.0f s: %s", time.time() - start,
+             json.dumps(result.get("counters", {}), sort_keys=True))
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config, beam_args = GenerateConfig.parse_args(
+        argv, prog="rso generate", description=__doc__, allow_unknown=True)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    run(config, beam_args)
+    print(f"wrote {config.output}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

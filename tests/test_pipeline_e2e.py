@@ -1,0 +1,230 @@
+"""The whole pipeline on the DirectRunner with real engines and tiny models built offline.
+
+Output is read back with pyarrow, Hugging Face `datasets`, our TFRecord reader and TensorFlow's,
+and checked field by field against SPEC 5; bad inputs must land in the dead letters with their
+reason while valid prompts still produce pairs.
+"""
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+
+import pyarrow.parquet as pq
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from beam_pipelines.pipeline import main as generate
+from rso import schema, tfrecord
+from tests.tensorflow_check import read_with_tensorflow
+
+VALID = [
+    {"prompt_id": "bread", "prompt": "How do I bake bread?"},
+    {"prompt_id": "paris", "messages": [{"role": "user", "content": "What is the capital of "
+                                                                    "France?"}]},
+    {"prompt": "Tell me a joke."},
+    {"prompt_id": "poem", "messages": [
+        {"role": "user", "content": "Write a short poem about the sea."},
+        {"role": "assistant", "content": "The sea is wide."},
+        {"role": "user", "content": "Make it longer."}]},
+]
+POISON_WORD = "picture"  # the poisoned reward model returns NaN for any text containing it
+
+
+def _write_inputs(path: str, extra_lines: list[bytes] = ()) -> None:
+    with open(path, "wb") as f:
+        for rec in VALID:
+            f.write(json.dumps(rec).encode() + b"\n")
+        for line in extra_lines:
+            f.write(line + b"\n")
+
+
+BAD_LINES = {
+    b'{"prompt": "unterminated': "invalid_json",
+    b'{"text": "no prompt field"}': "missing_prompt",
+    b'{"prompt_id": "empty", "prompt": "   "}': "empty_prompt",
+    b'{"prompt_id": "bytes", "prompt": "caf\xe9"}': "undecodable",
+    b'{"prompt_id": "long", "prompt": "' + b" ".join([b"water"] * 400) + b'"}':
+        "prompt_too_long",
+    b'{"prompt_id": "nan", "prompt": "Draw a ' + POISON_WORD.encode() + b' of a house"}':
+        "non_finite_reward",
+}
+
+
+def _args(inputs, out, policy, rm, *extra):
+    return ["--input", inputs, "--output", out, "--policy", policy, "--reward-model", rm,
+            "--num-candidates", "6", "--num-samples", "4", "--max-new-tokens", "10",
+            "--seed", "7", *extra]
+
+
+def key(r: dict) -> tuple:
+    """Identifies a pair record."""
+    return r["prompt_id"], tuple(r["chosen_token_ids"]), tuple(r["rejected_token_ids"])
+
+
+def _pairs(out: str) -> list[dict]:
+    (path,) = glob.glob(os.path.join(out, "pairs-*.parquet"))
+    return pq.read_table(path).to_pylist()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("in") / "prompts.jsonl")
+    _write_inputs(path, list(BAD_LINES))
+    return path
+
+
+@pytest.fixture(scope="module")
+def poisoned_rm(tiny_reward_model, tmp_path_factory):
+    """The tiny reward model with the embedding of POISON_WORD set to NaN."""
+    import shutil
+
+    from transformers import AutoTokenizer
+
+    out = str(tmp_path_factory.mktemp("poisoned_rm"))
+    shutil.copytree(tiny_reward_model, out, dirs_exist_ok=True)
+    weights = load_file(os.path.join(out, "model.safetensors"))
+    token = AutoTokenizer.from_pretrained(out).convert_tokens_to_ids(POISON_WORD)
+    weights["model.embed_tokens.weight"][token] = float("nan")
+    save_file(weights, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
+    return out
+
+
+@pytest.fixture(scope="module")
+def vllm_run(tiny_policy, poisoned_rm, inputs, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("vllm") / "out")
+    assert generate(_args(inputs, out, tiny_policy, poisoned_rm, "--engine", "vllm",
+                          "--enforce-eager")) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def transformers_run(tiny_policy, poisoned_rm, inputs, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("hf") / "out")
+    assert generate(_args(inputs, out, tiny_policy, poisoned_rm, "--engine", "transformers")) == 0
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["vllm_run", "transformers_run"])
+def test_output_directory_follows_spec5(run, request, tiny_policy):
+    out = request.getfixturevalue(run)
+    names = sorted(os.listdir(out))
+    assert "_SUCCESS" in names and "manifest.json" in names
+    newest = max(names, key=lambda n: os.path.getmtime(os.path.join(out, n)))
+    assert newest == "_SUCCESS"
+    assert any(n.endswith(".png") for n in names)
+
+    rows = _pairs(out)
+    # The 4 valid prompts and none of the bad ones; k=4 kept of up to 6 (a candidate that
+    # happens to contain the poisoned word is dropped), first-round: k//2 pairs each.
+    assert {r["prompt_id"] for r in rows} == {"bread", "paris", "poem",
+                                             schema_prompt_id("Tell me a joke.")}
+    for pid in {r["prompt_id"] for r in rows}:
+        mine = [r for r in rows if r["prompt_id"] == pid]
+        assert len(mine) == mine[0]["num_accepted"] // 2
+        assert mine[0]["num_accepted"] == min(4, mine[0]["num_candidates"])
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_policy)
+    for r in rows:
+        schema.validate_record(r)
+        assert r["chosen_reward"] > r["rejected_reward"]
+        assert r["selection"] == "rso" and r["pairing"] == "first-round" and r["beta"] == 0.5
+        assert 2 <= r["num_candidates"] <= 6
+        assert r["run_id"].startswith("run-") and "@sha256:" in r["policy_model"]
+        assert tok(r["prompt"], add_special_tokens=False)["input_ids"] == r["prompt_token_ids"]
+        for side in ("chosen", "rejected"):
+            ids = r[f"{side}_token_ids"]
+            assert 1 <= len(ids) <= 10
+            assert r[f"{side}_finish_reason"] in ("stop", "length")
+            assert (r[f"{side}_finish_reason"] == "stop") == (ids[-1] == tok.eos_token_id)
+            assert math.isfinite(r[f"ref_{side}_logps"]) and r[f"ref_{side}_logps"] < 0
+
+    # The same records in the TFRecord file, read by us and by TensorFlow.
+    (tf_path,) = glob.glob(os.path.join(out, "pairs-*.tfrecord.gz"))
+    ours = [schema.from_example(b) for b in tfrecord.read_records(tf_path)]
+    theirs = read_with_tensorflow([tf_path])
+    by_key = {key(r): r for r in rows}
+    assert sorted(map(key, ours)) == sorted(by_key)
+    for ex, tf_ex in zip(ours, theirs):
+        row = by_key[key(ex)]
+        assert tf_ex["prompt_id"]["value"] == [ex["prompt_id"]]
+        for col in schema.COLUMNS:
+            if col.kind == schema.DOUBLE:
+                assert ex[col.name] == pytest.approx(row[col.name], rel=1e-6)
+                assert tf_ex[col.name]["value"][0] == pytest.approx(row[col.name], rel=1e-6)
+            else:
+                assert ex[col.name] == row[col.name], col.name
+
+    # Hugging Face datasets loads the Parquet files (TRL's preference column names).
+    import datasets
+
+    ds = datasets.load_dataset("parquet", data_files=glob.glob(os.path.join(out, "*.parquet")),
+                               split="train")
+    assert len(ds) == len(rows) and {"prompt", "chosen", "rejected"} <= set(ds.column_names)
+
+
+def schema_prompt_id(text: str) -> str:
+    from beam_pipelines.prompts import prompt_id_for
+
+    return prompt_id_for(prompt=text)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["vllm_run", "transformers_run"])
+def test_every_bad_input_is_a_dead_letter_with_its_reason(run, request):
+    out = request.getfixturevalue(run)
+    dead = [json.loads(line) for p in glob.glob(os.path.join(out, "dead_letter-*.jsonl"))
+            for line in open(p)]
+    reasons = {d["reason"] for d in dead}
+    assert set(BAD_LINES.values()) <= reasons, reasons
+    nan = [d for d in dead if d["reason"] == "non_finite_reward"]
+    assert len([d for d in nan if d["prompt_id"] == "nan"]) == 6  # all its candidates
+    assert all(d["prompt_id"] == "nan" or POISON_WORD in d["input"]["text"] for d in nan)
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    counters = manifest["counters"]
+    assert counters["pairs"] == counters["records_written"] == len(_pairs(out)) >= 4
+    assert counters["dead_letters"] == len(dead)
+    by_reason = manifest["dead_letters"]["by_reason"]
+    assert by_reason["non_finite_reward"] == len(nan)
+    assert sum(by_reason.values()) == len(dead)
+    assert manifest["models"]["policy"].startswith(os.path.basename(manifest["config"]["policy"]))
+
+
+@pytest.mark.slow
+def test_vllm_reference_logps_match_the_trainer_in_fp32(vllm_run, tiny_policy):
+    """bf16 generation + default fp32 re-scoring: stored ref logps equal what the trainer's
+    own log-prob computation gives for the initial policy (SPEC 1, issue: < 1e-3 nats)."""
+    from transformers import AutoModelForCausalLM
+
+    from trainer.logprobs import sequence_logps
+
+    manifest = json.load(open(os.path.join(vllm_run, "manifest.json")))
+    assert manifest["config"]["rescore"] == "auto"
+    rows = _pairs(vllm_run)
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logps = sequence_logps(model, [r["prompt_token_ids"] for r in rows] * 2,
+                               [r["chosen_token_ids"] for r in rows]
+                               + [r["rejected_token_ids"] for r in rows], pad_id=1)
+    stored = torch.tensor([r["ref_chosen_logps"] for r in rows]
+                          + [r["ref_rejected_logps"] for r in rows], dtype=torch.float32)
+    assert (logps - stored).abs().max().item() < 1e-3
+
+
+@pytest.mark.slow
+def test_same_seed_writes_identical_pairs(vllm_run, tiny_policy, poisoned_rm, inputs, tmp_path):
+    out = str(tmp_path / "again")
+    assert generate(_args(inputs, out, tiny_policy, poisoned_rm, "--engine", "vllm",
+                          "--enforce-eager")) == 0
+    first, second = sorted(_pairs(vllm_run), key=key), sorted(_pairs(out), key=key)
+    assert first == second
+
+
+def test_existing_complete_output_is_refused(transformers_run, tiny_policy, poisoned_rm, inputs):
+    with pytest.raises(Exception, match="complete"):
+        generate(_args(inputs, transformers_run, tiny_policy, poisoned_rm, "--engine",
+                       "transformers"))
