@@ -1,0 +1,151 @@
+"""`rso train` entry point and config, schedules, plots, gs:// data, and no Beam import."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+from rso.config import ConfigError
+from tests.pair_data import build_pairs, write_output_dir
+from trainer.config import TrainConfig
+from trainer.metrics import read_metrics
+from trainer.optim import lr_multiplier
+from trainer.plots import plot_metrics
+from trainer.train import main, train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def records(tiny_policy):
+    return build_pairs(tiny_policy, num_prompts=6, pairs_per_prompt=2)
+
+
+@pytest.fixture(scope="module")
+def data_dir(records, tmp_path_factory):
+    return write_output_dir(str(tmp_path_factory.mktemp("pairs")), records)
+
+
+def losses(output: str) -> list[float]:
+    return [r["loss"] for r in read_metrics(os.path.join(output, "metrics.jsonl"))
+            if r["split"] == "train"]
+
+
+def test_flags_override_the_config_file(tiny_policy, data_dir, tmp_path):
+    config_file = tmp_path / "train.yaml"
+    config_file.write_text(yaml.safe_dump({
+        "data": [data_dir], "policy": tiny_policy, "output": str(tmp_path / "ignored"),
+        "loss": "hinge-norm", "gamma": 0.5, "lr": 1e-3, "max_steps": 5, "batch_size": 4,
+        "progress": False, "tensorboard": False, "plots": False}))
+    out = str(tmp_path / "run")
+    rc = main(["--config", str(config_file), "--output", out, "--max-steps", "2",
+               "--loss", "sigmoid-norm", "--optimizer", "adafactor", "--grad-accum", "2",
+               "--batch-size", "2"])
+    assert rc == 0
+    assert len(losses(out)) == 2 and losses(out)[0] == pytest.approx(math.log(2.0), abs=1e-4)
+    with open(os.path.join(out, "checkpoint-00000002", "trainer_state.json")) as f:
+        saved = json.load(f)["config"]
+    assert (saved["optimizer"], saved["grad_accum"], saved["batch_size"], saved["gamma"]) == (
+        "adafactor", 2, 2, 0.5)
+    assert not os.path.exists(tmp_path / "ignored")
+
+
+def test_unfinished_directory_fails_with_a_clear_message(tiny_policy, records, tmp_path,
+                                                         capsys):
+    partial = write_output_dir(str(tmp_path / "partial"), records, success=False)
+    rc = main(["--data", partial, "--policy", tiny_policy, "--output", str(tmp_path / "run"),
+               "--no-progress"])
+    err = capsys.readouterr().err
+    assert rc == 2 and f"rso train: error: {partial}: no _SUCCESS file" in err
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([], "--data is required"),
+    (["--data", "d", "--gamma", "0"], "--gamma must be a positive"),
+    (["--data", "d", "--output", "gs://b/run"], "--output must be a local directory"),
+    (["--data", "d", "--eval-fraction", "1.5"], "--eval-fraction must be in"),
+    (["--data", "d", "--batch-size", "0"], "--batch-size must be >= 1"),
+    (["--data", "d", "--resume", "--overwrite"], "exclude each other"),
+    (["--data", "d", "--policy", "/no/such/model"], "policy directory not found"),
+])
+def test_bad_configuration_fails_at_start(tiny_policy, tmp_path, flags, message):
+    base = {"--policy": tiny_policy, "--output": str(tmp_path / "run")}
+    for i in range(0, len(flags), 2):
+        base.pop(flags[i], None)
+    argv = [x for kv in base.items() for x in kv] + flags
+    with pytest.raises(ConfigError, match=message):
+        TrainConfig.parse_args(argv)
+
+
+def test_unknown_config_key_is_an_error(tmp_path):
+    config_file = tmp_path / "bad.yaml"
+    config_file.write_text("data: [x]\nlearning_rate: 0.1\n")
+    with pytest.raises(ConfigError, match="unknown config key\\(s\\): learning_rate"):
+        TrainConfig.parse_args(["--config", str(config_file)])
+
+
+def test_schedules():
+    # warm-up 2 of 10 steps, then decay over the remaining 8
+    assert [lr_multiplier(s, 2, 10, "linear") for s in (0, 1, 2, 6, 10)] == [
+        0.5, 1.0, 1.0, 0.5, 0.0]
+    assert lr_multiplier(6, 2, 10, "cosine") == pytest.approx(0.5)
+    assert lr_multiplier(2, 2, 10, "cosine") == 1.0 and lr_multiplier(10, 2, 10, "cosine") == 0.0
+    assert lr_multiplier(9, 2, 10, "constant") == 1.0
+    assert lr_multiplier(0, 0, 1, "linear") == 1.0
+
+
+def test_logged_lr_follows_the_schedule(tiny_policy, data_dir, tmp_path):
+    cfg = TrainConfig(data=[data_dir], policy=tiny_policy, output=str(tmp_path / "run"),
+                      lr=1e-3, batch_size=4, max_steps=4, warmup_steps=2, scheduler="linear",
+                      progress=False, tensorboard=False, plots=False, save_every=0)
+    result = train(cfg)
+    lrs = [r["lr"] for r in read_metrics(result.metrics_path) if r["split"] == "train"]
+    assert lrs == pytest.approx([1e-3 * lr_multiplier(s, 2, 4, "linear") for s in range(4)])
+
+
+def test_plots_from_metrics(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    rows = [{"split": "train", "step": s, "loss": 1.0 / s, "accuracy": 0.5, "lr": 1e-3}
+            for s in range(1, 5)] + [{"split": "eval", "step": 4, "loss": 0.3}]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    written = plot_metrics(str(path), str(tmp_path / "plots"))
+    assert sorted(os.path.basename(p) for p in written) == ["accuracy.png", "loss.png", "lr.png"]
+
+
+def test_trains_from_gs(tiny_policy, data_dir, gcs_bucket, tmp_path):
+    """The same pairs from gs:// (local emulator, through rso.io/gcsfs) give the same losses."""
+    from rso.io import filesystem
+
+    remote = f"{gcs_bucket}/trainer-test/pairs"
+    fs, path = filesystem(gcs_bucket)
+    for name in os.listdir(data_dir):
+        fs.put_file(os.path.join(data_dir, name), f"{path}/trainer-test/pairs/{name}")
+    common = dict(policy=tiny_policy, lr=1e-3, gamma=0.5, batch_size=4, max_steps=2,
+                  progress=False, tensorboard=False, plots=False)
+    local = train(TrainConfig(data=[data_dir], output=str(tmp_path / "local"), **common))
+    remote_run = train(TrainConfig(data=[remote], output=str(tmp_path / "remote"), **common))
+    glob_run = train(TrainConfig(data=[remote + "/pairs-*.tfrecord.gz"],
+                                 output=str(tmp_path / "glob"), **common))
+    assert losses(remote_run.output) == losses(local.output)
+    assert losses(glob_run.output) == pytest.approx(losses(local.output), abs=1e-6)
+
+
+def test_trainer_does_not_import_beam():
+    code = ("import sys, trainer.train, trainer.plots; "
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
+            "('apache_beam', 'beam_pipelines', 'vllm')); assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)

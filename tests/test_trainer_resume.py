@@ -1,0 +1,174 @@
+"""Exact resume: a run stopped (or killed) and resumed ends with the parameters of an
+uninterrupted run. The policy gets attention dropout, so the RNG state matters too."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rso.config import ConfigError
+from tests.pair_data import build_pairs, write_output_dir
+from trainer.checkpoint import list_checkpoints, load_trainer_state
+from trainer.config import TrainConfig
+from trainer.metrics import read_metrics
+from trainer.train import train
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def dropout_policy(tiny_policy, tmp_path_factory):
+    """The tiny policy with attention dropout 0.2: training consumes torch's RNG."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out = str(tmp_path_factory.mktemp("dropout_policy"))
+    model = AutoModelForCausalLM.from_pretrained(tiny_policy, attention_dropout=0.2)
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(tiny_policy).save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="module")
+def data_dir(dropout_policy, tmp_path_factory):
+    records = build_pairs(dropout_policy, num_prompts=8, pairs_per_prompt=2)
+    return write_output_dir(str(tmp_path_factory.mktemp("pairs")), records)
+
+
+def config(policy, data, output, **overrides) -> TrainConfig:
+    # 16 pairs, micro-batches of 2, 2 per step: 4 steps per epoch, so 7 steps cross an epoch.
+    values = dict(data=[data], policy=policy, output=output, lr=1e-3, gamma=0.5, batch_size=2,
+                  grad_accum=2, max_steps=7, save_every=2, shuffle_buffer=4, bucket_batches=2,
+                  progress=False, tensorboard=False, plots=False, num_threads=1)
+    values.update(overrides)
+    return TrainConfig(**values)
+
+
+def final_params(result) -> dict[str, torch.Tensor]:
+    return load_file(os.path.join(result.checkpoint, "model.safetensors"))
+
+
+def assert_same_params(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], rtol=0, atol=1e-6), k
+
+
+def train_losses(result) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(result.metrics_path)
+            if r["split"] == "train"]
+
+
+@pytest.fixture(scope="module", params=[
+    dict(optimizer="adamw", scheduler="linear"),
+    dict(optimizer="adafactor", scheduler="cosine", warmup_steps=2)], ids=["adamw", "adafactor"])
+def uninterrupted(request, dropout_policy, data_dir, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("uninterrupted"))
+    return request.param, train(config(dropout_policy, data_dir, out, **request.param))
+
+
+@pytest.mark.parametrize("stop_after", [3, 5])
+def test_stop_and_resume_ends_with_the_same_parameters(uninterrupted, dropout_policy, data_dir,
+                                                       tmp_path, stop_after):
+    settings, full = uninterrupted
+    out = str(tmp_path / "run")
+    first = train(config(dropout_policy, data_dir, out, **settings), stop_after=stop_after)
+    assert not first.finished and first.steps == stop_after
+    # Killed after step 3 (5): the newest checkpoint is step 2 (4), so one step is redone.
+    saved = load_trainer_state(list_checkpoints(out)[-1])["state"]
+    assert saved["step"] == stop_after - 1
+    resumed = train(config(dropout_policy, data_dir, out, resume=True, **settings))
+    assert resumed.finished and resumed.steps == 7
+    assert_same_params(final_params(resumed), final_params(full))
+    # The metrics file reads as one run: every step once, with the same losses.
+    assert [s for s, _ in train_losses(resumed)] == list(range(1, 8))
+    assert [loss for _, loss in train_losses(resumed)] == pytest.approx(
+        [loss for _, loss in train_losses(full)], abs=1e-6)
+
+
+def test_resume_uses_the_saved_rng_state(uninterrupted, dropout_policy, data_dir, tmp_path):
+    """Guards the test above: with another torch RNG state in the checkpoint, dropout draws
+    differ and so do the final parameters."""
+    settings, full = uninterrupted
+    out = str(tmp_path / "run")
+    train(config(dropout_policy, data_dir, out, **settings), stop_after=3)
+    path = os.path.join(list_checkpoints(out)[-1], "trainer_state.pt")
+    state = load_trainer_state(os.path.dirname(path))
+    state["rng"]["torch"] = torch.Generator().manual_seed(99).get_state()
+    torch.save(state, path)
+    resumed = train(config(dropout_policy, data_dir, out, resume=True, **settings))
+    a, b = final_params(resumed), final_params(full)
+    assert any(not torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
+
+
+@pytest.mark.slow
+def test_killed_process_resumes_to_the_same_parameters(dropout_policy, data_dir, tmp_path):
+    """A real `python -m trainer.train` process is SIGKILLed once it has saved a checkpoint
+    (possibly mid-save), then resumed: same final parameters as an uninterrupted run."""
+    steps = 24
+    settings = dict(max_steps=steps, save_every=1, keep_checkpoints=2)
+    out = str(tmp_path / "killed")
+    flags = ["--data", data_dir, "--policy", dropout_policy, "--output", out, "--lr", "1e-3",
+             "--gamma", "0.5", "--batch-size", "2", "--grad-accum", "2", "--max-steps",
+             str(steps), "--save-every", "1", "--keep-checkpoints", "2", "--shuffle-buffer", "4",
+             "--bucket-batches", "2", "--no-progress", "--no-tensorboard", "--no-plots",
+             "--num-threads", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "trainer.train", *flags], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 120
+        while len(list_checkpoints(out)) < 2 and proc.poll() is None:
+            assert time.monotonic() < deadline, "the trainer saved no checkpoint in 120 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    killed_at = load_trainer_state(list_checkpoints(out)[-1])["state"]["step"]
+    assert killed_at < steps, "the process finished before it could be killed"
+    resumed = train(config(dropout_policy, data_dir, out, resume=True, **settings))
+    full = train(config(dropout_policy, data_dir, str(tmp_path / "full"), **settings))
+    assert_same_params(final_params(resumed), final_params(full))
+
+
+def test_existing_run_needs_resume_or_overwrite(dropout_policy, data_dir, tmp_path):
+    out = str(tmp_path / "run")
+    done = train(config(dropout_policy, data_dir, out, max_steps=2))
+    with pytest.raises(ConfigError, match="pass --resume .* or --overwrite"):
+        train(config(dropout_policy, data_dir, out, max_steps=2))
+    with pytest.raises(ConfigError, match="setting\\(s\\) batch_size differ"):
+        train(config(dropout_policy, data_dir, out, max_steps=2, batch_size=4, resume=True))
+    again = train(config(dropout_policy, data_dir, out, max_steps=2, resume=True))
+    assert again.steps == 2 and again.finished
+    assert_same_params(final_params(again), final_params(done))
+    fresh = train(config(dropout_policy, data_dir, out, max_steps=1, overwrite=True))
+    assert fresh.steps == 1
+    assert [os.path.basename(c) for c in list_checkpoints(out)] == ["checkpoint-00000001"]
+
+
+def test_resume_without_checkpoint_starts_fresh_and_keeps_the_newest(dropout_policy, data_dir,
+                                                                     tmp_path):
+    out = str(tmp_path / "run")
+    result = train(config(dropout_policy, data_dir, out, max_steps=5, save_every=1,
+                          keep_checkpoints=2, resume=True))
+    assert result.steps == 5
+    assert [os.path.basename(c) for c in list_checkpoints(out)] == [
+        "checkpoint-00000004", "checkpoint-00000005"]
+    with open(os.path.join(result.checkpoint, "trainer_state.json")) as f:
+        state = json.load(f)
+    assert state["state"]["step"] == 5 and state["config"]["batch_size"] == 2
+    # 5 steps of 2 micro-batches: epoch 0 (8 batches) done, 2 batches into epoch 1.
+    assert (state["state"]["epoch"], state["state"]["batches_in_epoch"]) == (1, 2)
