@@ -22,3 +22,12 @@ def tiny_policy(tmp_path_factory) -> str:
 def tiny_reward_model(tmp_path_factory) -> str:
     """Directory of a 2-layer Llama sequence classifier (one output) sharing the tokenizer."""
     return tiny_models.build_reward_model(str(tmp_path_factory.mktemp("tiny_reward")))
+
+
+@pytest.fixture(scope="session")
+def gcs_bucket():
+    """``gs://bucket`` on a local GCS emulator, for the whole session (see tests/gcs_emulator.py)."""
+    from tests.gcs_emulator import BUCKET, gcs_emulator
+
+    with gcs_emulator(BUCKET):
+        yield f"gs://{BUCKET}"

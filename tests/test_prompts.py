@@ -1,0 +1,161 @@
+"""Prompt parsing (pure): record forms, every bad-input reason, HH-RLHF on the real data file,
+prompt_id stability."""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+
+import pytest
+
+from beam_pipelines import prompts as P
+
+DATA = "/work/shared/data/hh-rlhf-harmless-base-test.jsonl.gz"
+
+
+def _line(obj) -> bytes:
+    return json.dumps(obj).encode("utf-8")
+
+
+def _reason(line: bytes, kind: str = "auto") -> str:
+    with pytest.raises(P.PromptError) as e:
+        P.parse_json_line(line, "f.jsonl", kind)
+    assert e.value.reason in P.REASONS
+    return e.value.reason
+
+
+@pytest.mark.parametrize("line, reason", [
+    (b'{"prompt": "caf\xe9"}', "undecodable"),  # latin-1 byte, not UTF-8
+    (b"\xff\xfe{}", "undecodable"),
+    (b'{"prompt": "unterminated}', "invalid_json"),
+    (b'["a list", "not an object"]', "invalid_json"),
+    (b'"just a string"', "invalid_json"),
+    (_line({"text": "no known field"}), "missing_prompt"),
+    (_line({"prompt": None}), "missing_prompt"),
+    (_line({"prompt": 42}), "missing_prompt"),
+    (_line({"prompt": ""}), "empty_prompt"),
+    (_line({"prompt": " \n\t "}), "empty_prompt"),
+    (_line({"messages": [{"role": "user", "content": "  "}]}), "empty_prompt"),
+    (_line({"messages": "hello"}), "invalid_messages"),
+    (_line({"messages": []}), "invalid_messages"),
+    (_line({"messages": [{"role": "user"}]}), "invalid_messages"),
+    (_line({"messages": [{"role": "user", "content": 3}]}), "invalid_messages"),
+    (_line({"messages": [["user", "hi"]]}), "invalid_messages"),
+    (_line({"prompt": [{"content": "no role"}]}), "invalid_messages"),
+    (_line({"chosen": "no dialogue turns at all"}), "invalid_dialogue"),
+    (_line({"chosen": ["not", "a", "string"]}), "invalid_dialogue"),
+    (_line({"chosen": "preamble\n\nHuman: hi\n\nAssistant: yo"}), "invalid_dialogue"),
+    (_line({"chosen": "\n\nHuman: hi\n\nAssistant: yo\n\nAssistant: again"}), "invalid_dialogue"),
+    (_line({"chosen": "\n\nHuman:   \n\nAssistant: yo"}), "empty_prompt"),
+    (_line({"prompt_id": "", "prompt": "x"}), "invalid_prompt_id"),
+    (_line({"prompt_id": True, "prompt": "x"}), "invalid_prompt_id"),
+    (_line({"prompt_id": {"a": 1}, "prompt": "x"}), "invalid_prompt_id"),
+])
+def test_each_bad_input_has_its_reason(line, reason):
+    assert _reason(line) == reason
+
+
+def test_hh_rlhf_kind_requires_the_dialogue():
+    assert _reason(_line({"prompt": "plain"}), kind="hh-rlhf") == "missing_prompt"
+    p = P.parse_json_line(_line({"prompt": "ignored", "chosen": "\n\nHuman: hi\n\nAssistant: yo"}),
+                          "f", kind="hh-rlhf")
+    assert p.messages == (("user", "hi"),) and p.prompt is None
+
+
+def test_plain_prompt_and_its_id():
+    p = P.parse_json_line(_line({"prompt": "How do I bake bread?"}), "in.jsonl")
+    assert p.prompt == "How do I bake bread?" and p.messages is None and p.source == "in.jsonl"
+    assert p.prompt_id == hashlib.sha256("How do I bake bread?".encode()).hexdigest()
+
+
+def test_given_prompt_id_wins_and_integers_become_strings():
+    assert P.parse_json_line(_line({"prompt_id": "q-1", "prompt": "x"}), "f").prompt_id == "q-1"
+    assert P.parse_json_line(_line({"prompt_id": 7, "prompt": "x"}), "f").prompt_id == "7"
+
+
+def test_prompt_id_depends_only_on_content():
+    a = P.parse_json_line(b'{"prompt": "caf\\u00e9", "other": 1}', "a.jsonl")
+    b = P.parse_json_line('{ "other":2,  "prompt":"café" }'.encode(), "b.jsonl")
+    assert a.prompt_id == b.prompt_id
+    assert a.prompt_id != P.parse_json_line(_line({"prompt": "cafe"}), "c").prompt_id
+    # A conversation hashes its canonical JSON: key order and spacing do not matter.
+    m1 = P.parse_json_line(b'{"messages": [{"role": "user", "content": "hi"}]}', "f")
+    m2 = P.parse_json_line(b'{"messages":[{"content":"hi","role":"user"}]}', "f")
+    assert m1.prompt_id == m2.prompt_id == hashlib.sha256(
+        b'[{"content":"hi","role":"user"}]').hexdigest()
+    assert m1.prompt_id != P.parse_json_line(_line({"prompt": "hi"}), "f").prompt_id
+
+
+def test_messages_and_trl_conversational_prompt():
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi"}]
+    a = P.parse_json_line(_line({"messages": msgs}), "f")
+    b = P.parse_json_line(_line({"prompt": msgs, "chosen": [{"role": "assistant",
+                                                           "content": "x"}]}), "f")
+    assert a.messages == b.messages == (("system", "Be brief."), ("user", "Hi"))
+    assert a.prompt is None and a.prompt_id == b.prompt_id
+
+
+def test_hh_dialogue_becomes_messages_with_the_same_id_as_the_conversation():
+    dialogue = ("\n\nHuman: What is two plus two?\n\nAssistant: Four.\n\nHuman: And three?"
+                "\n\nAssistant: Six.")
+    p = P.parse_json_line(_line({"chosen": dialogue, "rejected": "..."}), "f")
+    assert p.messages == (("user", "What is two plus two?"), ("assistant", "Four."),
+                          ("user", "And three?"))
+    same = P.parse_row({"messages": [{"role": r, "content": c} for r, c in p.messages]}, "g")
+    assert same.prompt_id == p.prompt_id
+
+
+def test_hh_consecutive_turns_of_one_speaker_are_joined():
+    dialogue = "\n\nHuman: a\n\nAssistant: b\n\nAssistant: c\n\nHuman: d\n\nAssistant: e"
+    assert P.parse_hh_dialogue(dialogue) == (("user", "a"), ("assistant", "b\n\nc"),
+                                             ("user", "d"))
+
+
+def test_utf8_bom_is_dropped():
+    p = P.parse_json_line("\ufeff".encode() + _line({"prompt": "x"}), "f")
+    assert p.prompt == "x"
+
+
+def test_parquet_row_forms():
+    assert P.parse_row({"prompt": "x", "messages": None}, "t.parquet").prompt == "x"
+    row = {"prompt": None, "messages": [{"role": "user", "content": "hi"}]}
+    assert P.parse_row(row, "t.parquet").messages == (("user", "hi"),)
+    with pytest.raises(P.PromptError) as e:
+        P.parse_row({"prompt": None, "messages": None}, "t.parquet")
+    assert e.value.reason == "missing_prompt"
+
+
+def test_escape_line_keeps_undecodable_bytes_visible():
+    assert P.escape_line(b'{"prompt": "caf\xe9"}') == '{"prompt": "caf\\xe9"}'
+
+
+def test_real_hh_rlhf_lines():
+    with gzip.open(DATA, "rb") as f:
+        lines = f.read().splitlines()
+    assert len(lines) == 2312
+    first = P.parse_json_line(lines[0], DATA)
+    assert first.messages[0] == ("user", "what are some pranks with a pen i can do?")
+    assert first.messages[1] == ("assistant", "Are you looking for practical joke ideas?")
+    assert first.messages[-1] == ("user", "okay some of these do not have anything to do with "
+                                          "pens")
+    assert [r for r, _ in first.messages] == ["user", "assistant"] * 2 + ["user"]
+    parsed, reasons, same_prompt = [], [], 0
+    for line in lines:
+        try:
+            p = P.parse_json_line(line, DATA)
+        except P.PromptError as e:
+            reasons.append(e.reason)
+            continue
+        parsed.append(p)
+        assert p.messages[-1][0] == "user" and p.prompt is None
+        assert all(a[0] != b[0] for a, b in zip(p.messages, p.messages[1:]))  # alternating
+        # 'rejected' shares the dialogue up to the last Assistant turn in almost every line.
+        try:
+            rejected = P.parse_row({"chosen": json.loads(line)["rejected"]}, DATA)
+            same_prompt += rejected.prompt_id == p.prompt_id
+        except P.PromptError:
+            pass
+    # Four lines have an Assistant turn right before the final one: no human turn to answer.
+    assert reasons == ["invalid_dialogue"] * 4
+    assert len(parsed) == 2308 and len({p.prompt_id for p in parsed}) == 2306
+    assert same_prompt >= 2300
