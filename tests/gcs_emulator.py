@@ -11,8 +11,9 @@ bucket) and sets what clients need to use it without a network:
   retries ``google.auth.default()`` with backoff for ~18 s per process before going anonymous.
   The token is a dummy; the emulator ignores it, and nothing is sent anywhere else;
 - ``GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT=false``: gcsfs (2026.x) otherwise asks the bucket's type
-  over gRPC, which the emulator does not serve: 60 s timeout per bucket. gcsfs reads it when it
-  is first imported, so the emulator must start before anything imports gcsfs.
+  over gRPC, which the emulator does not serve: 60 s timeout per bucket. gcsfs reads it only
+  when first imported, so the plain ``gcsfs.core.GCSFileSystem`` is also registered for gs://
+  in fsspec while the emulator runs, in case gcsfs was imported earlier.
 
 The previous environment is restored on exit. Beam's subprocess workers inherit it, so
 ``--direct_running_mode=multi_processing`` works too.
@@ -26,6 +27,8 @@ import os
 import tempfile
 from typing import Iterator
 
+import fsspec
+import gcsfs.core
 from gcp_storage_emulator.server import create_server
 
 BUCKET = "bucket"
@@ -52,9 +55,15 @@ def gcs_emulator(bucket: str = BUCKET) -> Iterator[str]:
                "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false"}
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
+        saved_fs = {proto: fsspec.registry.get(proto) for proto in ("gs", "gcs")}
+        for proto in saved_fs:
+            fsspec.register_implementation(proto, gcsfs.core.GCSFileSystem, clobber=True)
         try:
             yield endpoint
         finally:
+            for proto, cls in saved_fs.items():
+                if cls is not None:
+                    fsspec.register_implementation(proto, cls, clobber=True)
             for k, v in saved.items():
                 if v is None:
                     os.environ.pop(k, None)
