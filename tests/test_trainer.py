@@ -188,3 +188,24 @@ def test_non_finite_loss_names_step_and_prompts(tiny_policy, data_dir, tmp_path)
                                                  r"[0-9a-f]{64} \(.*pairs-0000\d-of-00002\."
                                                  r"parquet: row \d+\)"):
         train(config(diverged, data_dir, str(tmp_path / "r")))
+
+
+def test_eval_split_and_max_length(tiny_policy, data_dir, records, tmp_path, caplog):
+    from trainer.data import in_eval_split
+
+    def length(r):
+        return len(r["prompt_token_ids"]) + max(len(r["chosen_token_ids"]),
+                                                len(r["rejected_token_ids"]))
+
+    limit = sorted({length(r) for r in records})[-2]  # skips the longest pairs
+    held = [r for r in records if in_eval_split(r["prompt_id"], 0.3) and length(r) <= limit]
+    trained = [r for r in records if not in_eval_split(r["prompt_id"], 0.3) and
+               length(r) <= limit]
+    assert held and trained and len(held) + len(trained) < len(records)
+    with caplog.at_level(logging.WARNING, logger="rso.trainer"):
+        result = train(config(tiny_policy, data_dir, str(tmp_path / "run"), eval_fraction=0.3,
+                              max_length=limit, batch_size=2, max_steps=None, epochs=1))
+    assert "skipping" in caplog.text
+    assert result.eval["pairs"] == len(held)
+    assert result.summary["pairs"] == len(trained)
+    assert result.steps == math.ceil(len(trained) / 2)

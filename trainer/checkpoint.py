@@ -35,6 +35,7 @@ class TrainState:
     epoch: int = 0
     batches_in_epoch: int = 0  # micro-batches of ``epoch`` already consumed
     pairs_seen: int = 0
+    tokens_seen: int = 0  # non-padding tokens of the forward passes
     train_time_s: float = 0.0
 
 

@@ -7,7 +7,9 @@
   positions), step_time_s, pairs_per_s, tokens_per_s, peak_rss_gib (and peak_cuda_gib), epoch;
 - ``eval``: the same pair metrics over the held-out pairs;
 - ``reference``: the step-0 gap between stored and recomputed reference log-probs;
-- ``summary`` (last line): steps, pairs, train_time_s, pairs_per_s, tokens_per_s, peak memory.
+- ``summary`` (last line): steps, pairs, tokens, train_time_s (optimizer steps, data reading
+  included; start-up, evaluation and checkpoints excluded), pairs_per_s and tokens_per_s over
+  that time, wall_time_s (the whole run), peak memory, final_checkpoint.
 A train record at step s describes the parameters before update s (so step 1 is the initial
 policy).
 """

@@ -9,6 +9,7 @@ schedule), checkpoint (exact resume), metrics (JSONL, TensorBoard, progress bar)
 """
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import logging
@@ -90,12 +91,14 @@ def _prepare_output(cfg: TrainConfig) -> Optional[str]:
     os.makedirs(cfg.output, exist_ok=True)
     latest = ckpt.latest_checkpoint(cfg.output)
     if cfg.overwrite:
-        for path in ckpt.list_checkpoints(cfg.output):
-            shutil.rmtree(path)
-        for name in ("tensorboard", "plots", ref.CACHE_FILE, "metrics.jsonl"):
-            path = os.path.join(cfg.output, name)
-            shutil.rmtree(path) if os.path.isdir(path) else (
-                os.remove(path) if os.path.exists(path) else None)
+        stale = ckpt.list_checkpoints(cfg.output) + [
+            os.path.join(cfg.output, name)
+            for name in ("tensorboard", "plots", ref.CACHE_FILE, "metrics.jsonl")]
+        for path in stale:
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            elif os.path.exists(path):
+                os.remove(path)
         return None
     if latest and not cfg.resume:
         raise ConfigError(f"{cfg.output} already holds checkpoints ({os.path.basename(latest)});"
@@ -112,10 +115,64 @@ def _prepare_output(cfg: TrainConfig) -> Optional[str]:
     return latest
 
 
+def _sources(cfg: TrainConfig, vocab_size: int) -> tuple[PairSource, list[PairSource]]:
+    """The training pairs, and the evaluation sets: the held-out prompts of --data
+    (--eval-fraction), then --eval-data."""
+    fits = length_filter(cfg.max_length)
+    files = resolve_files(cfg.data, cfg.data_format)
+
+    def split(held_out: bool) -> PairSource:
+        return PairSource(files, vocab_size=vocab_size, keep=lambda p: fits(p) and (
+            in_eval_split(p.prompt_id, cfg.eval_fraction) == held_out))
+
+    evals = [split(True)] if cfg.eval_fraction > 0 else []
+    if cfg.eval_data:
+        evals.append(PairSource(resolve_files(cfg.eval_data, cfg.data_format), keep=fits,
+                                vocab_size=vocab_size))
+    return split(False), evals
+
+
+def _count(cfg: TrainConfig, train: PairSource, evals: list[PairSource]) -> tuple[int, int]:
+    """Reads (and so validates) every pair once; returns (training pairs, evaluation pairs)."""
+    fits = length_filter(cfg.max_length)
+    tally = collections.Counter(
+        "too long" if not fits(p) else
+        "held out" if in_eval_split(p.prompt_id, cfg.eval_fraction) else "train"
+        for p in dataclasses.replace(train, keep=lambda p: True).pairs())
+    if tally["too long"]:
+        log.warning("--max-length %d: skipping %d longer pairs", cfg.max_length,
+                    tally["too long"])
+    if tally["train"] == 0:
+        raise DataError(f"no training pairs in {', '.join(cfg.data)} (after --eval-fraction "
+                        f"and --max-length)")
+    return tally["train"], tally["held out"] + (evals[-1].count() if cfg.eval_data else 0)
+
+
+def _reference_cache(cfg: TrainConfig, model: torch.nn.Module, sources: list[PairSource],
+                     pad_id: int, device: torch.device, resuming: bool
+                     ) -> dict[str, tuple[float, float]]:
+    """--recompute-reference: the cache in --output, computed now (fp32) on a fresh run."""
+    cache = ref.load_cache(cfg.output)
+    if cache is not None:
+        return cache
+    if resuming:
+        raise DataError(f"{os.path.join(cfg.output, ref.CACHE_FILE)} is missing, and the "
+                        f"initial policy's log-probs cannot be recomputed from a checkpoint")
+    log.info("computing reference log-probs with the initial policy in fp32")
+    cache = {}
+    for source in sources:
+        batches = dataclasses.replace(source, require_reference=False).sequential(
+            cfg.batch_size, cfg.bucket_batches)
+        cache.update(ref.compute_reference(model, batches, pad_id, device))
+    ref.save_cache(cfg.output, cache, cfg.policy)
+    return cache
+
+
 def train(cfg: TrainConfig, *, stop_after: Optional[int] = None) -> TrainResult:
     """Runs (or resumes) training as ``cfg`` says. ``stop_after=s`` returns after optimizer step
     s as if the process had been killed there (used to test resuming)."""
     cfg.validate()
+    started = time.perf_counter()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
@@ -131,38 +188,14 @@ def train(cfg: TrainConfig, *, stop_after: Optional[int] = None) -> TrainResult:
     pad_id = pad_token_id(model, tokenizer)
     vocab_size = model.get_input_embeddings().num_embeddings
 
-    # ---- data: validate everything once up front (fails early, naming file and row)
-    train_files = resolve_files(cfg.data, cfg.data_format)
-    eval_files = resolve_files(cfg.eval_data, cfg.data_format) if cfg.eval_data else []
-    fits = length_filter(cfg.max_length)
-    train_source = PairSource(train_files, vocab_size=vocab_size,
-                              keep=lambda p: fits(p) and not in_eval_split(p.prompt_id,
-                                                                           cfg.eval_fraction))
-    held_out = PairSource(train_files, vocab_size=vocab_size,
-                          keep=lambda p: fits(p) and in_eval_split(p.prompt_id, cfg.eval_fraction))
-    eval_sources = [held_out] if cfg.eval_fraction > 0 else []
-    eval_sources += [PairSource(eval_files, keep=fits, vocab_size=vocab_size)] if eval_files else []
+    # ---- data: every pair is read and validated once up front (fails early, naming the row)
+    train_source, eval_sources = _sources(cfg, vocab_size)
     if cfg.recompute_reference:
-        cache = ref.load_cache(cfg.output)
-        if cache is None:
-            if resume_from:
-                raise DataError(f"{cfg.output}/{ref.CACHE_FILE} is missing, and the initial "
-                                f"policy's log-probs cannot be recomputed from a checkpoint")
-            log.info("computing reference log-probs with the initial policy in fp32")
-            every = [dataclasses.replace(s, require_reference=False)
-                     for s in [train_source] + eval_sources]
-            cache = {}
-            for s in every:
-                cache.update(ref.compute_reference(
-                    model, s.sequential(cfg.batch_size, cfg.bucket_batches), pad_id, device))
-            ref.save_cache(cfg.output, cache, cfg.policy)
-        for s in [train_source] + eval_sources:
-            s.reference = cache
-    num_pairs = train_source.count()
-    num_eval = sum(s.count() for s in eval_sources)
-    if num_pairs == 0:
-        raise DataError(f"no training pairs in {', '.join(cfg.data)} (after --eval-fraction "
-                        f"and --max-length)")
+        cache = _reference_cache(cfg, model, [train_source] + eval_sources, pad_id, device,
+                                 resuming=resume_from is not None)
+        for source in [train_source] + eval_sources:
+            source.reference = cache
+    num_pairs, num_eval = _count(cfg, train_source, eval_sources)
     steps_per_epoch = math.ceil(math.ceil(num_pairs / cfg.batch_size) / cfg.grad_accum)
     total_steps = cfg.max_steps or cfg.epochs * steps_per_epoch
     log.info("%d training pairs (%d steps per epoch), %d held-out pairs; %d steps, loss %s, "
@@ -235,6 +268,7 @@ def train(cfg: TrainConfig, *, stop_after: Optional[int] = None) -> TrainResult:
             state = ckpt.TrainState(step=state.step + 1, epoch=epoch,
                                     batches_in_epoch=first + len(group),
                                     pairs_seen=state.pairs_seen + step_pairs,
+                                    tokens_seen=state.tokens_seen + metrics.tokens,
                                     train_time_s=state.train_time_s + elapsed)
             last_train = {**metrics.means(), "grad_norm": float(grad_norm), "lr": lr,
                           "step_time_s": elapsed, "pairs_per_s": step_pairs / elapsed,
@@ -263,6 +297,9 @@ def train(cfg: TrainConfig, *, stop_after: Optional[int] = None) -> TrainResult:
         summary = {"steps": state.step, "pairs": state.pairs_seen,
                    "train_time_s": state.train_time_s,
                    "pairs_per_s": state.pairs_seen / max(state.train_time_s, 1e-9),
+                   "tokens": state.tokens_seen,
+                   "tokens_per_s": state.tokens_seen / max(state.train_time_s, 1e-9),
+                   "wall_time_s": time.perf_counter() - started,
                    **peak_memory(device), "final_checkpoint": last_checkpoint}
         writer.log("summary", state.step, summary)
     finally:
