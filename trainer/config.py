@@ -68,7 +68,7 @@ class TrainConfig(Config):
     optimizer: Literal["adamw", "adafactor"] = option("adamw", "adamw | adafactor (the paper's)")
     lr: float = option(1e-6, "peak learning rate")
     weight_decay: float = option(0.0, "decoupled weight decay")
-    adam_beta1: float = option(0.9, "AdamW beta1 (Adafactor: 0 = no first moment)")
+    adam_beta1: float = option(0.9, "AdamW beta1")
     adam_beta2: float = option(0.999, "AdamW beta2")
     adam_eps: float = option(1e-8, "AdamW epsilon")
     scheduler: Literal["constant", "linear", "cosine"] = option(
