@@ -12,13 +12,17 @@ from __future__ import annotations
 import io
 from typing import Any, Mapping
 
-import matplotlib
-
-matplotlib.use("Agg")  # no display; must precede pyplot
-import matplotlib.pyplot as plt  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
-
 PLOT_NAMES = ("reward_distribution.png", "chosen_vs_rejected.png", "acceptance.png")
+
+
+def _pyplot():
+    """matplotlib's pyplot on the file-only Agg backend, imported when a plot is drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
 
 
 def _density_steps(ax, stats: Mapping[str, Any], series: str, label: str) -> bool:
@@ -42,12 +46,12 @@ def _no_data(ax) -> None:
 def _png(fig) -> bytes:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
-    plt.close(fig)
+    _pyplot().close(fig)
     return buf.getvalue()
 
 
 def reward_distribution(stats: Mapping[str, Any], title: str = "") -> bytes:
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = _pyplot().subplots(figsize=(7, 4))
     drawn = [_density_steps(ax, stats, "candidate", "candidates"),
              _density_steps(ax, stats, "accepted", "accepted")]
     if any(drawn):
@@ -59,7 +63,7 @@ def reward_distribution(stats: Mapping[str, Any], title: str = "") -> bytes:
 
 
 def chosen_vs_rejected(stats: Mapping[str, Any], title: str = "") -> bytes:
-    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (left, right) = _pyplot().subplots(1, 2, figsize=(11, 4))
     drawn = [_density_steps(left, stats, "chosen", "chosen"),
              _density_steps(left, stats, "rejected", "rejected")]
     if any(drawn):
@@ -76,7 +80,7 @@ def chosen_vs_rejected(stats: Mapping[str, Any], title: str = "") -> bytes:
 
 
 def acceptance(acceptance_stats: Mapping[str, Any], title: str = "") -> bytes:
-    fig, ax = plt.subplots(figsize=(7, 4))
+    fig, ax = _pyplot().subplots(figsize=(7, 4))
     by_k = {int(k): v for k, v in (acceptance_stats.get("prompts_by_num_accepted") or {}).items()}
     head = f"Responses kept per prompt {title}".strip()
     frac = acceptance_stats.get("underfilled_fraction")
@@ -88,6 +92,8 @@ def acceptance(acceptance_stats: Mapping[str, Any], title: str = "") -> bytes:
     else:
         _no_data(ax)
     ax.set_title(head)
+    from matplotlib.ticker import MaxNLocator
+
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="responses kept (k)", ylabel="prompts")

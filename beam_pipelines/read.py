@@ -43,14 +43,21 @@ class ReadResult(NamedTuple):
     dead_letters: beam.PCollection  # PCollection[DeadLetter], stage "read"
 
 
-def resolve_format(input_pattern: str, input_format: str) -> str:
-    """"parquet" or "text" for an input pattern (auto: by the .parquet extension)."""
-    if input_format not in P.KINDS:
-        raise ConfigError(f"--input-format must be one of {', '.join(P.KINDS)}, "
-                          f"got {input_format!r}")
-    if input_format == "auto":
-        return "parquet" if input_pattern.rstrip("*").endswith((".parquet", ".parq")) else "text"
-    return "parquet" if input_format == "parquet" else "text"
+PARQUET_SUFFIXES = (".parquet", ".parq")
+
+
+def resolve_format(files: list[str], input_format: str, input_pattern: str = "") -> str:
+    """"parquet" or "text" for the matched files (auto: Parquet if they all end in .parquet).
+
+    ConfigError for an auto input that mixes Parquet and text files.
+    """
+    if input_format != "auto":
+        return "parquet" if input_format == "parquet" else "text"
+    parquet = [f.endswith(PARQUET_SUFFIXES) for f in files]
+    if any(parquet) and not all(parquet):
+        raise ConfigError(f"--input {input_pattern!r} matches both Parquet and other files; "
+                          f"narrow the pattern or set --input-format")
+    return "parquet" if parquet and all(parquet) else "text"
 
 
 def check_input(input_pattern: str) -> list[str]:
@@ -143,7 +150,8 @@ class ReadPrompts(beam.PTransform):
 
     - ``input``: a local path, glob or gs:// path; ``.gz`` files are decompressed.
       A pattern matching no file raises :class:`ConfigError` when the pipeline is built.
-    - ``input_format``: ``auto`` (``.parquet`` -> Parquet, else JSONL of any record form),
+    - ``input_format``: ``auto`` (Parquet if every matched file ends in ``.parquet``, else JSONL
+      of any record form; a mix is a ConfigError),
       ``jsonl``, ``parquet`` or ``hh-rlhf`` (JSONL; requires the ``chosen`` dialogue).
     - Every prompt_id is kept once: the survivor is the smallest by (source, content); the
       others are dead letters ``duplicate_prompt_id``.
@@ -161,14 +169,16 @@ class ReadPrompts(beam.PTransform):
         if max_prompts is not None and max_prompts < 1:
             raise ConfigError(f"--max-prompts must be >= 1, got {max_prompts}")
         self._input = input
+        if input_format not in P.KINDS:
+            raise ConfigError(f"--input-format must be one of {', '.join(P.KINDS)}, "
+                              f"got {input_format!r}")
         self._kind = input_format
-        self._format = resolve_format(input, input_format)
         self._max_prompts = max_prompts
         self._seed = seed
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> ReadResult:
-        check_input(self._input)
-        if self._format == "parquet":
+        files = check_input(self._input)
+        if resolve_format(files, self._kind, self._input) == "parquet":
             parsed = (pbegin
                       | "Pattern" >> beam.Create([self._input])
                       | "ReadParquet" >> beam.io.ReadAllFromParquet(with_filename=True)

@@ -15,6 +15,7 @@ is built, then apply :class:`WriteOutputs`.
 from __future__ import annotations
 
 import glob
+import math
 import os
 from typing import Any, Iterable, Mapping
 
@@ -36,6 +37,7 @@ OUTPUT_PATTERNS = ("pairs-*.parquet", "pairs-*.tfrecord.gz", "sft-*.parquet",
                    "sft-*.tfrecord.gz", "dead_letter-*.jsonl", MANIFEST, *PLOT_NAMES,
                    "beam-temp-*/*")
 BEAM_TEMP = "beam-temp-*"  # the folders Beam's file sinks stage shards in
+INFINITE_ALLOWED = frozenset({"beta"})  # every other float column must be finite
 
 
 class OutputExistsError(ConfigError):
@@ -103,6 +105,10 @@ class _Validate(beam.DoFn):
             if extra:
                 raise schema.SchemaError(f"record of prompt {pid}: unknown column(s) "
                                          f"{', '.join(map(str, extra))}")
+            bad = [c.name for c in self._columns if c.kind == schema.DOUBLE and c.name not in
+                   INFINITE_ALLOWED and not math.isfinite(record[c.name])]
+            if bad:
+                raise schema.SchemaError(f"record of prompt {pid}: non-finite {', '.join(bad)}")
         except schema.SchemaError as e:
             yield dead_letter("invalid_record", str(e), pid if isinstance(pid, str) else None,
                               dict(record) if isinstance(record, Mapping) else repr(record),
@@ -159,8 +165,8 @@ class WriteOutputs(beam.PTransform):
 
     - ``pairs``: record dicts with exactly the ``columns`` (default ``rso.schema.COLUMNS``; pass
       ``rso.schema.SFT_COLUMNS`` and ``prefix="sft"`` for best-of-n). A record that fails
-      ``rso.schema.validate_record`` or has extra keys becomes a dead letter
-      ``(stage="write", reason="invalid_record")``.
+      ``rso.schema.validate_record``, has extra keys or a non-finite float (other than ``beta``)
+      becomes a dead letter ``(stage="write", reason="invalid_record")``.
     - ``dead_letters``: :class:`DeadLetter` from every stage (flattened here with the write
       stage's own).
     - ``summaries``: one :class:`PromptSummary` per prompt that reached selection.

@@ -175,6 +175,10 @@ def test_real_hh_rlhf_file_reads_every_line(tmp_path):
 def test_bad_configuration_fails_at_construction(tmp_path):
     with pytest.raises(ConfigError, match="matches no file"):
         beam.Pipeline(options=PipelineOptions(RUNNER)) | ReadPrompts(str(tmp_path / "none-*"))
+    _write_lines(tmp_path / "a.jsonl", [_j({"prompt": "x"})])
+    pq.write_table(pa.table({"prompt": ["y"]}), str(tmp_path / "b.parquet"))
+    with pytest.raises(ConfigError, match="both Parquet and other files"):
+        beam.Pipeline(options=PipelineOptions(RUNNER)) | ReadPrompts(str(tmp_path / "*"))
     with pytest.raises(ConfigError, match="input-format"):
         ReadPrompts(DATA, input_format="csv")
     with pytest.raises(ConfigError, match="max-prompts"):

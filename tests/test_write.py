@@ -67,11 +67,12 @@ def write(output: str, records=(), dead=(), summaries=(), **kwargs) -> None:
 
 @pytest.fixture(scope="module")
 def written(tmp_path_factory):
-    """One output directory written from RECORDS (+ one invalid record), READ_DEAD, SUMMARIES."""
+    """One output directory written from RECORDS (+ 2 invalid records), READ_DEAD, SUMMARIES."""
     out = str(tmp_path_factory.mktemp("out") / "run")
     os.environ["RSO_TEST_ENV_SECRET"] = SECRET  # the manifest must not copy the environment
     try:
-        write(out, RECORDS + [{"prompt_id": "broken", "prompt": 3}], READ_DEAD, SUMMARIES)
+        write(out, RECORDS + [{"prompt_id": "broken", "prompt": 3}, record(5, math.nan, 0.0)],
+              READ_DEAD, SUMMARIES)
     finally:
         del os.environ["RSO_TEST_ENV_SECRET"]
     return out
@@ -119,12 +120,14 @@ def test_tfrecord_reads_back_field_by_field(written):
 def test_dead_letters_file_holds_every_dropped_thing(written):
     with open(_one(f"{written}/dead_letter-*.jsonl"), encoding="utf-8") as f:
         dead = [json.loads(line) for line in f]
-    assert sorted((d["stage"], d["reason"]) for d in dead) == [
-        ("read", "invalid_json"), ("reward", "non_finite_reward"), ("write", "invalid_record")]
-    invalid = next(d for d in dead if d["stage"] == "write")
-    assert invalid["prompt_id"] == "broken" and invalid["input"] == {"prompt_id": "broken",
-                                                                     "prompt": 3}
-    assert "missing column" in invalid["detail"]
+    assert sorted((d["stage"], d["reason"], d["prompt_id"]) for d in dead) == [
+        ("read", "invalid_json", None), ("reward", "non_finite_reward", "p9"),
+        ("write", "invalid_record", "broken"), ("write", "invalid_record", "p5")]
+    by_id = {d["prompt_id"]: d for d in dead}
+    assert by_id["broken"]["input"] == {"prompt_id": "broken", "prompt": 3}
+    assert "missing column" in by_id["broken"]["detail"]
+    assert "non-finite chosen_reward" in by_id["p5"]["detail"]
+    assert by_id["p5"]["input"]["rejected_token_ids"] == [35]
 
 
 def test_manifest_counters_are_exact(written):
@@ -134,11 +137,11 @@ def test_manifest_counters_are_exact(written):
     assert m["counters"] == {
         "prompts": 4, "candidates_generated": 16, "candidates": 12, "duplicates": 4,
         "accepted": 7, "underfilled_prompts": 1, "pairs": 3, "ties_dropped": 0,
-        "records_written": 3, "dead_letters": 3}
+        "records_written": 3, "dead_letters": 4}
     assert m["dead_letters"] == {
-        "total": 3, "by_reason": {"invalid_json": 1, "invalid_record": 1,
+        "total": 4, "by_reason": {"invalid_json": 1, "invalid_record": 2,
                                   "non_finite_reward": 1},
-        "by_stage": {"read": 1, "reward": 1, "write": 1}}
+        "by_stage": {"read": 1, "reward": 1, "write": 2}}
     acc = m["acceptance"]
     assert acc["underfilled_fraction"] == 0.25
     assert acc["mean_accepted_over_candidates"] == pytest.approx((2 / 4 + 2 / 3 + 2 / 4 + 1) / 4)
