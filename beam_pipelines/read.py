@@ -150,9 +150,9 @@ class ReadPrompts(beam.PTransform):
 
     - ``input``: a local path, glob or gs:// path; ``.gz`` files are decompressed.
       A pattern matching no file raises :class:`ConfigError` when the pipeline is built.
-    - ``input_format``: ``auto`` (Parquet if every matched file ends in ``.parquet``, else JSONL
-      of any record form; a mix is a ConfigError),
-      ``jsonl``, ``parquet`` or ``hh-rlhf`` (JSONL; requires the ``chosen`` dialogue).
+    - ``input_format``: ``auto`` (Parquet if every matched file ends in ``.parquet``, else
+      JSONL of any record form; a mix of both is a ConfigError), ``jsonl``, ``parquet``, or
+      ``hh-rlhf`` (JSONL whose records must hold the ``chosen`` dialogue).
     - Every prompt_id is kept once: the survivor is the smallest by (source, content); the
       others are dead letters ``duplicate_prompt_id``.
     - ``max_prompts``: exactly ``min(max_prompts, distinct prompts)`` prompts, those with the
