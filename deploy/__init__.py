@@ -1,0 +1,1 @@
+"""Deployment helpers (Dataflow, Flink, nightly refresh); see deploy/README.md."""

@@ -1,0 +1,1 @@
+"""Dataflow: worker image entrypoint helpers (fetch_models.py) and run.sh."""

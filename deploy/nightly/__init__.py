@@ -1,0 +1,1 @@
+"""Nightly refresh: dated runs, the LATEST pointer, retention (see publish.py)."""

@@ -1,0 +1,234 @@
+"""Nightly refresh bookkeeping: publish a finished dated run as ``LATEST``, prune old runs.
+
+Layout under a root (local path or ``gs://``)::
+
+    ROOT/2025-01-01/ ... _SUCCESS        one `rso generate` output directory per night
+    ROOT/2025-01-02/ ...                 (no _SUCCESS: failed or still running, never published)
+    ROOT/LATEST                          one line: the full path of the newest published run
+
+Rules:
+
+- ``LATEST`` moves only to a run whose ``_SUCCESS`` exists (the pipeline writes it last), and only
+  forward (run names are ISO dates, so name order is date order) unless ``force``.
+- ``LATEST`` is replaced atomically: a reader sees the old or the new pointer, never a partial
+  one. Locally the text goes to a temporary file in the same directory, then ``os.replace``; on
+  GCS a single-request object upload is atomic by itself (the object appears when the upload
+  finalises), which is the whole file.
+- Retention (``keep=N``): the N newest complete runs stay, and so does the ``LATEST`` target;
+  incomplete runs older than the oldest kept one are stale failures and go too. Nothing newer than
+  the ``LATEST`` target is touched (it may be running), nor anything whose name is not a date.
+
+Beam-free (``rso.io``, i.e. fsspec/gcsfs), so it runs on any host that can read the bucket::
+
+    python -m deploy.nightly.publish publish ROOT 2025-01-02 [--keep 7] [--force]
+    python -m deploy.nightly.publish latest ROOT      # prints the published run's path
+    python -m deploy.nightly.publish complete RUN_DIR # exit 0 if RUN_DIR has _SUCCESS
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import os
+import re
+import sys
+import tempfile
+from typing import Optional, Sequence
+
+from rso import io as rso_io
+
+SUCCESS = "_SUCCESS"  # the pipeline's completion marker (beam_pipelines.write.SUCCESS, SPEC 5)
+LATEST = "LATEST"
+RUN_NAME = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+
+
+class PublishError(RuntimeError):
+    """A run that must not be published (incomplete, misnamed, older than LATEST)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class PublishResult:
+    latest: str                  # the path LATEST names after the call
+    moved: bool                  # whether LATEST changed
+    pruned: tuple[str, ...] = ()  # run directories deleted by retention
+
+
+def run_name(date: datetime.date) -> str:
+    """The directory name of one night's run: ``YYYY-MM-DD``."""
+    return date.isoformat()
+
+
+def check_run_name(name: str) -> str:
+    """``name`` if it is a real date written YYYY-MM-DD, else :class:`PublishError`."""
+    try:
+        if RUN_NAME.match(name):
+            datetime.date.fromisoformat(name)  # rejects 2025-13-40
+            return name
+    except ValueError:
+        pass
+    raise PublishError(f"run name {name!r} is not a date YYYY-MM-DD")
+
+
+def run_path(root: str, name: str) -> str:
+    return rso_io.join(root, check_run_name(name))
+
+
+def is_complete(run_dir: str) -> bool:
+    """Whether the pipeline finished writing ``run_dir`` (its ``_SUCCESS`` exists)."""
+    return rso_io.exists(rso_io.join(run_dir, SUCCESS))
+
+
+def _local(path: str) -> bool:
+    return "://" not in path or path.startswith("file://")
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Replaces the file at ``path`` with ``text`` so that readers never see a partial file."""
+    data = text.encode("utf-8")
+    if _local(path):
+        path = path[len("file://"):] if path.startswith("file://") else path
+        directory = os.path.dirname(os.path.abspath(path))
+        os.makedirs(directory, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", dir=directory)
+        try:
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+            raise
+    else:
+        fs, p = rso_io.filesystem(path)
+        fs.pipe_file(p, data)  # one upload request: the object is replaced whole or not at all
+
+
+def read_latest(root: str) -> Optional[str]:
+    """The run path ``ROOT/LATEST`` names, or None if nothing was published yet."""
+    pointer = rso_io.join(root, LATEST)
+    if not rso_io.exists(pointer):
+        return None
+    with rso_io.open_file(pointer, "rb") as f:
+        text = f.read().decode("utf-8").strip()
+    return text or None
+
+
+def list_runs(root: str) -> list[str]:
+    """Names of the dated run directories under ``root``, oldest first."""
+    if not rso_io.exists(root):
+        return []
+    fs, p = rso_io.filesystem(root)
+    fs.invalidate_cache(p)  # gcsfs caches listings; other processes write the runs
+    names = {entry.rstrip("/").rsplit("/", 1)[-1]
+             for entry in fs.ls(p, detail=False)}
+    return sorted(n for n in names if RUN_NAME.match(n))
+
+
+def _name_of(run: str) -> str:
+    return run.rstrip("/").rsplit("/", 1)[-1]
+
+
+def prune(root: str, keep: int, latest: Optional[str] = None) -> list[str]:
+    """Deletes runs beyond the ``keep`` newest complete ones (see module doc); returns paths.
+
+    ``latest`` (a run name) is never deleted and nothing newer than it is touched.
+    """
+    if keep < 1:
+        raise PublishError(f"keep must be >= 1, got {keep}")
+    names = list_runs(root)
+    if latest is not None:
+        names = [n for n in names if n <= latest]
+    complete = [n for n in names if is_complete(run_path(root, n))]
+    kept = set(complete[-keep:])
+    if latest is not None:
+        kept.add(latest)
+    oldest_kept = min(kept) if kept else None
+    doomed = [n for n in names if n not in kept
+              and (n in complete or (oldest_kept is not None and n < oldest_kept))]
+    fs, _ = rso_io.filesystem(root)
+    removed = []
+    for n in doomed:
+        path = run_path(root, n)
+        _, p = rso_io.filesystem(path)
+        fs.rm(p, recursive=True)
+        removed.append(path)
+    return removed
+
+
+def publish(root: str, name: str, keep: Optional[int] = None, force: bool = False
+            ) -> PublishResult:
+    """Points ``ROOT/LATEST`` at ``ROOT/name`` if that run is complete; then applies retention.
+
+    Raises :class:`PublishError` (LATEST untouched) if the run has no ``_SUCCESS``. A run older
+    than the current LATEST leaves LATEST where it is unless ``force`` (a backfill must not hide a
+    newer night).
+    """
+    path = run_path(root, name)
+    if not is_complete(path):
+        raise PublishError(f"{path} has no {SUCCESS}: the run failed or is still running; "
+                           f"{LATEST} stays where it was")
+    current = read_latest(root)
+    moved = False
+    if current == path:
+        pass
+    elif current is not None and _name_of(current) > name and not force:
+        pass
+    else:
+        write_atomic(rso_io.join(root, LATEST), path + "\n")
+        current, moved = path, True
+    pruned = tuple(prune(root, keep, _name_of(current))) if keep else ()
+    return PublishResult(latest=current, moved=moved, pruned=pruned)
+
+
+def latest_complete(root: str) -> str:
+    """The published run's path, checked to be complete: what a consumer should read."""
+    run = read_latest(root)
+    if run is None:
+        raise PublishError(f"{rso_io.join(root, LATEST)} does not exist: nothing published yet")
+    if not is_complete(run):
+        raise PublishError(f"{LATEST} names {run}, which has no {SUCCESS}")
+    return run
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deploy.nightly.publish",
+                                     description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("publish", help="point ROOT/LATEST at ROOT/RUN if RUN has _SUCCESS")
+    p.add_argument("root")
+    p.add_argument("run", help="run directory name, YYYY-MM-DD")
+    p.add_argument("--keep", type=int, default=None,
+                   help="keep the N newest complete runs (default: keep all)")
+    p.add_argument("--force", action="store_true",
+                   help="move LATEST even to a run older than the current one")
+    q = sub.add_parser("latest", help="print the path ROOT/LATEST names (checked complete)")
+    q.add_argument("root")
+    c = sub.add_parser("complete", help="exit 0 if RUN_DIR has _SUCCESS, else 1")
+    c.add_argument("run_dir")
+    n = sub.add_parser("check-name", help="exit 0 if NAME is a valid run name (YYYY-MM-DD)")
+    n.add_argument("name")
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "latest":
+            print(latest_complete(args.root))
+            return 0
+        if args.command == "complete":
+            return 0 if is_complete(args.run_dir) else 1
+        if args.command == "check-name":
+            check_run_name(args.name)
+            return 0
+        result = publish(args.root, args.run, keep=args.keep, force=args.force)
+    except PublishError as e:
+        print(f"publish: {e}", file=sys.stderr)
+        return 1
+    state = "moved to" if result.moved else "unchanged at"
+    print(f"{LATEST} {state} {result.latest}")
+    for path in result.pruned:
+        print(f"pruned {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# Nightly refresh: one `rso generate` run into OUTPUT_ROOT/YYYY-MM-DD/, then OUTPUT_ROOT/LATEST
+# is pointed at it, only if the run wrote _SUCCESS (deploy/nightly/publish.py; atomic).
+#
+# Required: OUTPUT_ROOT (local path or gs://bucket/prefix).
+# Optional:
+#   RUN_DATE        the run's date (default: today in UTC); set it to backfill a night
+#   RUNNER_SCRIPT   what runs the pipeline (default: deploy/dataflow/run.sh; or
+#                   deploy/flink/run.sh, or any script that honours $OUTPUT); it gets OUTPUT and
+#                   JOB_NAME in its environment, plus this script's arguments, and must block
+#                   until the pipeline ends
+#   KEEP            keep only the KEEP newest complete runs (default: keep all)
+#   LOCK_FILE       a local lock so that two refreshes never overlap
+#                   (default: ${TMPDIR:-/tmp}/rso-refresh.lock; empty to skip)
+#   PYTHON          interpreter with this package installed (default: python)
+# Plus whatever RUNNER_SCRIPT needs (PROJECT, REGION, BUCKET, IMAGE, CONFIG, ...).
+# Exit status: 0 when LATEST names a complete run of RUN_DATE (or a newer one); non-zero when the
+# run failed or left no _SUCCESS (LATEST untouched); 75 when another refresh holds the lock.
+# A rerun on the same date skips the pipeline if that run is already complete.
+set -euo pipefail
+
+: "${OUTPUT_ROOT:?set OUTPUT_ROOT (local path or gs://bucket/prefix)}"
+REPO="$(cd "$(dirname "$0")/../.." && pwd)"
+PYTHON="${PYTHON:-python}"
+RUN_DATE="${RUN_DATE:-$(date -u +%F)}"
+RUNNER_SCRIPT="${RUNNER_SCRIPT:-$REPO/deploy/dataflow/run.sh}"
+LOCK_FILE="${LOCK_FILE-${TMPDIR:-/tmp}/rso-refresh.lock}"
+OUTPUT_ROOT="${OUTPUT_ROOT%/}"
+
+publish() {
+  PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m deploy.nightly.publish "$@"
+}
+
+if [[ -n "$LOCK_FILE" ]] && command -v flock > /dev/null; then
+  exec 9> "$LOCK_FILE"
+  if ! flock -n 9; then
+    echo "refresh: another refresh holds $LOCK_FILE; not starting" >&2
+    exit 75
+  fi
+fi
+
+publish check-name "$RUN_DATE"
+export OUTPUT="$OUTPUT_ROOT/$RUN_DATE"
+export JOB_NAME="${JOB_NAME:-rso-nightly-$RUN_DATE-$(date -u +%H%M%S)}"
+
+if publish complete "$OUTPUT"; then
+  echo "refresh: $OUTPUT is already complete; not running the pipeline again"
+else
+  echo "refresh: running $RUNNER_SCRIPT -> $OUTPUT"
+  "$RUNNER_SCRIPT" "$@"
+fi
+
+args=(publish "$OUTPUT_ROOT" "$RUN_DATE")
+[[ -n "${KEEP:-}" ]] && args+=(--keep "$KEEP")
+publish "${args[@]}"
