@@ -507,3 +507,25 @@ def test_fetch_models_copies_once_and_redoes_an_interrupted_copy(tmp_path, tiny_
         with open(os.path.join(dest, name), "rb") as a, \
                 open(os.path.join(tiny_policy, name), "rb") as b:
             assert a.read() == b.read()
+
+
+def test_readme_documents_every_deploy_file_and_the_example_config_loads():
+    from beam_pipelines.config import GenerateConfig
+
+    deploy = os.path.join(REPO, "deploy")
+    with open(os.path.join(deploy, "README.md")) as f:
+        readme = f.read()
+    for directory, _, names in os.walk(deploy):
+        rel = os.path.relpath(directory, deploy)
+        if "__pycache__" in rel or rel.startswith(os.path.join("dataflow", "models")):
+            continue
+        for name in names:
+            if name == "__init__.py" or name == "README.md" or name.endswith(".pyc"):
+                continue
+            stem = name.split(".")[0] if name.startswith("rso-refresh") else name
+            assert stem in readme, f"deploy/{rel}/{name} is not described in deploy/README.md"
+    config = GenerateConfig.from_yaml(os.path.join(deploy, "dataflow", "generate.example.yaml"))
+    assert config.engine == "vllm" and config.vllm_gpu_memory_utilization == 0.6
+    for script in ["dataflow/run.sh", "dataflow/entrypoint.sh", "flink/run.sh",
+                   "nightly/refresh.sh", "nightly/cloud_scheduler.sh"]:
+        assert os.access(os.path.join(deploy, script), os.X_OK), script
