@@ -19,17 +19,12 @@ import sys
 import tarfile
 import time
 
-# gcsfs's default "extended" filesystem asks the bucket's storage layout over gRPC, which the
-# emulator does not serve: each call waits 60 s. Must be set before gcsfs is first imported.
-os.environ["GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT"] = "false"
+import pyarrow.parquet as pq
+import pytest
 
-import pyarrow.parquet as pq  # noqa: E402
-import pytest  # noqa: E402
-
-from deploy.dataflow import fetch_models  # noqa: E402
-from deploy.nightly import publish as P  # noqa: E402
-from rso import io as rso_io  # noqa: E402
-from tests.gcs_emulator import gcs_emulator  # noqa: E402
+from deploy.dataflow import fetch_models
+from deploy.nightly import publish as P
+from rso import io as rso_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLINK_RUN = os.path.join(REPO, "deploy", "flink", "run.sh")
@@ -319,20 +314,19 @@ def test_run_names_must_be_dates(tmp_path, name):
         P.publish(str(tmp_path), name)
 
 
-def test_publish_on_gcs_emulator():
-    with gcs_emulator():
-        root = "gs://bucket/rso/nightly"
-        _complete_run(root, "2025-05-01")
-        _partial_run(root, "2025-05-02")
-        with pytest.raises(P.PublishError):
-            P.publish(root, "2025-05-02")
-        assert P.read_latest(root) is None
-        newest = _complete_run(root, "2025-05-03")
-        assert P.main(["publish", root, "2025-05-03", "--keep", "1"]) == 0
-        assert P.latest_complete(root) == newest
-        assert P.list_runs(root) == ["2025-05-03"]
-        assert P.main(["complete", newest]) == 0
-        assert P.main(["complete", rso_io.join(root, "2025-05-02")]) == 1
+def test_publish_on_gcs_emulator(gcs_bucket):
+    root = f"{gcs_bucket}/test_deploy/nightly"
+    _complete_run(root, "2025-05-01")
+    _partial_run(root, "2025-05-02")
+    with pytest.raises(P.PublishError):
+        P.publish(root, "2025-05-02")
+    assert P.read_latest(root) is None
+    newest = _complete_run(root, "2025-05-03")
+    assert P.main(["publish", root, "2025-05-03", "--keep", "1"]) == 0
+    assert P.latest_complete(root) == newest
+    assert P.list_runs(root) == ["2025-05-03"]
+    assert P.main(["complete", newest]) == 0
+    assert P.main(["complete", rso_io.join(root, "2025-05-02")]) == 1
 
 
 # ------------------------------------------------------------------ Dataflow
@@ -371,8 +365,8 @@ def test_dataflow_script_composes_gpu_options_and_hides_nothing_it_should_not_pr
     assert missing.returncode != 0 and "BUCKET" in missing.stderr
 
 
-def test_dataflow_job_graph_is_built_and_staged_offline(tmp_path, prompts_file, tiny_policy,
-                                                        tiny_reward_model):
+def test_dataflow_job_graph_is_built_and_staged_offline(tmp_path, gcs_bucket, prompts_file,
+                                                        tiny_policy, tiny_reward_model):
     """The DataflowRunner with run.sh's options builds, stages (to the GCS emulator) and writes
     the job as a template instead of submitting it; the job's graph has every stage."""
     import apache_beam as beam
@@ -384,35 +378,34 @@ def test_dataflow_job_graph_is_built_and_staged_offline(tmp_path, prompts_file, 
 
     template = str(tmp_path / "template.json")
     output = str(tmp_path / "out")
-    with gcs_emulator():
-        proc = _dataflow_dry_run(
-            PROJECT="rso-offline", REGION="us-central1", BUCKET="gs://bucket/dataflow",
-            IMAGE=IMAGE, JOB_NAME="rso-graph-test", INPUT=prompts_file, OUTPUT=output,
-            POLICY=tiny_policy, REWARD_MODEL=tiny_reward_model,
-            args=[*SMALL_RUN, "--template_location", template,
-                  "--dataflow_endpoint", "http://localhost:1", "--no_auth"])
-        assert proc.returncode == 0, proc.stderr
-        config, beam_args = GenerateConfig.parse_args(shlex.split(proc.stdout)[4:],
-                                                      allow_unknown=True)
-        pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
-        build_pipeline(pipeline, config)
-        result = pipeline.run()
-        assert not result.has_job  # a template was written; nothing was submitted
+    proc = _dataflow_dry_run(
+        PROJECT="rso-offline", REGION="us-central1", BUCKET=f"{gcs_bucket}/dataflow",
+        IMAGE=IMAGE, JOB_NAME="rso-graph-test", INPUT=prompts_file, OUTPUT=output,
+        POLICY=tiny_policy, REWARD_MODEL=tiny_reward_model,
+        args=[*SMALL_RUN, "--template_location", template,
+              "--dataflow_endpoint", "http://localhost:1", "--no_auth"])
+    assert proc.returncode == 0, proc.stderr
+    config, beam_args = GenerateConfig.parse_args(shlex.split(proc.stdout)[4:],
+                                                  allow_unknown=True)
+    pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
+    build_pipeline(pipeline, config)
+    result = pipeline.run()
+    assert not result.has_job  # a template was written; nothing was submitted
 
-        with open(template) as f:
-            job = json.load(f)
-        env = job["environment"]
-        options = env["sdkPipelineOptions"]["options"]
-        with rso_io.open_file(options["pipelineUrl"], "rb") as f:
-            graph = beam_runner_api_pb2.Pipeline.FromString(f.read())
-        pool = env["workerPools"][0]
-        packages = {p["name"]: p["location"] for p in pool["packages"]}
-        workflow = "gs://" + packages["workflow.tar.gz"].split("storage.googleapis.com/", 1)[1]
-        sdist = tmp_path / "workflow.tar.gz"
-        with rso_io.open_file(workflow, "rb") as src, open(sdist, "wb") as dst:
-            dst.write(src.read())
+    with open(template) as f:
+        job = json.load(f)
+    env = job["environment"]
+    options = env["sdkPipelineOptions"]["options"]
+    with rso_io.open_file(options["pipelineUrl"], "rb") as f:
+        graph = beam_runner_api_pb2.Pipeline.FromString(f.read())
+    pool = env["workerPools"][0]
+    packages = {p["name"]: p["location"] for p in pool["packages"]}
+    workflow = "gs://" + packages["workflow.tar.gz"].split("storage.googleapis.com/", 1)[1]
+    sdist = tmp_path / "workflow.tar.gz"
+    with rso_io.open_file(workflow, "rb") as src, open(sdist, "wb") as dst:
+        dst.write(src.read())
 
-    assert options["pipelineUrl"].startswith("gs://bucket/dataflow/staging/rso-graph-test.")
+    assert options["pipelineUrl"].startswith(f"{gcs_bucket}/dataflow/staging/rso-graph-test.")
     names = {t.unique_name for t in graph.components.transforms.values()}
     for stage in ["Read/ReadLines", "Read/ParseLines", "Render", "Generate",
                   "Generate/Generate/BeamML_RunInference", "Reward", "Select/SelectAndPair",
@@ -486,22 +479,22 @@ def test_worker_image_uses_the_pinned_beam_version():
         assert 'exec /opt/apache/beam/boot "$@"' in f.read()
 
 
-def test_fetch_models_copies_once_and_redoes_an_interrupted_copy(tmp_path, tiny_policy):
-    with gcs_emulator():
-        source = "gs://bucket/models/policy"
-        files = sorted(os.listdir(tiny_policy))
-        for name in files:
-            with open(os.path.join(tiny_policy, name), "rb") as src, \
-                    rso_io.open_file(f"{source}/{name}", "wb") as dst:
-                dst.write(src.read())
-        dest = str(tmp_path / "policy")
-        assert fetch_models.fetch(source, dest) == len(files)
-        assert fetch_models.fetch(source, dest) == 0  # complete: skipped
-        os.unlink(os.path.join(dest, fetch_models.MARKER))  # as if cut short
-        os.unlink(os.path.join(dest, "config.json"))
-        assert fetch_models.fetch(source, dest) == len(files)
-        with pytest.raises(FileNotFoundError):
-            fetch_models.fetch("gs://bucket/models/missing", str(tmp_path / "none"))
+def test_fetch_models_copies_once_and_redoes_an_interrupted_copy(tmp_path, gcs_bucket,
+                                                                 tiny_policy):
+    source = f"{gcs_bucket}/test_deploy/models/policy"
+    files = sorted(os.listdir(tiny_policy))
+    for name in files:
+        with open(os.path.join(tiny_policy, name), "rb") as src, \
+                rso_io.open_file(f"{source}/{name}", "wb") as dst:
+            dst.write(src.read())
+    dest = str(tmp_path / "policy")
+    assert fetch_models.fetch(source, dest) == len(files)
+    assert fetch_models.fetch(source, dest) == 0  # complete: skipped
+    os.unlink(os.path.join(dest, fetch_models.MARKER))  # as if cut short
+    os.unlink(os.path.join(dest, "config.json"))
+    assert fetch_models.fetch(source, dest) == len(files)
+    with pytest.raises(FileNotFoundError):
+        fetch_models.fetch(f"{gcs_bucket}/test_deploy/models/missing", str(tmp_path / "none"))
     assert sorted(os.listdir(dest)) == sorted(files + [fetch_models.MARKER])
     for name in files:
         with open(os.path.join(dest, name), "rb") as a, \

@@ -9,8 +9,9 @@
 # Model directories must exist at the same path here and in the image (e.g. /models/policy).
 # Workers: MACHINE_TYPE (g2-standard-8: 1 NVIDIA L4), GPU_TYPE (nvidia-l4; "none" for CPU
 # workers), GPU_COUNT (1), NUM_WORKERS (1), MAX_NUM_WORKERS (4), DISK_SIZE_GB (100),
-# HARNESS_THREADS (1: one bundle at a time per worker, see README), SETUP_FILE (this checkout's setup.py: the
-# workers re-install this checkout's code over the image's; empty to use the image's as is).
+# HARNESS_THREADS (1: one bundle at a time per worker, see README), SETUP_FILE (default: this
+# checkout's setup.py, so the workers re-install this checkout's code over the image's; empty to
+# use the image's code as is).
 # Optional: JOB_NAME, SERVICE_ACCOUNT, SUBNETWORK, NO_PUBLIC_IPS=1, PYTHON (python), DRY_RUN=1
 # (print the command and exit), RSO_MODELS_GCS (copy gs://.../models to MODELS_DIR, default
 # /models, before launching: what the image's entrypoint does on workers; set in images built
