@@ -175,9 +175,11 @@ class GenerateConfig(Config):
         return {"top-k": 0.0, "random": math.inf}.get(self.selection, self.beta)
 
     def resolved_run_id(self) -> str:
-        """The given run_id, else a hash of everything that shapes the records."""
+        """The given run_id, else a hash of everything that shapes the records (not where they
+        are written: the same run written elsewhere has the same id)."""
         if self.run_id:
             return self.run_id
-        data = {k: v for k, v in self.to_dict().items() if k not in ("overwrite", "run_id")}
+        data = {k: v for k, v in self.to_dict().items()
+                if k not in ("output", "overwrite", "run_id")}
         digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode())
         return "run-" + digest.hexdigest()[:12]

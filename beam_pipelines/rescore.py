@@ -47,9 +47,9 @@ def rescore(model: Any, pad_id: int, items: Sequence[PromptCandidates], batch_si
                 model, [items[i].prompt.prompt_token_ids for i, _ in chunk],
                 [items[i].candidates[j].token_ids for i, j in chunk], pad_id)
             logps.update(zip(chunk, values.tolist()))
-    return [PromptCandidates(pc.prompt, [dataclasses.replace(c, sft_logp=float(logps[i, j]))
-                                         for j, c in enumerate(pc.candidates)])
-            for i, pc in enumerate(items)]
+    return [dataclasses.replace(pc, candidates=[
+        dataclasses.replace(c, sft_logp=float(logps[i, j])) for j, c in enumerate(pc.candidates)])
+        for i, pc in enumerate(items)]
 
 
 class Fp32RescoreHandler(ModelHandler):
