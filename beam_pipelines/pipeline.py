@@ -27,6 +27,7 @@ from beam_pipelines.reward import ScoreRewards
 from beam_pipelines.select import SUMMARY, SelectAndPair, ToRecords
 from beam_pipelines.write import WriteOutputs, prepare_output
 from rso import schema
+from rso.io import exists, join, open_file
 
 log = logging.getLogger("rso.generate")
 
@@ -72,26 +73,47 @@ def build_pipeline(pipeline: beam.Pipeline, config: GenerateConfig) -> beam.PCol
 
 
 def run(config: GenerateConfig, beam_args: Sequence[str] = ()) -> dict:
-    """Builds and runs the pipeline; returns the manifest it wrote."""
+    """Builds and runs the pipeline, waits for it; returns the manifest it wrote (empty when
+    no job ran, e.g. ``--template_location`` only stages a Dataflow template)."""
     beam_args = list(beam_args)
     if not any(a == "--runner" or a.startswith("--runner=") for a in beam_args):
         # The in-process portable runner that Beam's DirectRunner uses when it cannot start
         # Prism (which it would first try to download): same semantics, no network.
         beam_args.append("--runner=FnApiRunner")
-    options = PipelineOptions(beam_args)
     prepare_output(config.output, config.overwrite)
     start = time.time()
     log.info("run %s: %s -> %s (policy %s, engine %s)", config.resolved_run_id(), config.input,
              config.output, config.policy, config.engine)
-    with beam.Pipeline(options=options) as p:
-        build_pipeline(p, config)
-    from rso.io import open_file, join
-
-    with open_file(join(config.output, "manifest.json"), "r") as f:
-        result = json.load(f)
+    pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
+    build_pipeline(pipeline, config)
+    result = pipeline.run()
+    result.wait_until_finish()
+    if not getattr(result, "has_job", True):
+        log.info("no job was run (template or graph only)")
+        return {}
+    _log_counters(result)
+    manifest_path = join(config.output, "manifest.json")
+    if not exists(manifest_path):
+        raise RuntimeError(f"the pipeline finished ({result.state}) without writing "
+                           f"{manifest_path}")
+    with open_file(manifest_path, "r") as f:
+        written = json.load(f)
     log.info("done in %.0f s: %s", time.time() - start,
-             json.dumps(result.get("counters", {}), sort_keys=True))
-    return result
+             json.dumps(written.get("counters", {}), sort_keys=True))
+    return written
+
+
+def _log_counters(result: beam.runners.runner.PipelineResult) -> None:
+    """Beam's own counters (truncations, per-stage counts...), where the runner reports them."""
+    try:
+        counters = result.metrics().query()["counters"]
+    except Exception:  # some runners report no metrics to the launcher
+        return
+    totals: dict[str, int] = {}
+    for c in counters:
+        if c.key.metric.namespace.startswith("rso"):
+            totals[c.key.metric.name] = totals.get(c.key.metric.name, 0) + c.committed
+    log.info("beam counters: %s", json.dumps(totals, sort_keys=True))
 
 
 def main(argv: Sequence[str] | None = None) -> int:

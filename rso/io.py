@@ -16,8 +16,7 @@ def filesystem(path: str) -> tuple[fsspec.AbstractFileSystem, str]:
     options: dict[str, Any] = {}
     if path.startswith("gs://") and os.environ.get("STORAGE_EMULATOR_HOST"):
         options["token"] = "anon"
-    fs, _, (resolved,) = fsspec.get_fs_token_paths(path, storage_options=options)
-    return fs, resolved
+    return fsspec.core.url_to_fs(path, **options)
 
 
 def _qualify(fs: fsspec.AbstractFileSystem, path: str) -> str:
