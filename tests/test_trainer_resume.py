@@ -115,30 +115,47 @@ def test_resume_uses_the_saved_rng_state(uninterrupted, dropout_policy, data_dir
     assert any(not torch.allclose(a[k], b[k], rtol=0, atol=1e-6) for k in a)
 
 
+def _lines(path: str) -> int:
+    if not os.path.exists(path):
+        return 0
+    with open(path) as f:
+        return f.read().count("\n")
+
+
 @pytest.mark.slow
-def test_killed_process_resumes_to_the_same_parameters(dropout_policy, data_dir, tmp_path):
-    """A real `python -m trainer.train` process is SIGKILLed once it has saved a checkpoint
-    (possibly mid-save), then resumed: same final parameters as an uninterrupted run."""
-    steps = 24
-    settings = dict(max_steps=steps, save_every=1, keep_checkpoints=2)
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_killed_process_resumes_to_the_same_parameters(dropout_policy, data_dir, tmp_path, sig):
+    """A real `python -m trainer.train` process is signalled once it has saved a checkpoint,
+    then resumed: same final parameters as an uninterrupted run. SIGKILL may land mid-save;
+    SIGTERM makes the trainer save the step it is on and exit with 143."""
+    steps = 40
+    settings = dict(max_steps=steps, save_every=1 if sig == signal.SIGKILL else 0,
+                    keep_checkpoints=2)
     out = str(tmp_path / "killed")
     flags = ["--data", data_dir, "--policy", dropout_policy, "--output", out, "--lr", "1e-3",
              "--gamma", "0.5", "--batch-size", "2", "--grad-accum", "2", "--max-steps",
-             str(steps), "--save-every", "1", "--keep-checkpoints", "2", "--shuffle-buffer", "4",
-             "--bucket-batches", "2", "--no-progress", "--no-tensorboard", "--no-plots",
-             "--num-threads", "1"]
+             str(steps), "--save-every", str(settings["save_every"]), "--keep-checkpoints", "2",
+             "--shuffle-buffer", "4", "--bucket-batches", "2", "--no-progress",
+             "--no-tensorboard", "--no-plots", "--num-threads", "1"]
     proc = subprocess.Popen([sys.executable, "-m", "trainer.train", *flags], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    metrics = os.path.join(out, "metrics.jsonl")
     try:
         deadline = time.monotonic() + 120
-        while len(list_checkpoints(out)) < 2 and proc.poll() is None:
-            assert time.monotonic() < deadline, "the trainer saved no checkpoint in 120 s"
+        while proc.poll() is None:  # wait until step 2 is done (and, for SIGKILL, saved)
+            assert time.monotonic() < deadline, "the trainer made no progress in 120 s"
+            if (len(list_checkpoints(out)) >= 2 if sig == signal.SIGKILL else
+                    _lines(metrics) >= 3):
+                break
             time.sleep(0.02)
-        proc.send_signal(signal.SIGKILL)
+        proc.send_signal(sig)
     finally:
-        proc.wait()
-    killed_at = load_trainer_state(list_checkpoints(out)[-1])["state"]["step"]
-    assert killed_at < steps, "the process finished before it could be killed"
+        _, stderr = proc.communicate()
+    stopped_at = load_trainer_state(list_checkpoints(out)[-1])["state"]["step"]
+    assert stopped_at < steps, "the process finished before it could be stopped"
+    if sig == signal.SIGTERM:
+        assert proc.returncode == 143, stderr
+        assert f"stopped at step {stopped_at}" in stderr
     resumed = train(config(dropout_policy, data_dir, out, resume=True, **settings))
     full = train(config(dropout_policy, data_dir, str(tmp_path / "full"), **settings))
     assert_same_params(final_params(resumed), final_params(full))

@@ -16,9 +16,11 @@ import logging
 import math
 import os
 import shutil
+import signal
 import sys
+import threading
 import time
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -49,7 +51,7 @@ class TrainResult:
     train: dict  # metrics of the last logged train step
     eval: dict  # metrics of the last evaluation (empty without eval pairs)
     summary: dict
-    finished: bool  # False when stopped early by ``stop_after``
+    finished: bool  # False when stopped early (``should_stop`` or ``stop_after``)
 
 
 def _step_groups(source: PairSource, cfg: TrainConfig, epoch: int, skip: int
@@ -168,9 +170,14 @@ def _reference_cache(cfg: TrainConfig, model: torch.nn.Module, sources: list[Pai
     return cache
 
 
-def train(cfg: TrainConfig, *, stop_after: Optional[int] = None) -> TrainResult:
-    """Runs (or resumes) training as ``cfg`` says. ``stop_after=s`` returns after optimizer step
-    s as if the process had been killed there (used to test resuming)."""
+def train(cfg: TrainConfig, *, should_stop: Optional[Callable[[], bool]] = None,
+          stop_after: Optional[int] = None) -> TrainResult:
+    """Runs (or resumes) training as ``cfg`` says.
+
+    ``should_stop()`` is asked after every step; when true, a checkpoint is saved and training
+    returns unfinished (``main`` wires it to SIGTERM). ``stop_after=s`` returns after step s
+    without saving, as if the process had been killed there (to test resuming).
+    """
     cfg.validate()
     started = time.perf_counter()
     if cfg.num_threads:
@@ -290,7 +297,15 @@ def train(cfg: TrainConfig, *, stop_after: Optional[int] = None) -> TrainResult:
                 last_checkpoint = ckpt.save_checkpoint(cfg.output, model, tokenizer, optimizer,
                                                        scheduler, state, cfg.to_dict(),
                                                        cfg.keep_checkpoints)
-            if stop_after is not None and state.step >= stop_after and not done:
+            if not done and should_stop is not None and should_stop():
+                if last_checkpoint != ckpt.checkpoint_dir(cfg.output, state.step):
+                    last_checkpoint = ckpt.save_checkpoint(
+                        cfg.output, model, tokenizer, optimizer, scheduler, state,
+                        cfg.to_dict(), cfg.keep_checkpoints)
+                log.warning("stopped at step %d; checkpoint %s; run again with --resume to "
+                            "continue", state.step, last_checkpoint)
+                stop_after = state.step
+            if not done and stop_after is not None and state.step >= stop_after:
                 return TrainResult(cfg.output, state.step, last_checkpoint, writer.path,
                                    last_train, last_eval, {}, finished=False)
 
@@ -325,16 +340,26 @@ def _merge_eval(results: Sequence[dict]) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Command-line entry point (``rso train`` calls it with the flags after ``train``)."""
+    """Command-line entry point (``rso train`` calls it with the flags after ``train``).
+
+    Returns 0 when done, 2 for bad configuration or data, 143 when SIGTERM stopped the run after
+    saving a checkpoint (preemption: run again with --resume).
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    stop = threading.Event()
+    previous = (signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+                if threading.current_thread() is threading.main_thread() else None)
     try:
         cfg, _ = TrainConfig.parse_args(argv, prog="rso train",
                                         description="Train a policy on RSO/DPO preference pairs.")
-        train(cfg)
+        result = train(cfg, should_stop=stop.is_set)
     except (ConfigError, DataError, ref.ReferenceMismatchError, NonFiniteLossError) as e:
         print(f"rso train: error: {e}", file=sys.stderr)
         return 2
-    return 0
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return 0 if result.finished else 128 + signal.SIGTERM
 
 
 if __name__ == "__main__":
