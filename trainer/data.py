@@ -66,18 +66,6 @@ def pair_key(prompt: Sequence[int], chosen: Sequence[int], rejected: Sequence[in
 
 
 # ------------------------------------------------------------------------------ resolving
-def _glob(pattern: str) -> list[str]:
-    """Sorted matches of a glob, local or gs://.
-
-    Works around rso.io.glob, which hands the pattern to fsspec.get_fs_token_paths; that call
-    expands the glob itself and fails unless exactly one file matches. Here the filesystem is
-    resolved from the pattern's literal head instead.
-    """
-    head = pattern[:min(pattern.index(c) for c in _GLOB_CHARS if c in pattern)]
-    fs, _ = rso_io.filesystem(head or ".")
-    return sorted(rso_io._qualify(fs, m) for m in fs.glob(fs._strip_protocol(pattern)))
-
-
 def _file_format(path: str) -> str:
     if path.endswith(".parquet"):
         return PARQUET
@@ -90,8 +78,8 @@ def _directory_files(directory: str, data_format: str) -> list[str]:
     if not rso_io.exists(rso_io.join(directory, "_SUCCESS")):
         raise DataError(f"{directory}: no _SUCCESS file, so the pipeline run that writes it has "
                         f"not finished (or failed); refusing to train on partial output")
-    parquet = _glob(rso_io.join(directory, "pairs-*.parquet"))
-    tfrecord = _glob(rso_io.join(directory, "pairs-*.tfrecord*"))
+    parquet = rso_io.glob(rso_io.join(directory, "pairs-*.parquet"))
+    tfrecord = rso_io.glob(rso_io.join(directory, "pairs-*.tfrecord*"))
     if data_format == "auto":
         return parquet or tfrecord
     return parquet if data_format == PARQUET else tfrecord
@@ -102,7 +90,7 @@ def resolve_files(sources: Sequence[str], data_format: str = "auto") -> list[str
     files: list[str] = []
     for source in sources:
         if _GLOB_CHARS & set(source):
-            matches = _glob(source)
+            matches = rso_io.glob(source)
             if not matches:
                 raise DataError(f"{source}: the pattern matches no file")
             files.extend(m for m in matches if _file_format(m))
