@@ -33,13 +33,6 @@ TOL = 1e-3  # nats per sequence
 OUT_OF_VOCAB = 10 ** 6
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    before = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def policy(tiny_policy, tmp_path_factory) -> str:
@@ -301,3 +294,18 @@ def test_rescore_bf16_candidates_to_fp32(policy, prompts, tok, fp32_model):
             expected[pc.prompt.prompt_id], abs=1e-4)
     [dead] = Collect.sink["rescore_dead"]
     assert (dead.prompt_id, dead.reason) == ("broken", "rescore_failed")
+
+
+def test_vllm_big_batch_matches_prompts_alone(vllm_config, vllm_model, tok):
+    """More prompt tokens than one engine step takes (4096 on CPU): on CPU, vLLM cannot split
+    a seeded prompt's prefill across steps, so the handler turns chunked prefill off there.
+    Each prompt's candidates do not depend on the batch it came in."""
+    words = "how do i bake bread ? what is the capital of france ? tell me a joke".split()
+    batch = [render_prompt(tok, f"big-{i}", " ".join(words[(i + j) % len(words)]
+                                                     for j in range(200)), None, 255)
+             for i in range(12)]
+    handler = VLLMGenerationHandler(vllm_config)
+    together = run(handler, batch, vllm_model)
+    assert not [r for r in together if isinstance(r, Failure)]
+    alone = [run(handler, [p], vllm_model)[0] for p in batch[:3]]
+    assert [signature(r) for r in together[:3]] == [signature(r) for r in alone]

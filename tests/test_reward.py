@@ -20,7 +20,6 @@ from beam_pipelines.seeding import prompt_rng
 from rso.config import ConfigError
 from tests.tiny_models import _llama_config, build_tokenizer
 
-torch.set_num_threads(1)
 
 # The tiny template, but raising (as Llama-2/Mistral templates do) when roles do not alternate.
 STRICT_TEMPLATE = (

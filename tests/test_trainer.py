@@ -17,14 +17,6 @@ from trainer.reference import CACHE_FILE, ReferenceMismatchError
 from trainer.train import NonFiniteLossError, train
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, above all on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
 
 @pytest.fixture(scope="module")
 def records(tiny_policy):

@@ -7,7 +7,6 @@ import shutil
 
 import numpy as np
 import pytest
-import torch
 
 from rso.schema import to_example
 from rso.tfrecord import write_records
@@ -15,14 +14,6 @@ from tests.pair_data import build_pairs, write_output_dir, write_parquet
 from trainer.data import (DataError, PairSource, bucket_batches, in_eval_split, read_pairs,
                           resolve_files, shuffle_buffer)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread, above all on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

@@ -18,11 +18,16 @@ import torch
 def gather_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """``sum_t mask[b, t] * log_softmax(logits[b, t])[labels[b, t]]`` for each row b, in float32.
 
-    logits: [B, T, V]; labels, mask: [B, T]. Pure tensor function.
+    logits: [B, T, V]; labels, mask: [B, T]. Pure tensor function. Computed as
+    ``logit[label] - logsumexp(logits)`` row by row, so no [B, T, V] log-softmax tensor is
+    materialised (or kept for backward): only the logits themselves.
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    token_logp = torch.gather(logp, 2, labels.unsqueeze(-1)).squeeze(-1)
-    return (token_logp * mask).sum(dim=-1)
+    rows = []
+    for b in range(logits.shape[0]):
+        row = logits[b].float()
+        picked = torch.gather(row, 1, labels[b].unsqueeze(-1)).squeeze(-1)
+        rows.append(((picked - torch.logsumexp(row, dim=-1)) * mask[b]).sum())
+    return torch.stack(rows)
 
 
 @dataclasses.dataclass
