@@ -206,6 +206,10 @@ def vllm_engine_kwargs(config: GenerateConfig) -> dict[str, Any]:
                                 or (0.3 if cpu else 0.9)))
     if cpu:
         kwargs["distributed_executor_backend"] = "uni"
+        # A prompt whose prefill is split across engine steps makes vLLM rewind the request's
+        # seeded generator, which CPU generators cannot do ("CPU Generator does not use
+        # offset"): every request here is seeded, so prefills must not be split on CPU.
+        kwargs["enable_chunked_prefill"] = False
     return kwargs
 
 
@@ -261,13 +265,28 @@ class VLLMGenerationHandler(_GenerationHandler):
                   ) -> list[PromptCandidates]:
         from vllm.inputs import TokensPrompt
 
-        outputs = model.llm.generate(
-            [TokensPrompt(prompt_token_ids=list(p.prompt_token_ids)) for p in prompts],
-            [vllm_sampling_params(self._config, p.prompt_id) for p in prompts], use_tqdm=False)
+        try:
+            outputs = model.llm.generate(
+                [TokensPrompt(prompt_token_ids=list(p.prompt_token_ids)) for p in prompts],
+                [vllm_sampling_params(self._config, p.prompt_id) for p in prompts],
+                use_tqdm=False)
+        except Exception:
+            abort_unfinished(model.llm)
+            raise
         if len(outputs) != len(prompts):
             raise RuntimeError(f"vLLM returned {len(outputs)} results for {len(prompts)} prompts")
         return [PromptCandidates(p, [_vllm_candidate(c) for c in out.outputs])
                 for p, out in zip(prompts, outputs)]
+
+
+def abort_unfinished(llm: Any) -> None:
+    """Aborts every request still in the engine. ``LLM.generate`` leaves them there when an
+    engine step raises, and the next ``generate`` would wait on them forever."""
+    engine = llm.llm_engine
+    ids = list(engine.output_processor.request_states)
+    if ids:
+        log.warning("aborting %d unfinished vLLM requests after an engine error", len(ids))
+        engine.abort_request(ids, internal=True)
 
 
 def _vllm_candidate(out: Any) -> Candidate:

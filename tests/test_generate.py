@@ -296,7 +296,7 @@ def test_rescore_bf16_candidates_to_fp32(policy, prompts, tok, fp32_model):
     assert (dead.prompt_id, dead.reason) == ("broken", "rescore_failed")
 
 
-def test_vllm_big_batch_matches_prompts_alone(vllm_config, vllm_model, tok):
+def test_vllm_big_batch_matches_prompts_alone(vllm_config, vllm_model, tok, caplog):
     """More prompt tokens than one engine step takes (4096 on CPU): on CPU, vLLM cannot split
     a seeded prompt's prefill across steps, so the handler turns chunked prefill off there.
     Each prompt's candidates do not depend on the batch it came in."""
@@ -305,7 +305,10 @@ def test_vllm_big_batch_matches_prompts_alone(vllm_config, vllm_model, tok):
                                                      for j in range(200)), None, 255)
              for i in range(12)]
     handler = VLLMGenerationHandler(vllm_config)
-    together = run(handler, batch, vllm_model)
+    with caplog.at_level(logging.WARNING, logger=generate.__name__):
+        together = run(handler, batch, vllm_model)
+    # The batch ran as one engine call: no engine error, no one-by-one retry.
+    assert not [r for r in caplog.records if r.name == generate.__name__]
     assert not [r for r in together if isinstance(r, Failure)]
     alone = [run(handler, [p], vllm_model)[0] for p in batch[:3]]
     assert [signature(r) for r in together[:3]] == [signature(r) for r in alone]
