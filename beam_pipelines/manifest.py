@@ -50,7 +50,7 @@ def package_versions(names: Iterable[str] = PACKAGES) -> dict[str, str]:
 
 # ---------------------------------------------------------------- summaries and dead letters
 _SUM_FIELDS = ("num_generated", "num_candidates", "num_duplicates", "num_accepted", "num_pairs",
-               "num_ties_dropped")
+               "num_ties_dropped", "num_generated_tokens")
 
 
 class SummaryTotalsFn(beam.CombineFn):
@@ -276,6 +276,7 @@ def build_manifest(*, config: Mapping[str, Any], run_id: str, versions: Mapping[
     counters = {
         "prompts": prompts,  # prompts that reached selection (one summary each)
         "candidates_generated": totals["num_generated"],
+        "tokens_generated": totals["num_generated_tokens"],
         "candidates": totals["num_candidates"],  # after non-finite removal and dedup
         "duplicates": totals["num_duplicates"],
         "accepted": totals["num_accepted"],

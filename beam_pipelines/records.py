@@ -93,3 +93,4 @@ class PromptSummary:
     accepted_rewards: list[float]
     num_pairs: int
     num_ties_dropped: int
+    num_generated_tokens: int = 0  # tokens of the candidates that reached selection

@@ -46,7 +46,8 @@ def select_and_pair(group: PromptCandidates, config: GenerateConfig
         num_duplicates=len(candidates) - len(pool), num_accepted=len(kept),
         underfilled=config.selection != "rest" and len(kept) < k,
         candidate_rewards=rewards, accepted_rewards=[c.reward for c in kept],
-        num_pairs=len(pairs), num_ties_dropped=ties)
+        num_pairs=len(pairs), num_ties_dropped=ties,
+        num_generated_tokens=sum(c.num_tokens for c in candidates))
     return dataclasses.replace(group, candidates=kept, pairs=pairs,
                                num_candidates=len(pool)), summary
 

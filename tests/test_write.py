@@ -43,10 +43,10 @@ def record(i: int, chosen_reward: float, rejected_reward: float) -> dict:
 
 RECORDS = [record(0, 1.5, 0.25), record(1, 0.75, -2.0), record(2, 3.0, 2.5)]
 SUMMARIES = [
-    PromptSummary("p0", 4, 4, 0, 2, False, [1.5, 0.25, -1.0, 0.0], [1.5, 0.25], 1, 0),
-    PromptSummary("p1", 4, 3, 1, 2, False, [0.75, -2.0, 0.5], [0.75, -2.0], 1, 0),
-    PromptSummary("p2", 4, 4, 0, 2, False, [3.0, 2.5, 2.5, 1.0], [3.0, 2.5], 1, 0),
-    PromptSummary("p3", 4, 1, 3, 1, True, [0.5], [0.5], 0, 0),  # under-filled, no pair
+    PromptSummary("p0", 4, 4, 0, 2, False, [1.5, 0.25, -1.0, 0.0], [1.5, 0.25], 1, 0, 40),
+    PromptSummary("p1", 4, 3, 1, 2, False, [0.75, -2.0, 0.5], [0.75, -2.0], 1, 0, 31),
+    PromptSummary("p2", 4, 4, 0, 2, False, [3.0, 2.5, 2.5, 1.0], [3.0, 2.5], 1, 0, 12),
+    PromptSummary("p3", 4, 1, 3, 1, True, [0.5], [0.5], 0, 0, 8),  # under-filled, no pair
 ]
 READ_DEAD = [DeadLetter("read", "invalid_json", "in.jsonl: bad", None, '{"prompt": '),
              DeadLetter("reward", "non_finite_reward", "nan", "p9", {"text": "x"})]
@@ -135,7 +135,8 @@ def test_manifest_counters_are_exact(written):
     assert m["run_id"] == "run-test" and m["versions"] == {"apache-beam": beam.__version__}
     assert m["models"] == {"policy": "tiny-policy@abc"}
     assert m["counters"] == {
-        "prompts": 4, "candidates_generated": 16, "candidates": 12, "duplicates": 4,
+        "prompts": 4, "candidates_generated": 16, "tokens_generated": 91, "candidates": 12,
+        "duplicates": 4,
         "accepted": 7, "underfilled_prompts": 1, "pairs": 3, "ties_dropped": 0,
         "records_written": 3, "dead_letters": 4}
     assert m["dead_letters"] == {
