@@ -169,12 +169,10 @@ def _is_cpu() -> bool:
 
 
 def _cpu_bind() -> str:
-    """``"a-b"`` for a contiguous CPU affinity (all the cores this process may use), else
-    ``"auto"``."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if cores and cores == list(range(cores[0], cores[-1] + 1)):
-        return f"{cores[0]}-{cores[-1]}"
-    return "auto"
+    """The cores this process may run on, as vLLM's ``VLLM_CPU_OMP_THREADS_BIND`` list."""
+    if not hasattr(os, "sched_getaffinity"):
+        return "auto"
+    return ",".join(str(c) for c in sorted(os.sched_getaffinity(0)))
 
 
 def configure_vllm_env(config: GenerateConfig) -> None:
@@ -321,7 +319,6 @@ class TransformersGenerationHandler(_GenerationHandler):
     batched = False
 
     def load_model(self) -> Loaded:
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
 
         warn_if_not_pi_sft(self._config)

@@ -31,6 +31,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 
 from beam_pipelines.config import GenerateConfig
+from beam_pipelines.prompts import PromptError  # (reason, detail): the read stage's error too
 from beam_pipelines.records import DeadLetter, PromptInput, RenderedPrompt
 
 DEAD_LETTER = "dead_letter"
@@ -39,15 +40,6 @@ PLAIN_ROLES = {"user": "Human", "human": "Human", "assistant": "Assistant", "sys
 # takes the smallest).
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
                 "max_sequence_length", "max_seq_length", "seq_len")
-
-
-class PromptError(ValueError):
-    """A prompt that cannot be rendered; ``reason`` is the dead-letter code."""
-
-    def __init__(self, reason: str, detail: str):
-        super().__init__(f"{reason}: {detail}")
-        self.reason = reason
-        self.detail = detail
 
 
 def plain_transcript(messages: Sequence[tuple[str, str]]) -> str:

@@ -33,7 +33,6 @@ TOL = 1e-3  # nats per sequence
 OUT_OF_VOCAB = 10 ** 6
 
 
-
 @pytest.fixture(scope="module")
 def policy(tiny_policy, tmp_path_factory) -> str:
     """The tiny policy with an EOS logit of about 3.5 (P(EOS) ~ 0.1 per step) so that samples
