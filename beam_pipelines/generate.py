@@ -38,14 +38,14 @@ import threading
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import (KeyedModelHandler, ModelHandler, PredictionResult,
                                            RunInference)
 
 from beam_pipelines.config import GenerateConfig
-from beam_pipelines.records import (Candidate, DeadLetter, Failure, PromptCandidates,
+from beam_pipelines.records import (Candidate, Failure, PromptCandidates,
                                     RenderedPrompt)
-from beam_pipelines.render import DEAD_LETTER, context_length, new_token_budget
+from beam_pipelines.dead_letters import DEAD_LETTER, SplitFailures
+from beam_pipelines.render import context_length, new_token_budget
 from beam_pipelines.seeding import prompt_seed
 
 log = logging.getLogger(__name__)
@@ -388,30 +388,6 @@ def make_generation_handler(config: GenerateConfig) -> ModelHandler:
 
 
 # ----------------------------------------------------------------------------- Beam plumbing
-class SplitFailures(beam.DoFn):
-    """``(key, PredictionResult)`` -> ``(key, inference)``, or, when the inference is a
-    Failure, a tagged ``dead_letter`` DeadLetter(stage, reason, detail, prompt_id=key,
-    input=describe(example)) and the counter ``dead_letter_<reason>``; successes count
-    ``ok_counter``."""
-
-    def __init__(self, stage: str, ok_counter: str, describe: Callable[[Any], Any]):
-        self._stage = stage
-        self._ok = Metrics.counter("rso", ok_counter)
-        self._describe = describe
-
-    def process(self, element: tuple[str, PredictionResult]):
-        key, result = element
-        if isinstance(result.inference, Failure):
-            f = result.inference
-            Metrics.counter("rso", f"dead_letter_{f.reason}").inc()
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter(
-                stage=self._stage, reason=f.reason, detail=f.detail, prompt_id=key,
-                input=self._describe(result.example)))
-            return
-        self._ok.inc()
-        yield key, result.inference
-
-
 def describe_prompt(p: RenderedPrompt) -> dict:
     """A rendered prompt as JSON for a dead letter."""
     return {"prompt": p.prompt, "prompt_token_ids": list(p.prompt_token_ids)}

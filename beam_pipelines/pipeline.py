@@ -18,6 +18,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_pipelines import manifest
 from beam_pipelines.config import GenerateConfig
+from beam_pipelines.dead_letters import DEAD_LETTER
 from beam_pipelines.generate import GenerateCandidates, warn_if_not_pi_sft
 from beam_pipelines.model_id import model_id
 from beam_pipelines.read import ReadPrompts
@@ -30,8 +31,6 @@ from rso import schema
 from rso.io import exists, join, open_file
 
 log = logging.getLogger("rso.generate")
-
-DEAD_LETTER = "dead_letter"
 
 
 def model_ids(config: GenerateConfig) -> dict[str, str]:

@@ -12,29 +12,14 @@ from typing import Iterable, NamedTuple
 import apache_beam as beam
 from apache_beam.coders import BytesCoder
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.metrics import Metrics
 
 from beam_pipelines import prompts as P
-from beam_pipelines.records import DeadLetter, PromptInput
+from beam_pipelines.dead_letters import DEAD_LETTER, count, dead_letter
+from beam_pipelines.records import PromptInput
 from beam_pipelines.seeding import prompt_seed
 from rso.config import ConfigError
 
-DEAD_LETTER = "dead_letter"
 STAGE = "read"
-
-
-def count(name: str, n: int = 1) -> None:
-    """Increments the pipeline counter ``rso/<name>``."""
-    Metrics.counter("rso", name).inc(n)
-
-
-def dead_letter(reason: str, detail: str, prompt_id: str | None, input_: object,
-                stage: str = STAGE) -> beam.pvalue.TaggedOutput:
-    """A tagged ``dead_letter`` output, counted as ``rso/dead_letter_<reason>``."""
-    count("dead_letter_" + reason)
-    return beam.pvalue.TaggedOutput(
-        DEAD_LETTER, DeadLetter(stage=stage, reason=reason, detail=detail, prompt_id=prompt_id,
-                                input=input_))
 
 
 class ReadResult(NamedTuple):
@@ -89,7 +74,7 @@ class _ParseLine(beam.DoFn):
         try:
             yield P.parse_json_line(line, source, self._kind)
         except P.PromptError as e:
-            yield dead_letter(e.reason, f"{source}: {e.detail}", None, P.escape_line(line))
+            yield dead_letter(STAGE, e.reason, f"{source}: {e.detail}", None, P.escape_line(line))
 
 
 class _ParseRow(beam.DoFn):
@@ -104,7 +89,7 @@ class _ParseRow(beam.DoFn):
         try:
             yield P.parse_row(row, source, self._kind)
         except P.PromptError as e:
-            yield dead_letter(e.reason, f"{source}: {e.detail}", None, row)
+            yield dead_letter(STAGE, e.reason, f"{source}: {e.detail}", None, row)
 
 
 def _survivor_key(p: PromptInput) -> tuple[str, str]:
@@ -125,7 +110,7 @@ class _KeepOnePerId(beam.DoFn):
             same = P.content_key(dup) == P.content_key(first)
             detail = (f"{dup.source}: prompt_id {prompt_id} already read from {first.source}"
                       f"{' (same prompt)' if same else ' with a different prompt'}")
-            yield dead_letter("duplicate_prompt_id", detail, prompt_id, P.as_dict(dup))
+            yield dead_letter(STAGE, "duplicate_prompt_id", detail, prompt_id, P.as_dict(dup))
 
 
 def shard_key(seed: int, p: PromptInput) -> tuple[int, str]:

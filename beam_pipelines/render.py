@@ -32,9 +32,9 @@ from apache_beam.metrics import Metrics
 
 from beam_pipelines.config import GenerateConfig
 from beam_pipelines.prompts import PromptError  # (reason, detail): the read stage's error too
-from beam_pipelines.records import DeadLetter, PromptInput, RenderedPrompt
+from beam_pipelines.dead_letters import DEAD_LETTER, dead_letter
+from beam_pipelines.records import PromptInput, RenderedPrompt
 
-DEAD_LETTER = "dead_letter"
 PLAIN_ROLES = {"user": "Human", "human": "Human", "assistant": "Assistant", "system": "System"}
 # Keys a Hugging Face config may hold its context length under (vLLM reads the same ones and
 # takes the smallest).
@@ -157,10 +157,8 @@ class RenderPromptsFn(beam.DoFn):
             rendered = render_prompt(self._tokenizer, element.prompt_id, element.prompt,
                                      element.messages, self._max_prompt_tokens)
         except PromptError as e:
-            Metrics.counter("rso", f"dead_letter_{e.reason}").inc()
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter(
-                stage="render", reason=e.reason, detail=e.detail, prompt_id=element.prompt_id,
-                input=dataclasses.asdict(element)))
+            yield dead_letter("render", e.reason, e.detail, element.prompt_id,
+                              dataclasses.asdict(element))
             return
         self._rendered.inc()
         yield rendered

@@ -22,8 +22,8 @@ from apache_beam.ml.inference.base import (KeyedModelHandler, ModelHandler, Pred
                                            RunInference)
 
 from beam_pipelines.config import GenerateConfig
-from beam_pipelines.generate import (DEAD_LETTER, Loaded, SplitFailures, describe_prompt,
-                                     run_with_retry)
+from beam_pipelines.dead_letters import DEAD_LETTER, SplitFailures
+from beam_pipelines.generate import Loaded, describe_prompt, run_with_retry
 from beam_pipelines.records import PromptCandidates
 
 RESCORE_FAILED = "rescore_failed"

@@ -42,13 +42,13 @@ from apache_beam.ml.inference.base import (KeyedModelHandler, ModelHandler, Pred
                                            RunInference)
 
 from beam_pipelines.config import GenerateConfig, RewardModelSpec
-from beam_pipelines.records import Candidate, DeadLetter, Failure, PromptCandidates
+from beam_pipelines.dead_letters import DEAD_LETTER, dead_letter
+from beam_pipelines.records import Candidate, Failure, PromptCandidates
 from beam_pipelines.seeding import prompt_rng
 from rso.config import ConfigError
 
 COUNTER_NAMESPACE = "rso"
 MAIN = "main"
-DEAD_LETTER = "dead_letter"
 ROLE_NAMES = {"user": "Human", "assistant": "Assistant", "system": "System"}
 _UNBOUNDED = 1_000_000  # tokenizers without a limit report model_max_length ~1e30
 
@@ -400,17 +400,14 @@ class _AddWeightedReward(beam.DoFn):
         prompt_id, result = element
         example: PromptCandidates = result.example
         if isinstance(result.inference, Failure):
-            Metrics.counter(COUNTER_NAMESPACE, result.inference.reason).inc()
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter(
-                stage="reward", reason=result.inference.reason, detail=result.inference.detail,
-                prompt_id=prompt_id,
-                input={"prompt": example.prompt.prompt,
-                       "candidates": [_candidate_json(c) for c in example.candidates]}))
+            yield dead_letter("reward", result.inference.reason, result.inference.detail,
+                              prompt_id, {"prompt": example.prompt.prompt, "candidates": [
+                                  _candidate_json(c) for c in example.candidates]})
             return
         candidates = [dataclasses.replace(
             c, reward=(0.0 if self._first else c.reward) + self._weight * r)
             for c, r in zip(example.candidates, result.inference)]
-        yield prompt_id, PromptCandidates(example.prompt, candidates)
+        yield prompt_id, dataclasses.replace(example, candidates=candidates)
 
 
 class _DropNonFinite(beam.DoFn):
@@ -423,12 +420,9 @@ class _DropNonFinite(beam.DoFn):
             if math.isfinite(c.reward):
                 kept.append(c)
                 continue
-            Metrics.counter(COUNTER_NAMESPACE, "non_finite_reward").inc()
-            yield beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter(
-                stage="reward", reason="non_finite_reward",
-                detail=f"total reward is {c.reward}", prompt_id=prompt_id,
-                input=_candidate_json(c)))
-        yield prompt_id, PromptCandidates(pc.prompt, kept)
+            yield dead_letter("reward", "non_finite_reward", f"total reward is {c.reward}",
+                              prompt_id, _candidate_json(c))
+        yield prompt_id, dataclasses.replace(pc, candidates=kept)
 
 
 class ScoredRewards(NamedTuple):
@@ -448,8 +442,8 @@ class ScoreRewards(beam.PTransform):
       removed candidate, ``input = {text, token_ids, reward}`` (a non-finite reward as the
       string "nan"/"inf"/"-inf"); ``reward_failed``, one per prompt a model could not score,
       ``input = {prompt, candidates}``; the prompt is dropped.
-    Counters (namespace "rso"): non_finite_reward, reward_failed, reward_truncated,
-    reward_response_truncated. Wrong model configs (num_labels) fail here, at construction.
+    Counters (namespace "rso"): dead_letter_non_finite_reward, dead_letter_reward_failed,
+    reward_truncated, reward_response_truncated. Wrong model configs (num_labels) fail here, at construction.
     """
 
     def __init__(self, specs: Sequence[RewardModelSpec], config: GenerateConfig):

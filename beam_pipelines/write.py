@@ -25,7 +25,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_pipelines import manifest as M
 from beam_pipelines.plots import PLOT_NAMES, render_plots
-from beam_pipelines.read import DEAD_LETTER, dead_letter
+from beam_pipelines.dead_letters import DEAD_LETTER, dead_letter
 from rso import schema
 from rso.config import ConfigError
 
@@ -110,9 +110,9 @@ class _Validate(beam.DoFn):
             if bad:
                 raise schema.SchemaError(f"record of prompt {pid}: non-finite {', '.join(bad)}")
         except schema.SchemaError as e:
-            yield dead_letter("invalid_record", str(e), pid if isinstance(pid, str) else None,
-                              dict(record) if isinstance(record, Mapping) else repr(record),
-                              stage=STAGE)
+            yield dead_letter(STAGE, "invalid_record", str(e),
+                              pid if isinstance(pid, str) else None,
+                              dict(record) if isinstance(record, Mapping) else repr(record))
             return
         yield {c.name: list(record[c.name]) if c.kind == schema.INT_LIST else record[c.name]
                for c in self._columns}

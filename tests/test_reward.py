@@ -332,7 +332,8 @@ def test_score_rewards_weighted_sum_and_truncation_counter(tiny_reward_model, pa
             [0.5 * x - 2.0 * y for x, y in zip(a, b)], abs=1e-5)
     assert all(c.reward is None for pc in elements for c in pc.candidates)  # inputs untouched
     assert counters.get("reward_truncated") == 3 + 2 * 2  # 3 pointwise + 2 x 2 pairwise
-    assert "non_finite_reward" not in counters and "reward_failed" not in counters
+    assert "dead_letter_non_finite_reward" not in counters
+    assert "dead_letter_reward_failed" not in counters
 
 
 def test_non_finite_rewards_and_failures_become_dead_letters(tiny_reward_model,
@@ -365,4 +366,5 @@ def test_non_finite_rewards_and_failures_become_dead_letters(tiny_reward_model,
     assert "roles must alternate" in failed.detail
     assert [c["text"] for c in failed.input["candidates"]] == ["yes", "no"]
     assert "NaN" not in nf.to_json() and json.loads(nf.to_json())["input"]["reward"] == "nan"
-    assert counters["non_finite_reward"] == 1 and counters["reward_failed"] == 1
+    assert counters["dead_letter_non_finite_reward"] == 1
+    assert counters["dead_letter_reward_failed"] == 1
