@@ -42,6 +42,13 @@ class RewardModelSpec(Config):
     def __str__(self) -> str:
         return f"{self.path},weight={self.weight:g},kind={self.kind}"
 
+    def validate(self) -> None:
+        if not self.path:
+            raise ConfigError("a reward model needs a path")
+        if not math.isfinite(self.weight):
+            raise ConfigError(f"reward model {self.path}: weight must be finite, "
+                              f"got {self.weight}")
+
 
 @dataclasses.dataclass
 class GenerateConfig(Config):
@@ -145,8 +152,20 @@ class GenerateConfig(Config):
             fail(f"--tie-margin must be >= 0, got {self.tie_margin}")
         if self.max_prompts is not None and self.max_prompts < 1:
             fail(f"--max-prompts must be >= 1, got {self.max_prompts}")
-        if self.batch_size < 1 or self.reward_batch_size < 1:
-            fail("--batch-size and --reward-batch-size must be >= 1")
+        for spec in self.reward_model:
+            spec.validate()
+        for name in ("batch_size", "reward_batch_size", "reward_prompts_per_batch",
+                     "rescore_batch_size"):
+            if getattr(self, name) < 1:
+                fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        if self.reward_max_length is not None and self.reward_max_length < 2:
+            fail(f"--reward-max-length must be >= 2, got {self.reward_max_length}")
+        if self.vllm_gpu_memory_utilization is not None and not (
+                0 < self.vllm_gpu_memory_utilization <= 1):
+            fail(f"--vllm-gpu-memory-utilization must be in (0, 1], "
+                 f"got {self.vllm_gpu_memory_utilization}")
+        if self.vllm_cpu_kv_cache_gib is not None and self.vllm_cpu_kv_cache_gib < 1:
+            fail(f"--vllm-cpu-kv-cache-gib must be >= 1, got {self.vllm_cpu_kv_cache_gib}")
 
     # ---- derived values
     @property

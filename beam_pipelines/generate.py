@@ -35,6 +35,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from typing import Any, Callable, Iterable, Sequence, TypeVar
 
 import apache_beam as beam
@@ -137,18 +138,36 @@ class _GenerationHandler(ModelHandler):
     batched = True  # False: the engine handles one prompt per call anyway
 
     def __init__(self, config: GenerateConfig):
-        super().__init__(min_batch_size=1, max_batch_size=config.batch_size)
+        # Full batches: the engine's throughput comes from decoding many prompts together
+        # (Beam's adaptive batching would start at one prompt per call).
+        super().__init__(min_batch_size=config.batch_size, max_batch_size=config.batch_size)
         self._config = config
+        self._progress = {"prompts": 0, "tokens": 0, "seconds": 0.0}
 
     def _generate(self, prompts: Sequence[RenderedPrompt], model: Any) -> list[PromptCandidates]:
         raise NotImplementedError
 
     def run_inference(self, batch: Sequence[RenderedPrompt], model: Any,
                       inference_args: dict | None = None) -> Iterable[PredictionResult]:
+        start = time.perf_counter()
         fn = lambda ps: self._generate(ps, model)  # noqa: E731
         groups = [list(batch)] if self.batched else [[p] for p in batch]
         results = [r for g in groups for r in run_with_retry(g, fn, "generation_failed")]
+        self._log_progress(results, time.perf_counter() - start)
         return [PredictionResult(p, r, self._config.policy) for p, r in zip(batch, results)]
+
+    def _log_progress(self, results: Sequence[Any], seconds: float) -> None:
+        """One line per engine call: this worker's prompts so far and decoding speed."""
+        tokens = sum(c.num_tokens for r in results if isinstance(r, PromptCandidates)
+                     for c in r.candidates)
+        p = self._progress
+        p["prompts"] += len(results)
+        p["tokens"] += tokens
+        p["seconds"] += seconds
+        log.info("generated %d prompts x %d candidates (%d tokens) in %.1f s, %.0f tok/s; "
+                 "this worker: %d prompts, %.0f tok/s", len(results),
+                 self._config.num_candidates, tokens, seconds, tokens / max(seconds, 1e-9),
+                 p["prompts"], p["tokens"] / max(p["seconds"], 1e-9))
 
     def get_metrics_namespace(self) -> str:
         return METRICS_NAMESPACE

@@ -42,6 +42,7 @@ def model_ids(config: GenerateConfig) -> dict[str, str]:
 
 def build_pipeline(pipeline: beam.Pipeline, config: GenerateConfig) -> beam.PCollection:
     """Adds every stage to ``pipeline``; returns the PCollection holding the _SUCCESS path."""
+    config.validate()
     run_id = config.resolved_run_id()
     ids = model_ids(config)
     warn_if_not_pi_sft(config)

@@ -58,7 +58,7 @@ class Fp32RescoreHandler(ModelHandler):
     prompt at a time; a prompt that still fails becomes ``Failure("rescore_failed")``."""
 
     def __init__(self, config: GenerateConfig):
-        super().__init__(min_batch_size=1, max_batch_size=config.batch_size)
+        super().__init__(min_batch_size=config.batch_size, max_batch_size=config.batch_size)
         self._config = config
 
     def load_model(self) -> Loaded:
@@ -70,6 +70,8 @@ class Fp32RescoreHandler(ModelHandler):
         model = AutoModelForCausalLM.from_pretrained(c.policy, dtype=torch.float32,
                                                      trust_remote_code=c.trust_remote_code)
         model.eval()
+        if torch.cuda.is_available():
+            model.to("cuda")
         pad = tokenizer.pad_token_id
         if pad is None:
             pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0

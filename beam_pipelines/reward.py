@@ -450,14 +450,8 @@ class ScoreRewards(beam.PTransform):
         super().__init__()
         if not specs:
             raise ConfigError("at least one reward model is required")
-        if config.reward_batch_size < 1 or config.reward_prompts_per_batch < 1:
-            raise ConfigError("--reward-batch-size and --reward-prompts-per-batch must be >= 1")
-        if config.reward_max_length is not None and config.reward_max_length < 2:
-            raise ConfigError(f"--reward-max-length must be >= 2, got {config.reward_max_length}")
         for spec in specs:
-            if not math.isfinite(spec.weight):
-                raise ConfigError(f"reward model {spec.path}: weight must be finite, "
-                                  f"got {spec.weight}")
+            spec.validate()
             check_reward_model(spec, config.trust_remote_code)
         self._specs = list(specs)
         self._config = config

@@ -140,7 +140,7 @@ def test_make_generation_handler_and_weakref_model(policy):
     assert isinstance(make_generation_handler(make_config(policy)), VLLMGenerationHandler)
     handler = make_generation_handler(make_config(policy, engine="transformers"))
     assert isinstance(handler, TransformersGenerationHandler)
-    assert handler.batch_elements_kwargs() == {"min_batch_size": 1, "max_batch_size": 8}
+    assert handler.batch_elements_kwargs() == {"min_batch_size": 8, "max_batch_size": 8}
     model = handler.load_model()
     assert weakref.ref(model)() is model
 
