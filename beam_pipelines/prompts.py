@@ -34,6 +34,10 @@ REASONS = {
     "invalid_dialogue": "'chosen' is not an HH-RLHF dialogue ending in a Human turn then an "
                         "Assistant turn",
     "invalid_prompt_id": "'prompt_id' is not a non-empty string or an integer",
+    # raised when the policy's tokenizer renders the prompt (render.py)
+    "invalid_prompt": "not exactly one of a prompt string and a list of (role, content) turns",
+    "chat_template_error": "the policy's chat template rejected the conversation",
+    "prompt_too_long": "the rendered prompt leaves no room in the policy's context",
 }
 
 # Input kinds understood by the parsers: "auto" accepts every record form above; "hh-rlhf"

@@ -145,3 +145,12 @@ def test_render_prompts_transform_routes_failures_to_dead_letters(tiny_policy):
     assert counter("prompts_rendered") == 2
     assert counter("dead_letter_empty_prompt") == 1
     assert counter("dead_letter_prompt_too_long") == 1
+
+
+def test_every_render_failure_reason_is_documented():
+    import re
+
+    from beam_pipelines import prompts, render
+
+    raised = set(re.findall(r'PromptError\("([a-z_]+)"', open(render.__file__).read()))
+    assert raised and raised <= set(prompts.REASONS)
