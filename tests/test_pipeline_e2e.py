@@ -228,3 +228,27 @@ def test_existing_complete_output_is_refused(transformers_run, tiny_policy, pois
     with pytest.raises(Exception, match="complete"):
         generate(_args(inputs, transformers_run, tiny_policy, poisoned_rm, "--engine",
                        "transformers"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["parquet", "tfrecord"])
+def test_trainer_step_zero_on_pipeline_pairs_is_log2(vllm_run, tiny_policy, tmp_path, fmt):
+    """Issue 3: the trainer reads the pipeline's output (bf16 vLLM generation, fp32
+    re-scored references) and, at step 0 with the same policy, sigmoid-norm is log 2 and the
+    reference gap it reports is below 1e-3 nats per sequence."""
+    from trainer.config import TrainConfig
+    from trainer.metrics import read_metrics
+    from trainer.train import train
+
+    data = (vllm_run if fmt == "parquet"
+            else glob.glob(os.path.join(vllm_run, "pairs-*.tfrecord.gz"))[0])
+    result = train(TrainConfig(data=[data], policy=tiny_policy, output=str(tmp_path / "run"),
+                               loss="sigmoid-norm", gamma=0.05, lr=1e-4, batch_size=4,
+                               max_steps=1, progress=False, tensorboard=False, plots=False,
+                               strict_reference=True))
+    metrics = read_metrics(result.metrics_path)
+    gap = next(r for r in metrics if r["split"] == "reference")
+    # float32 TFRecord features round the stored log-probs (~1e-5 relative)
+    assert gap["gap_max"] < (1e-3 if fmt == "parquet" else 2e-3)
+    first = next(r for r in metrics if r["split"] == "train")
+    assert first["loss"] == pytest.approx(math.log(2.0), abs=1e-4)
