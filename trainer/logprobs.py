@@ -74,13 +74,86 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]],
     return PackedBatch(input_ids, attention_mask, position_ids, labels, response_mask, keep)
 
 
+class _LinearLogSoftmaxGather(torch.autograd.Function):
+    """``log_softmax(hidden @ weight.T)[labels]`` per row, a chunk of rows at a time.
+
+    Neither direction keeps the [rows, vocab] logits: the forward saves only the hidden states
+    and each row's logsumexp, and the backward recomputes each chunk's logits, using
+    ``d(logit_y - logsumexp)/d logits = onehot(y) - softmax``. On a 49k vocabulary this is
+    most of a training step's activation memory.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, chunk: int):
+        out = torch.empty(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        lse = torch.empty_like(out)
+        for s in range(0, hidden.shape[0], chunk):
+            logits = (hidden[s:s + chunk] @ weight.T).float()
+            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
+            picked = logits.gather(1, labels[s:s + chunk, None]).squeeze(1)
+            out[s:s + chunk] = picked - lse[s:s + chunk]
+        ctx.save_for_backward(hidden, weight, labels, lse)
+        ctx.chunk = chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, labels, lse = ctx.saved_tensors
+        grad_h = torch.zeros_like(hidden) if ctx.needs_input_grad[0] else None
+        grad_w = torch.zeros_like(weight) if ctx.needs_input_grad[1] else None
+        for s in range(0, hidden.shape[0], ctx.chunk):
+            h, g_out = hidden[s:s + ctx.chunk], grad_out[s:s + ctx.chunk]
+            g = torch.exp((h @ weight.T).float() - lse[s:s + ctx.chunk, None]) * -g_out[:, None]
+            g.scatter_add_(1, labels[s:s + ctx.chunk, None], g_out[:, None])
+            g = g.to(hidden.dtype)
+            if grad_h is not None:
+                grad_h[s:s + ctx.chunk] = g @ weight
+            if grad_w is not None:
+                grad_w += g.T @ h
+        return grad_h, grad_w, None, None
+
+
+def _fused_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+    """The output projection when the logits are exactly ``base_model(x) @ W.T`` (a bias-free
+    linear head, no logit scaling or soft-capping); None for any other model."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    cfg = getattr(model, "config", None)
+    base = getattr(model, "base_model", None)
+    if (not isinstance(head, torch.nn.Linear) or head.bias is not None or base is None
+            or base is model or getattr(cfg, "final_logit_softcapping", None)
+            or getattr(cfg, "logit_scale", None) not in (None, 1, 1.0)
+            or getattr(cfg, "model_type", "") not in _FUSED_MODEL_TYPES):
+        return None
+    return head
+
+
+# Causal LMs whose logits are exactly ``lm_head(base_model(...).last_hidden_state)``.
+_FUSED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "smollm3", "olmo2"})
+CHUNK_ROWS = 256
+
+
 def forward_logps(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
-    """Runs the model once on the packed batch; returns [B] response log-prob sums (float32)."""
-    out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                position_ids=batch.position_ids, logits_to_keep=batch.logits_to_keep,
-                use_cache=False)
-    logits = out.logits[:, -batch.logits_to_keep:-1, :]
-    return gather_logps(logits, batch.labels, batch.response_mask)
+    """Runs the model once on the packed batch; returns [B] response log-prob sums (float32).
+
+    For the common decoder families (``_FUSED_MODEL_TYPES``) the output projection is applied
+    to the response positions only, chunk by chunk (:class:`_LinearLogSoftmaxGather`);
+    other models go through their own forward with ``logits_to_keep``.
+    """
+    head = _fused_head(model)
+    if head is None:
+        out = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                    position_ids=batch.position_ids, logits_to_keep=batch.logits_to_keep,
+                    use_cache=False)
+        logits = out.logits[:, -batch.logits_to_keep:-1, :]
+        return gather_logps(logits, batch.labels, batch.response_mask)
+    hidden = model.base_model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              position_ids=batch.position_ids, use_cache=False
+                              ).last_hidden_state[:, -batch.logits_to_keep:-1, :]
+    rows, cols = batch.response_mask.nonzero(as_tuple=True)
+    token_logps = _LinearLogSoftmaxGather.apply(hidden[rows, cols], head.weight,
+                                                batch.labels[rows, cols], CHUNK_ROWS)
+    return torch.zeros(hidden.shape[0], dtype=torch.float32,
+                       device=hidden.device).index_add(0, rows, token_logps)
 
 
 def sequence_logps(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
