@@ -51,6 +51,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -199,6 +200,7 @@ class Settings:
     gamma: float
     threads: int
     seed: int = 0
+    ours_args: tuple[str, ...] = ()  # extra ``rso train`` flags for the ours* variants
 
 
 def command(variant: str, s: Settings, output: str) -> list[str]:
@@ -210,7 +212,8 @@ def command(variant: str, s: Settings, output: str) -> list[str]:
                 "--gamma", str(s.gamma), "--lr", str(s.lr), "--batch-size", str(s.batch_size),
                 "--grad-accum", "1", "--max-steps", str(s.steps), "--optimizer", "adamw",
                 "--num-threads", str(s.threads), "--precision", "fp32", "--device", "cpu",
-                "--seed", str(s.seed), "--no-tensorboard", "--no-plots", "--no-progress"]
+                "--seed", str(s.seed), "--no-tensorboard", "--no-plots", "--no-progress",
+                *s.ours_args]
     worker = os.path.join(REPO, "benchmarks", "trl_dpo_worker.py")
     return [sys.executable, worker, "--data", s.data, "--policy", s.policy, "--output", output,
             "--steps", str(s.steps), "--batch-size", str(s.batch_size), "--lr", str(s.lr),
@@ -343,6 +346,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--lr", type=float, default=1e-6)
     p.add_argument("--gamma", type=float, default=0.1, help="our gamma = TRL's beta")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--ours-args", default="",
+                   help="extra rso train flags for ours/ours-gc, e.g. '--optimizer adafactor' "
+                        "(then the comparison is no longer AdamW against AdamW)")
     args = p.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(variants) - set(VARIANTS))
@@ -360,9 +366,35 @@ def main(argv: Optional[list[str]] = None) -> int:
                          args.max_tokens, args.threads)
     settings = Settings(data=data, policy=policy, work=os.path.join(args.out, "runs"),
                         steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                        gamma=args.gamma, threads=args.threads)
-    runs = []
+                        gamma=args.gamma, threads=args.threads,
+                        ours_args=tuple(shlex.split(args.ours_args)))
+    versions = {"python": platform.python_version()}
+    for package in ("torch", "transformers", "trl"):
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "-"
+    path = os.path.join(args.out, "results.json")
+    runs: list[dict[str, Any]] = []
     started = time.perf_counter()
+
+    def save() -> tuple[dict, list]:
+        """Writes results.json (after every run, so an interrupted benchmark keeps its data)."""
+        summary = summarise(runs)
+        comparisons = [c for c in (ratios(summary, "ours", "trl"),
+                                   ratios(summary, "ours", "trl-no-gc"),
+                                   ratios(summary, "ours-gc", "trl")) if c]
+        results = {"settings": {**dataclasses.asdict(settings), "repeats": args.repeats,
+                                "num_pairs": args.num_pairs, "max_tokens": args.max_tokens,
+                                "precision": "fp32", "cpu_count": os.cpu_count()},
+                   "versions": versions, "complete": len(runs) == args.repeats * len(variants),
+                   "benchmark_wall_s": time.perf_counter() - started,
+                   "summary": summary, "comparisons": comparisons, "runs": runs}
+        with open(path + ".tmp", "w") as f:
+            json.dump(results, f, indent=1)
+        os.replace(path + ".tmp", path)
+        return summary, comparisons
+
     for index in range(args.repeats):
         # alternate variants, starting each repeat with the next one, so load changes hit all
         for variant in variants[index % len(variants):] + variants[:index % len(variants)]:
@@ -373,27 +405,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f" step-1 loss {r['first_loss']:.4f}, wall {r['process_wall_s']:.0f} s, "
                   f"1-min load {r['loadavg_1min_before']:.1f} -> {r['loadavg_1min_after']:.1f}",
                   flush=True)
-    summary = summarise(runs)
-    comparisons = [c for c in (ratios(summary, "ours", "trl"), ratios(summary, "ours", "trl-no-gc"),
-                               ratios(summary, "ours-gc", "trl")) if c]
-    versions = {"python": platform.python_version()}
-    for package in ("torch", "transformers", "trl"):
-        try:
-            versions[package] = importlib.metadata.version(package)
-        except importlib.metadata.PackageNotFoundError:
-            versions[package] = "-"
-    results = {"settings": {**dataclasses.asdict(settings), "repeats": args.repeats,
-                            "num_pairs": args.num_pairs, "max_tokens": args.max_tokens,
-                            "precision": "fp32", "cpu_count": os.cpu_count()},
-               "versions": versions, "benchmark_wall_s": time.perf_counter() - started,
-               "summary": summary, "comparisons": comparisons, "runs": runs}
-    path = os.path.join(args.out, "results.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
-    print(f"\nSmolLM2-135M fp32, {args.num_pairs} HH-RLHF pairs <= {args.max_tokens} tokens, "
+            summary, comparisons = save()
+    print(f"\n{os.path.basename(policy.rstrip('/'))} fp32, {args.num_pairs} HH-RLHF pairs <= {args.max_tokens} tokens, "
           f"batch {args.batch_size}, {args.steps} steps, {args.threads} threads, median of "
           f"{args.repeats} (torch {versions['torch']}, transformers {versions['transformers']}, "
-          f"trl {versions['trl']})")
+          f"trl {versions['trl']})" + (f"; ours with {args.ours_args}" if args.ours_args else ""))
     print(report(summary, comparisons))
     print(f"results: {path}")
     return 0
