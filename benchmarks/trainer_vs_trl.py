@@ -406,7 +406,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                   f"1-min load {r['loadavg_1min_before']:.1f} -> {r['loadavg_1min_after']:.1f}",
                   flush=True)
             summary, comparisons = save()
-    print(f"\n{os.path.basename(policy.rstrip('/'))} fp32, {args.num_pairs} HH-RLHF pairs <= {args.max_tokens} tokens, "
+    print(f"\n{os.path.basename(policy.rstrip('/'))} fp32, {args.num_pairs} HH-RLHF pairs <= "
+          f"{args.max_tokens} tokens, "
           f"batch {args.batch_size}, {args.steps} steps, {args.threads} threads, median of "
           f"{args.repeats} (torch {versions['torch']}, transformers {versions['transformers']}, "
           f"trl {versions['trl']})" + (f"; ours with {args.ours_args}" if args.ours_args else ""))
