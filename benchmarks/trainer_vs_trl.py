@@ -29,7 +29,8 @@ What runs (defaults in brackets):
   1-minute load average before and after each run is recorded).
 - Each run is its own subprocess, so its peak RSS (``ru_maxrss`` of that child, from ``wait4``)
   is isolated. pairs/s counts only the optimizer steps (forward, backward, clipping, optimizer):
-  model loading, tokenisation, the reference pass and checkpoint writing are outside it.
+  model loading, tokenisation, the reference pass and checkpoint writing are outside it. Our
+  runs' final checkpoints are deleted once their metrics are read.
 
 Table columns (medians over runs): pairs/s and its range; steady = pairs/s without step 1 (which
 pays one-time costs in both trainers); train s = the timed steps; peak RSS GiB (process) and its
@@ -52,6 +53,7 @@ import math
 import os
 import platform
 import shlex
+import shutil
 import statistics
 import subprocess
 import sys
@@ -260,8 +262,13 @@ def run_once(variant: str, s: Settings, index: int) -> dict[str, Any]:
     load_before = os.getloadavg()[0]
     stdout, usage, wall = run_child(command(variant, s, output), s.threads,
                                     os.path.join(s.work, f"{variant}-{index}.log"))
-    result = (ours_result(output) if variant.startswith("ours")
-              else json.loads(stdout.strip().splitlines()[-1]))
+    if variant.startswith("ours"):
+        result = ours_result(output)
+        for name in os.listdir(output):  # the final checkpoint (1.5 GB) is not needed here
+            if name.startswith("checkpoint-"):
+                shutil.rmtree(os.path.join(output, name))
+    else:
+        result = json.loads(stdout.strip().splitlines()[-1])
     times = result["step_times_s"]
     steady = (s.batch_size * (len(times) - 1) / sum(times[1:])) if len(times) > 1 else math.nan
     return {**result, "variant": variant, "run": index,
