@@ -45,8 +45,9 @@ class TrainConfig(Config):
     policy: str = option("", "initial policy: Hugging Face causal LM directory")
     output: str = option("", "local output directory: checkpoints, metrics, plots, final model")
     trust_remote_code: bool = option(False, "let the model repository run its own code")
-    gradient_checkpointing: bool = option(False, "recompute activations in backward (less "
-                                          "memory, about 30% slower)")
+    gradient_checkpointing: bool = option(True, "recompute activations in backward: on a "
+                                          "135M model 1.7x less peak memory for ~15% speed "
+                                          "(--no-gradient-checkpointing to turn off)")
     precision: Literal["auto", "fp32", "bf16"] = option(
         "auto", "bf16 autocast (weights stay fp32); auto = bf16 on a CUDA device that supports "
         "it, fp32 elsewhere; bf16 on CPU is opt-in")

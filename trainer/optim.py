@@ -33,8 +33,14 @@ def build_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     no first moment; its learning rate is ours (no relative step, no parameter scaling)."""
     params = [p for p in model.parameters() if p.requires_grad]
     if cfg.optimizer == "adamw":
+        # The fused kernel (CPU and CUDA) steps all parameters at once: measured 0.34-0.40 s
+        # per step on SmolLM2-135M on 2 CPU cores against 1.4-4.4 s for the per-tensor loop,
+        # and a lower memory peak.
+        fused = all(p.device.type in ("cpu", "cuda") and p.dtype.is_floating_point
+                    for p in params)
         return torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                                 eps=cfg.adam_eps, weight_decay=cfg.weight_decay)
+                                 eps=cfg.adam_eps, weight_decay=cfg.weight_decay,
+                                 fused=fused or None)
     from transformers.optimization import Adafactor
 
     return Adafactor(params, lr=cfg.lr, scale_parameter=False, relative_step=False,
