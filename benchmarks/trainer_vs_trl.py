@@ -14,8 +14,9 @@ What runs (defaults in brackets):
   ``_SUCCESS``) with reference log-probs from ``trainer.logprobs.sequence_logps`` in fp32 (not
   timed: in the real system the pipeline computes them). Reused while the inputs match.
 - ``ours``: ``python -m trainer.train`` (loss sigmoid-norm, reference from the data, one model,
-  its defaults: no gradient checkpointing, length-bucketed batches, a final checkpoint, whose
-  writing counts in its peak RSS). ``ours-gc``: the same with ``--gradient-checkpointing``.
+  its defaults: gradient checkpointing, fused AdamW, length-bucketed batches, a final
+  checkpoint, whose writing counts in its peak RSS). ``ours-no-gc``: the same with
+  ``--no-gradient-checkpointing``.
 - ``trl``: ``DPOTrainer`` with loss ``sigmoid`` and its own reference model, otherwise TRL's
   defaults (gradient checkpointing on, fused AdamW); ``trl-no-gc``: gradient checkpointing off.
   TRL reads the same Parquet file's string columns; ``benchmarks/trl_dpo_worker.py`` checks that
@@ -66,7 +67,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 GIB = 1024 ** 3
-VARIANTS = ("ours", "ours-gc", "trl", "trl-no-gc")
+VARIANTS = ("ours", "ours-no-gc", "trl", "trl-no-gc")
 DEFAULT_VARIANTS = "ours,trl"
 SPEED_TARGET, MEMORY_TARGET = 1.5, 0.6
 _HH_ASSISTANT = "\n\nAssistant:"
@@ -208,7 +209,7 @@ class Settings:
 def command(variant: str, s: Settings, output: str) -> list[str]:
     """The subprocess command line of one run of ``variant``."""
     if variant.startswith("ours"):
-        gc = ["--gradient-checkpointing"] if variant == "ours-gc" else []
+        gc = ["--no-gradient-checkpointing"] if variant == "ours-no-gc" else []
         return [sys.executable, "-m", "trainer.train", *gc, "--data", s.data, "--policy", s.policy,
                 "--output", output, "--overwrite", "--loss", "sigmoid-norm",
                 "--gamma", str(s.gamma), "--lr", str(s.lr), "--batch-size", str(s.batch_size),
@@ -341,8 +342,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--out", default="/tmp/rso-trainer-vs-trl",
                    help="pairs, run directories, logs and results.json")
     p.add_argument("--variants", default=DEFAULT_VARIANTS,
-                   help=f"comma-separated, from: {', '.join(VARIANTS)} (ours-gc: our trainer "
-                        f"with --gradient-checkpointing; trl-no-gc: TRL without it)")
+                   help=f"comma-separated, from: {', '.join(VARIANTS)} (ours-no-gc: our "
+                        f"trainer with --no-gradient-checkpointing; trl-no-gc: TRL without it)")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--steps", type=int, default=8,
                    help="optimizer steps per run (8 keeps the default benchmark near 15 min "
@@ -354,7 +355,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p.add_argument("--gamma", type=float, default=0.1, help="our gamma = TRL's beta")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--ours-args", default="",
-                   help="extra rso train flags for ours/ours-gc, e.g. '--optimizer adafactor' "
+                   help="extra rso train flags for ours/ours-no-gc, e.g. '--optimizer adafactor' "
                         "(then the comparison is no longer AdamW against AdamW)")
     args = p.parse_args(argv)
     variants = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -390,7 +391,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         summary = summarise(runs)
         comparisons = [c for c in (ratios(summary, "ours", "trl"),
                                    ratios(summary, "ours", "trl-no-gc"),
-                                   ratios(summary, "ours-gc", "trl")) if c]
+                                   ratios(summary, "ours-no-gc", "trl-no-gc")) if c]
         results = {"settings": {**dataclasses.asdict(settings), "repeats": args.repeats,
                                 "num_pairs": args.num_pairs, "max_tokens": args.max_tokens,
                                 "precision": "fp32", "cpu_count": os.cpu_count()},
