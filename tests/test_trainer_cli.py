@@ -141,3 +141,11 @@ def test_trainer_does_not_import_beam():
             "bad = sorted(m for m in sys.modules if m.split('.')[0] in "
             "('apache_beam', 'beam_pipelines', 'vllm')); assert not bad, bad")
     subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True)
+
+
+def test_heap_retention_limit_is_set_on_glibc_and_yields_to_the_user(monkeypatch):
+    from trainer.memory import limit_heap_retention
+
+    assert limit_heap_retention() is True  # this machine runs glibc
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
+    assert limit_heap_retention() is False

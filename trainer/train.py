@@ -30,6 +30,7 @@ from trainer import reference as ref
 from trainer.config import RESUME_INVARIANTS, TrainConfig
 from trainer.data import DataError, Pair, PairSource, in_eval_split, length_filter, resolve_files
 from trainer.losses import preference_loss
+from trainer.memory import limit_heap_retention
 from trainer.metrics import MetricsWriter, PairMetrics, Progress, peak_memory
 from trainer.model import (autocast, load_policy, pad_token_id, pair_logps, reference_logps,
                            resolve_device, resolve_precision)
@@ -180,6 +181,7 @@ def train(cfg: TrainConfig, *, should_stop: Optional[Callable[[], bool]] = None,
     """
     cfg.validate()
     started = time.perf_counter()
+    limit_heap_retention()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
