@@ -52,7 +52,8 @@ setup(
     version="0.1.0",
     description="Statistical Rejection Sampling Optimization: Beam data pipeline and trainer",
     python_requires=">=3.10",
-    packages=find_packages(include=["rso", "rso.*", "beam_pipelines", "beam_pipelines.*",
+    packages=find_packages(include=["rso", "rso.*", "rso_cli", "rso_cli.*", "beam_pipelines",
+                                    "beam_pipelines.*",
                                     "trainer", "trainer.*"]),
     package_data={"rso": ["data/*.jsonl.gz", "data/README.md"]},
     install_requires=CORE,
@@ -67,5 +68,5 @@ setup(
         "test": pins("pytest", "pytest-timeout", "gcp-storage-emulator", "datasets"),
         "bench": pins("trl", "datasets"),
     },
-    entry_points={"console_scripts": ["rso=rso.cli:main"]},
+    entry_points={"console_scripts": ["rso=rso_cli.cli:main"]},
 )

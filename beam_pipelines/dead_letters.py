@@ -1,6 +1,6 @@
 """Dead letters: how every stage drops something without losing it.
 
-A stage emits a :class:`~beam_pipelines.records.DeadLetter` on its ``dead_letter`` tagged
+A stage emits a :class:`~beam_pipelines.elements.DeadLetter` on its ``dead_letter`` tagged
 output (with :func:`dead_letter`, which also counts it as ``rso/dead_letter_<reason>``); the
 pipeline flattens them all into ``dead_letter-*.jsonl`` and counts them per reason in the
 manifest. Model handlers return a ``Failure`` for an element they could not process, and
@@ -14,7 +14,7 @@ import apache_beam as beam
 from apache_beam.metrics import Metrics
 from apache_beam.ml.inference.base import PredictionResult
 
-from beam_pipelines.records import DeadLetter, Failure
+from beam_pipelines.elements import DeadLetter, Failure
 
 DEAD_LETTER = "dead_letter"
 NAMESPACE = "rso"

@@ -10,7 +10,7 @@ reason ("stop" at EOS, "length" at ``max_new_tokens`` or the context end) and
 taken from the model's RAW distribution (before temperature, top-p, top-k), so it is the
 proposal's own log-probability only when the proposal is pi_sft (temperature 1, top_p 1, no
 top_k; otherwise a warning is logged once) and is always what the trainer recomputes
-(``trainer.logprobs.sequence_logps``). Token ids go in as given by the render stage; nothing is
+(``rso.logprobs.sequence_logps``). Token ids go in as given by the render stage; nothing is
 re-tokenised.
 
 Engines (``config.engine``):
@@ -23,7 +23,7 @@ Engines (``config.engine``):
 - ``transformers`` (:class:`TransformersGenerationHandler`): ``model.generate(do_sample=True,
   num_return_sequences=N, output_logits=True)``, one call per prompt so that each prompt's
   samples depend only on its own seed (``torch.manual_seed`` inside a forked RNG state);
-  sft_logp from the raw ``logits`` with ``trainer.logprobs.gather_logps``.
+  sft_logp from the raw ``logits`` with ``rso.logprobs.gather_logps``.
 
 A batch whose engine call raises is retried one prompt at a time; a prompt that still fails
 becomes ``Failure(reason="generation_failed")`` and the others succeed. :class:`GenerateCandidates`
@@ -43,7 +43,7 @@ from apache_beam.ml.inference.base import (KeyedModelHandler, ModelHandler, Pred
                                            RunInference)
 
 from beam_pipelines.config import GenerateConfig
-from beam_pipelines.records import (Candidate, Failure, PromptCandidates,
+from beam_pipelines.elements import (Candidate, Failure, PromptCandidates,
                                     RenderedPrompt)
 from beam_pipelines.dead_letters import DEAD_LETTER, SplitFailures
 from beam_pipelines.render import context_length, new_token_budget
@@ -123,13 +123,6 @@ def response_text(tokenizer: Any, prompt_ids: Sequence[int], token_ids: Sequence
     if full.startswith(prefix):
         return full[len(prefix):]
     return tokenizer.decode(list(token_ids), skip_special_tokens=True)
-
-
-def torch_dtype(name: str):
-    import torch
-
-    return {"float32": torch.float32, "bfloat16": torch.bfloat16,
-            "float16": torch.float16}[name]
 
 
 class _GenerationHandler(ModelHandler):
@@ -338,14 +331,14 @@ class TransformersGenerationHandler(_GenerationHandler):
     batched = False
 
     def load_model(self) -> Loaded:
-        from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig
+        from transformers import GenerationConfig
+
+        from rso import hf
 
         warn_if_not_pi_sft(self._config)
         c = self._config
-        tokenizer = AutoTokenizer.from_pretrained(c.policy, trust_remote_code=c.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(
-            c.policy, dtype=torch_dtype(c.generation_dtype), trust_remote_code=c.trust_remote_code)
-        model.eval()
+        tokenizer = hf.load_tokenizer(c.policy, c.trust_remote_code)
+        model = hf.load_causal_lm(c.policy, c.generation_dtype, None, c.trust_remote_code)
         eos = eos_token_ids(tokenizer, model.generation_config)
         if not eos:
             raise ValueError(f"{c.policy}: neither the tokenizer nor the generation config has "
@@ -366,7 +359,7 @@ class TransformersGenerationHandler(_GenerationHandler):
         import torch
         from transformers import GenerationConfig
 
-        from trainer.logprobs import gather_logps
+        from rso.logprobs import gather_logps
 
         c = self._config
         budget = new_token_budget(len(prompt.prompt_token_ids), c.max_new_tokens,

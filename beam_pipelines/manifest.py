@@ -25,7 +25,7 @@ from typing import Any, Iterable, Mapping
 
 import apache_beam as beam
 
-from beam_pipelines.records import DeadLetter, PromptSummary
+from beam_pipelines.elements import DeadLetter, PromptSummary
 
 NUM_BINS = 30
 NUM_QUANTILES = 11  # min, 10%, 20%, ..., 90%, max

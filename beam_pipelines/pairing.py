@@ -14,17 +14,17 @@ import numpy as np
 
 from beam_pipelines.sampling import finite_rewards
 
-Pair = tuple[int, int]
+IndexPair = tuple[int, int]
 
 
-def _game(a: int, b: int, r: np.ndarray) -> Pair:
+def _game(a: int, b: int, r: np.ndarray) -> IndexPair:
     """(winner, loser): the higher reward wins; exactly equal rewards: the lower index wins."""
     if r[a] > r[b] or (r[a] == r[b] and a < b):
         return a, b
     return b, a
 
 
-def _play_round(entrants: Sequence[int], r: np.ndarray) -> tuple[list[Pair], list[int]]:
+def _play_round(entrants: Sequence[int], r: np.ndarray) -> tuple[list[IndexPair], list[int]]:
     """Neighbours (0, 1), (2, 3)... play one game each; an odd last entrant has a bye.
 
     Returns the games as (winner, loser) and the next round's entrants: the bye (if any) first,
@@ -35,13 +35,13 @@ def _play_round(entrants: Sequence[int], r: np.ndarray) -> tuple[list[Pair], lis
     return games, byes + [winner for winner, _ in games]
 
 
-def _first_round(r: np.ndarray, rng: np.random.Generator) -> list[Pair]:
+def _first_round(r: np.ndarray, rng: np.random.Generator) -> list[IndexPair]:
     """Shuffle with ``rng`` and pair neighbours: floor(k / 2) games."""
     games, _ = _play_round(rng.permutation(r.size).tolist(), r)
     return games
 
 
-def _tournament(r: np.ndarray, rng: np.random.Generator) -> list[Pair]:
+def _tournament(r: np.ndarray, rng: np.random.Generator) -> list[IndexPair]:
     """Single elimination over the shuffled responses: k - 1 games, in the order played.
 
     Its first round is exactly ``first-round``'s pairing for the same generator state. Each
@@ -49,19 +49,19 @@ def _tournament(r: np.ndarray, rng: np.random.Generator) -> list[Pair]:
     maximum reward (the lowest index among tied maxima).
     """
     entrants = rng.permutation(r.size).tolist()
-    games: list[Pair] = []
+    games: list[IndexPair] = []
     while len(entrants) > 1:
         played, entrants = _play_round(entrants, r)
         games.extend(played)
     return games
 
 
-def _all_pairs(r: np.ndarray, rng: np.random.Generator) -> list[Pair]:
+def _all_pairs(r: np.ndarray, rng: np.random.Generator) -> list[IndexPair]:
     """Every unordered pair once, k (k - 1) / 2 games, in index order (``rng`` unused)."""
     return [_game(a, b, r) for a, b in itertools.combinations(range(r.size), 2)]
 
 
-_PAIRINGS: dict[str, Callable[[np.ndarray, np.random.Generator], list[Pair]]] = {
+_PAIRINGS: dict[str, Callable[[np.ndarray, np.random.Generator], list[IndexPair]]] = {
     "first-round": _first_round,
     "tournament": _tournament,
     "all-pairs": _all_pairs,
@@ -70,7 +70,7 @@ PAIRING_METHODS: tuple[str, ...] = tuple(_PAIRINGS)
 
 
 def make_pairs(method: str, rewards: Sequence[float], rng: np.random.Generator,
-               tie_margin: float = 0.0) -> tuple[list[Pair], int]:
+               tie_margin: float = 0.0) -> tuple[list[IndexPair], int]:
     """Preference pairs from the k kept responses' ``rewards`` for one of PAIRING_METHODS.
 
     - ``first-round`` (the paper's default): shuffle with ``rng``, pair neighbours, k // 2

@@ -20,15 +20,16 @@ from beam_pipelines import manifest
 from beam_pipelines.config import GenerateConfig
 from beam_pipelines.dead_letters import DEAD_LETTER
 from beam_pipelines.generate import GenerateCandidates, warn_if_not_pi_sft
-from beam_pipelines.model_id import model_id
+from rso.model_id import model_id
 from beam_pipelines.read import ReadPrompts
 from beam_pipelines.render import RenderPrompts
 from beam_pipelines.rescore import RescoreCandidates
 from beam_pipelines.reward import ScoreRewards
-from beam_pipelines.select import SUMMARY, SelectAndPair, ToRecords
+from beam_pipelines.records import ToRecords
+from beam_pipelines.selection import SUMMARY, SelectAndPair
 from beam_pipelines.write import WriteOutputs, prepare_output
-from rso import schema
-from rso.io import exists, join, open_file
+from rso import layout, schema
+from rso.storage import exists, join, open_file
 
 log = logging.getLogger("rso.generate")
 
@@ -69,7 +70,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: GenerateConfig) -> beam.PCol
     } | "Write" >> WriteOutputs(
         config.output, config.to_dict(), run_id, manifest.package_versions(), ids,
         columns=schema.SFT_COLUMNS if best_of_n else schema.COLUMNS,
-        prefix="sft" if best_of_n else "pairs")
+        prefix=layout.SFT_PREFIX if best_of_n else layout.PAIRS_PREFIX)
 
 
 def run(config: GenerateConfig, beam_args: Sequence[str] = ()) -> dict:
@@ -92,7 +93,7 @@ def run(config: GenerateConfig, beam_args: Sequence[str] = ()) -> dict:
         log.info("no job was run (template or graph only)")
         return {}
     _log_counters(result)
-    manifest_path = join(config.output, "manifest.json")
+    manifest_path = join(config.output, layout.MANIFEST)
     if not exists(manifest_path):
         raise RuntimeError(f"the pipeline finished ({result.state}) without writing "
                            f"{manifest_path}")

@@ -23,7 +23,7 @@ import json
 import re
 from typing import Any, Mapping, Sequence
 
-from beam_pipelines.records import PromptInput
+from beam_pipelines.elements import PromptInput
 
 REASONS = {
     "undecodable": "the line is not valid UTF-8",

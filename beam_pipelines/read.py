@@ -15,7 +15,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_pipelines import prompts as P
 from beam_pipelines.dead_letters import DEAD_LETTER, count, dead_letter
-from beam_pipelines.records import PromptInput
+from beam_pipelines.elements import PromptInput
 from beam_pipelines.seeding import prompt_seed
 from rso.config import ConfigError
 

@@ -1,96 +1,72 @@
-"""The values that flow between the pipeline's stages (read -> render -> generate -> reward ->
-select -> pair -> write). Plain dataclasses: picklable, no Beam, no torch.
+"""SPEC 5 records: the rows the write stage stores, built from selected groups.
+
+``pair_records`` makes one preference record per (chosen, rejected) pair (TRL's column names,
+``rso.schema.COLUMNS``); ``sft_records`` one SFT target per kept response for ``best-of-n``
+(``rso.schema.SFT_COLUMNS``). :class:`ToRecords` is their Beam plumbing.
 """
 from __future__ import annotations
 
-import dataclasses
-import json
 from typing import Any
 
+import apache_beam as beam
 
-@dataclasses.dataclass(frozen=True)
-class PromptInput:
-    """A prompt as read from the input (before rendering). Exactly one of prompt/messages."""
-    prompt_id: str
-    prompt: str | None = None
-    messages: tuple[tuple[str, str], ...] | None = None  # ((role, content), ...)
-    source: str = ""  # file (and line) it came from, for dead letters
+from beam_pipelines.config import GenerateConfig
+from beam_pipelines.elements import Candidate, PromptCandidates
 
 
-@dataclasses.dataclass(frozen=True)
-class RenderedPrompt:
-    """A prompt after the policy's chat template (or raw text): what the trainer will see.
-
-    ``messages`` keeps the conversation before rendering ((role, content) pairs; a plain-text
-    prompt is one user turn) so reward models can render it with their own template.
-    """
-    prompt_id: str
-    prompt: str
-    prompt_token_ids: tuple[int, ...]
-    messages: tuple[tuple[str, str], ...] = ()
-
-
-@dataclasses.dataclass
-class Candidate:
-    """One sampled response (SPEC 1) and, after the reward stage, its reward (SPEC 2)."""
-    text: str
-    token_ids: tuple[int, ...]
-    finish_reason: str  # "stop" or "length"
-    sft_logp: float  # sum of raw log pi_sft over generated tokens, EOS included when generated
-    reward: float | None = None
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.token_ids)
+def pair_records(group: PromptCandidates, config: GenerateConfig, run_id: str, policy_model: str, reward_model: str) -> list[dict[str, Any]]:
+    """SPEC 5 records, one per (chosen, rejected) pair of a selected group."""
+    p = group.prompt
+    common = {
+        "prompt_id": p.prompt_id, "prompt": p.prompt, "prompt_token_ids": list(p.prompt_token_ids),
+        "selection": config.selection, "pairing": config.pairing,
+        "beta": float(config.effective_beta), "num_candidates": group.num_candidates,
+        "num_accepted": len(group.candidates), "policy_model": policy_model,
+        "reward_model": reward_model, "run_id": run_id,
+    }
+    records = []
+    for ci, ri in group.pairs or []:
+        c: Candidate = group.candidates[ci]
+        r: Candidate = group.candidates[ri]
+        records.append({
+            **common,
+            "chosen": c.text, "rejected": r.text,
+            "chosen_token_ids": list(c.token_ids), "rejected_token_ids": list(r.token_ids),
+            "ref_chosen_logps": float(c.sft_logp), "ref_rejected_logps": float(r.sft_logp),
+            "chosen_reward": float(c.reward), "rejected_reward": float(r.reward),
+            "chosen_finish_reason": c.finish_reason, "rejected_finish_reason": r.finish_reason,
+        })
+    return records
 
 
-@dataclasses.dataclass
-class PromptCandidates:
-    """The candidates of one prompt: the unit that moves from generation to selection.
-
-    After selection ``candidates`` holds the kept responses in acceptance order and ``pairs``
-    the (chosen, rejected) indices into them, and ``num_candidates`` the N they were selected
-    from (after dedup). Stages that change candidates (reward, re-scoring) keep the other fields
-    with ``dataclasses.replace``.
-    """
-    prompt: RenderedPrompt
-    candidates: list[Candidate]
-    pairs: list[tuple[int, int]] | None = None
-    num_candidates: int | None = None
+def sft_records(group: PromptCandidates, config: GenerateConfig, run_id: str,
+                policy_model: str, reward_model: str) -> list[dict[str, Any]]:
+    """best-of-n: one SFT target (prompt, completion) per prompt, as RAFT trains on."""
+    p = group.prompt
+    return [{
+        "prompt_id": p.prompt_id, "prompt": p.prompt, "prompt_token_ids": list(p.prompt_token_ids),
+        "completion": c.text, "completion_token_ids": list(c.token_ids),
+        "ref_logps": float(c.sft_logp), "reward": float(c.reward),
+        "finish_reason": c.finish_reason, "selection": config.selection,
+        "policy_model": policy_model, "reward_model": reward_model, "run_id": run_id,
+    } for c in group.candidates]
 
 
-@dataclasses.dataclass(frozen=True)
-class DeadLetter:
-    """Something dropped, with why. Written to dead_letter-*.jsonl and counted per reason."""
-    stage: str  # read | render | generate | reward | select | pair
-    reason: str  # short machine-readable code, e.g. "invalid_json", "prompt_too_long"
-    detail: str  # human-readable explanation
-    prompt_id: str | None = None
-    input: Any = None  # the offending input (a line, a candidate...), JSON-serialisable
+class ToRecords(beam.PTransform):
+    """Selected groups -> SPEC 5 pair records (or SFT records for best-of-n)."""
 
-    def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), ensure_ascii=False, default=repr,
-                          sort_keys=True)
+    def __init__(self, config: GenerateConfig, run_id: str, policy_model: str,
+                 reward_model: str):
+        super().__init__()
+        self.config, self.run_id = config, run_id
+        self.policy_model, self.reward_model = policy_model, reward_model
 
+    def expand(self, selected):
+        cfg = self.config
 
-@dataclasses.dataclass(frozen=True)
-class Failure:
-    """What a model handler returns in place of a result for an element it could not process."""
-    reason: str
-    detail: str
+        def to_records(element):
+            _, group = element
+            make = sft_records if cfg.selection == "best-of-n" else pair_records
+            return make(group, cfg, self.run_id, self.policy_model, self.reward_model)
 
-
-@dataclasses.dataclass
-class PromptSummary:
-    """What the select stage reports per prompt; combined into the manifest's statistics."""
-    prompt_id: str
-    num_generated: int  # candidates returned by the engine (N)
-    num_candidates: int  # after removing non-finite rewards and duplicates
-    num_duplicates: int
-    num_accepted: int  # k actually kept
-    underfilled: bool  # fewer than k could be kept
-    candidate_rewards: list[float]
-    accepted_rewards: list[float]
-    num_pairs: int
-    num_ties_dropped: int
-    num_generated_tokens: int = 0  # tokens of the candidates that reached selection
+        return selected | "ToRecords" >> beam.FlatMap(to_records)

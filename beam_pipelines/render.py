@@ -8,7 +8,7 @@ Rendering happens once, before generation; the token ids are kept so that nothin
   ``add_special_tokens=False``: the template itself writes any BOS it wants (this is what
   ``apply_chat_template(tokenize=True)`` does too).
 - A tokenizer without a chat template gets the plain HH-RLHF style fallback
-  ``"Human: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:"`` (see :func:`plain_transcript`),
+  ``"Human: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:"`` (:func:`rso.transcript.hh_transcript`),
   tokenised like a plain prompt.
 - A plain ``prompt`` string is used verbatim and tokenised with the tokenizer's default special
   tokens (``add_special_tokens=True``: a BOS for Llama-style tokenizers), i.e. exactly how the
@@ -33,25 +33,13 @@ from apache_beam.metrics import Metrics
 from beam_pipelines.config import GenerateConfig
 from beam_pipelines.prompts import PromptError  # (reason, detail): the read stage's error too
 from beam_pipelines.dead_letters import DEAD_LETTER, dead_letter
-from beam_pipelines.records import PromptInput, RenderedPrompt
+from beam_pipelines.elements import PromptInput, RenderedPrompt
+from rso.transcript import hh_transcript
 
-PLAIN_ROLES = {"user": "Human", "human": "Human", "assistant": "Assistant", "system": "System"}
 # Keys a Hugging Face config may hold its context length under (vLLM reads the same ones and
 # takes the smallest).
 CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length",
                 "max_sequence_length", "max_seq_length", "seq_len")
-
-
-def plain_transcript(messages: Sequence[tuple[str, str]]) -> str:
-    """HH-RLHF style text for tokenizers without a chat template.
-
-    ``"Human: a\\n\\nAssistant: b\\n\\nAssistant:"``: turns joined by a blank line, roles
-    user/human -> Human, assistant -> Assistant, system -> System (others capitalised), then an
-    open ``Assistant:`` turn for the response.
-    """
-    turns = [f"{PLAIN_ROLES.get(role.lower(), role.capitalize())}: {content}"
-             for role, content in messages]
-    return "\n\n".join(turns + ["Assistant:"])
 
 
 def max_prompt_tokens(max_model_len: int) -> int:
@@ -112,7 +100,7 @@ def render_prompt(tokenizer: Any, prompt_id: str, prompt: str | None,
         if getattr(tokenizer, "chat_template", None):
             text, special = _chat_text(tokenizer, messages), False
         else:
-            text, special = plain_transcript(messages), True
+            text, special = hh_transcript(messages, open_assistant_turn=True), True
     else:
         if not isinstance(prompt, str):
             raise PromptError("invalid_prompt", f"prompt must be a string, got "

@@ -6,7 +6,7 @@ is replaced by
 
     sft_logp = sum_t log pi_sft(y_t | x, y_<t)   (float32 forward pass)
 
-computed by ``trainer.logprobs.sequence_logps``: the very function the trainer uses, on the same
+computed by ``rso.logprobs.sequence_logps``: the very function the trainer uses, on the same
 stored token ids, so stored and trainer-side reference log-probs agree by construction.
 Candidates of all prompts in a Beam batch are sorted by length and scored in forward passes of
 ``config.rescore_batch_size`` sequences (left padding with explicit positions: values do not
@@ -24,7 +24,7 @@ from apache_beam.ml.inference.base import (KeyedModelHandler, ModelHandler, Pred
 from beam_pipelines.config import GenerateConfig
 from beam_pipelines.dead_letters import DEAD_LETTER, SplitFailures
 from beam_pipelines.generate import Loaded, describe_prompt, run_with_retry
-from beam_pipelines.records import PromptCandidates
+from beam_pipelines.elements import PromptCandidates
 
 RESCORE_FAILED = "rescore_failed"
 
@@ -34,7 +34,7 @@ def rescore(model: Any, pad_id: int, items: Sequence[PromptCandidates], batch_si
     """Copies of ``items`` whose candidates' sft_logp are float32 sequence log-probs."""
     import torch
 
-    from trainer.logprobs import sequence_logps
+    from rso.logprobs import sequence_logps
 
     flat = [(i, j) for i, pc in enumerate(items) for j in range(len(pc.candidates))]
     flat.sort(key=lambda ij: len(items[ij[0]].prompt.prompt_token_ids)
@@ -62,20 +62,12 @@ class Fp32RescoreHandler(ModelHandler):
         self._config = config
 
     def load_model(self) -> Loaded:
-        import torch
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from rso import hf
 
         c = self._config
-        tokenizer = AutoTokenizer.from_pretrained(c.policy, trust_remote_code=c.trust_remote_code)
-        model = AutoModelForCausalLM.from_pretrained(c.policy, dtype=torch.float32,
-                                                     trust_remote_code=c.trust_remote_code)
-        model.eval()
-        if torch.cuda.is_available():
-            model.to("cuda")
-        pad = tokenizer.pad_token_id
-        if pad is None:
-            pad = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else 0
-        return Loaded(model=model, pad=pad)  # pad positions are masked: any id works
+        tokenizer = hf.load_tokenizer(c.policy, c.trust_remote_code)
+        model = hf.load_causal_lm(c.policy, "float32", "auto", c.trust_remote_code)
+        return Loaded(model=model, pad=hf.pad_token_id(tokenizer, model))
 
     def run_inference(self, batch: Sequence[PromptCandidates], model: Loaded,
                       inference_args: dict | None = None) -> Iterable[PredictionResult]:

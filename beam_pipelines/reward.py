@@ -3,7 +3,7 @@
 Elements are ``(prompt_id, PromptCandidates)``. Each reward model is a ``ModelHandler`` whose
 ``run_inference`` returns, per prompt, a ``PredictionResult(example, inference)`` where
 ``inference`` is the list of the candidates' rewards (in candidate order) or a
-:class:`~beam_pipelines.records.Failure`. :class:`ScoreRewards` chains one ``RunInference`` per
+:class:`~beam_pipelines.elements.Failure`. :class:`ScoreRewards` chains one ``RunInference`` per
 model and sums ``weight * r``.
 
 Two kinds of model, both ``AutoModelForSequenceClassification`` loaded in float32, eval mode,
@@ -11,9 +11,9 @@ Two kinds of model, both ``AutoModelForSequenceClassification`` loaded in float3
 
 - pointwise (one output): ``r(x, y) = logit`` for the conversation ``messages + (assistant, y)``
   rendered with the REWARD MODEL's own chat template; without a chat template, the plain
-  rendering of :func:`plain_conversation` tokenised with the tokenizer's special tokens.
+  rendering of :func:`rso.transcript.hh_transcript` tokenised with the tokenizer's special tokens.
 - pairwise (the paper's kind): a score ``s(a, b) = logit P(a better than b | x)`` for the text
-  ``[CONTEXT] {x} [RESPONSE A] {a} [RESPONSE B] {b}`` (x = :func:`plain_conversation` of the
+  ``[CONTEXT] {x} [RESPONSE A] {a} [RESPONSE B] {b}`` (x = :func:`rso.transcript.hh_transcript` of the
   messages). With one output, ``P = sigmoid(z)`` so ``s = z``; with two outputs,
   ``P = softmax(z)[1]`` (class 1 = "A is better") so ``s = z1 - z0``. Taking the score in logit
   space directly is exact and never saturates. Against one baseline ``y_b`` per prompt, drawn with
@@ -43,25 +43,17 @@ from apache_beam.ml.inference.base import (KeyedModelHandler, ModelHandler, Pred
 
 from beam_pipelines.config import GenerateConfig, RewardModelSpec
 from beam_pipelines.dead_letters import DEAD_LETTER, dead_letter
-from beam_pipelines.records import Candidate, Failure, PromptCandidates
+from beam_pipelines.elements import Candidate, Failure, PromptCandidates
 from beam_pipelines.seeding import prompt_rng
 from rso.config import ConfigError
+from rso.transcript import hh_transcript
 
 COUNTER_NAMESPACE = "rso"
 MAIN = "main"
-ROLE_NAMES = {"user": "Human", "assistant": "Assistant", "system": "System"}
 _UNBOUNDED = 1_000_000  # tokenizers without a limit report model_max_length ~1e30
 
 
 # ------------------------------------------------------------------------------ pure helpers
-def plain_conversation(messages: Sequence[tuple[str, str]]) -> str:
-    """The plain rendering used without a chat template (and as x of pairwise models):
-    ``"Human: {user}\\n\\nAssistant: {assistant}\\n\\n..."`` (HH-RLHF style; "system" turns are
-    "System: ...", other roles are capitalised)."""
-    return "\n\n".join(f"{ROLE_NAMES.get(role, role.capitalize())}: {content}"
-                       for role, content in messages)
-
-
 PAIRWISE_PREFIX = "[CONTEXT] "
 
 
@@ -183,30 +175,24 @@ def load_classifier(path: str, kind: str, *, trust_remote_code: bool = False,
     ``pad_token_id`` is set to it (classifiers pool the rightmost non-pad token, so with eos as
     pad a trailing eos is skipped, the same way batched or alone). The length limit is the
     smallest of max_position_embeddings, the tokenizer's model_max_length and ``max_length``."""
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    from rso import hf
 
-    tok = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, dtype=torch.float32, trust_remote_code=trust_remote_code)
+    tok = hf.load_tokenizer(path, trust_remote_code)
+    model = hf.load_classifier(path, "float32", "auto", trust_remote_code)
     _check_num_labels(path, model.config.num_labels, kind)
     text_cfg = model.config.get_text_config()
-    pad_id = text_cfg.pad_token_id
+    pad_id = hf.pad_token_id(tok, model, default=None)
     if pad_id is None:
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-        if pad_id is None:
-            raise ConfigError(f"reward model {path}: its tokenizer has neither a pad nor an "
-                              "eos token to pad batches with")
-        text_cfg.pad_token_id = pad_id
-        model.config.pad_token_id = pad_id
+        raise ConfigError(f"reward model {path}: its tokenizer has neither a pad nor an "
+                          "eos token to pad batches with")
+    text_cfg.pad_token_id = pad_id
+    model.config.pad_token_id = pad_id
     limits = [n for n in (getattr(text_cfg, "max_position_embeddings", None),
                           tok.model_max_length) if isinstance(n, int) and 0 < n < _UNBOUNDED]
     if max_length is not None:
         limits.append(max_length)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    model.to(device).eval()
     return LoadedClassifier(model, tok, pad_id, min(limits) if limits else None,
-                            model.config.num_labels, device)
+                            model.config.num_labels, model.device.type)
 
 
 def classifier_scores(loaded: LoadedClassifier, sequences: Sequence[Sequence[int]],
@@ -320,7 +306,7 @@ class PointwiseRewardHandler(_RewardHandler):
                                            tokenize=False,
                                            add_generation_prompt=response is None)
             return list(tok(text, add_special_tokens=False)["input_ids"])
-        return list(tok(plain_conversation(turns))["input_ids"])
+        return list(tok(hh_transcript(turns))["input_ids"])
 
     def _plan(self, example: PromptCandidates, model: LoadedClassifier) -> _Plan:
         tok = model.tokenizer
@@ -369,7 +355,7 @@ class PairwiseRewardHandler(_RewardHandler):
         flips = [bool(f) for f in prompt_rng(self.config.seed, pid, "pairwise-flip").random(n)
                  < 0.5]
         debias = self.config.pairwise_debias
-        context = plain_conversation(example.prompt.messages or (("user", example.prompt.prompt),))
+        context = hh_transcript(example.prompt.messages or (("user", example.prompt.prompt),))
         texts = [c.text for c in example.candidates]
         plan = _Plan([], lambda scores: pairwise_rewards(n, baseline, scores, debias, flips))
         for a, b in pairwise_orders(n, baseline, debias, flips):

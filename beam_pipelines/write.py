@@ -26,17 +26,13 @@ from apache_beam.io.filesystems import FileSystems
 from beam_pipelines import manifest as M
 from beam_pipelines.plots import PLOT_NAMES, render_plots
 from beam_pipelines.dead_letters import DEAD_LETTER, dead_letter
-from rso import schema
+from rso import layout, schema
+from rso.layout import MANIFEST, SUCCESS, is_complete
 from rso.config import ConfigError
 
 STAGE = "write"
-SUCCESS = "_SUCCESS"
-MANIFEST = "manifest.json"
 # Every file a run writes; prepare_output removes exactly these (and Beam's temp folders).
-OUTPUT_PATTERNS = ("pairs-*.parquet", "pairs-*.tfrecord.gz", "sft-*.parquet",
-                   "sft-*.tfrecord.gz", "dead_letter-*.jsonl", MANIFEST, *PLOT_NAMES,
-                   "beam-temp-*/*")
-BEAM_TEMP = "beam-temp-*"  # the folders Beam's file sinks stage shards in
+OUTPUT_PATTERNS = (*layout.output_patterns(PLOT_NAMES), layout.BEAM_TEMP + "/*")
 INFINITE_ALLOWED = frozenset({"beta"})  # every other float column must be finite
 
 
@@ -46,11 +42,6 @@ class OutputExistsError(ConfigError):
 
 def join(base: str, name: str) -> str:
     return FileSystems.join(base, name)
-
-
-def is_complete(output: str) -> bool:
-    """Whether ``output`` holds a finished run (its ``_SUCCESS`` marker exists)."""
-    return FileSystems.exists(join(output, SUCCESS))
 
 
 def prepare_output(output: str, overwrite: bool = False) -> list[str]:
@@ -74,7 +65,7 @@ def prepare_output(output: str, overwrite: bool = False) -> list[str]:
     patterns = [join(output, p) for p in OUTPUT_PATTERNS]
     stale = sorted({m.path for r in FileSystems.match(patterns) for m in r.metadata_list})
     if FileSystems.get_scheme(output) is None:  # local: Beam's match lists no folders
-        stale += sorted(glob.glob(os.path.join(glob.escape(output), BEAM_TEMP)))
+        stale += sorted(glob.glob(os.path.join(glob.escape(output), layout.BEAM_TEMP)))
     if stale:
         FileSystems.delete(stale)
         removed.extend(stale)
@@ -181,7 +172,7 @@ class WriteOutputs(beam.PTransform):
 
     def __init__(self, output: str, config_dict: Mapping[str, Any], run_id: str,
                  versions: Mapping[str, str], models: Mapping[str, Any],
-                 columns: tuple[schema.Column, ...] = schema.COLUMNS, prefix: str = "pairs",
+                 columns: tuple[schema.Column, ...] = schema.COLUMNS, prefix: str = layout.PAIRS_PREFIX,
                  num_shards: int = 0):
         super().__init__()
         if not output:
@@ -212,17 +203,18 @@ class WriteOutputs(beam.PTransform):
 
         record_files = records | "WriteParquet" >> beam.io.WriteToParquet(
             join(out, self._prefix), schema.arrow_schema(columns), codec="snappy",
-            file_name_suffix=".parquet", num_shards=self._num_shards)
+            file_name_suffix=layout.PARQUET_SUFFIX, num_shards=self._num_shards)
         example_files = (records
                          | "ToExample" >> beam.Map(_to_example, columns)
                          | "WriteTFRecord" >> beam.io.WriteToTFRecord(
-                             join(out, self._prefix), file_name_suffix=".tfrecord.gz",
+                             join(out, self._prefix), file_name_suffix=layout.TFRECORD_SUFFIX,
                              compression_type=CompressionTypes.GZIP,
                              num_shards=self._num_shards))
         dead_files = (dead
                       | "DeadLetterJson" >> beam.Map(lambda d: d.to_json())
                       | "WriteDeadLetters" >> beam.io.WriteToText(
-                          join(out, "dead_letter"), file_name_suffix=".jsonl",
+                          join(out, layout.DEAD_LETTER_PREFIX),
+                          file_name_suffix=layout.DEAD_LETTER_SUFFIX,
                           num_shards=self._num_shards))
 
         totals = summaries | "Totals" >> beam.CombineGlobally(M.SummaryTotalsFn())

@@ -34,7 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from beam_pipelines.config import GenerateConfig  # noqa: E402
 from beam_pipelines.prompts import parse_json_line  # noqa: E402
-from beam_pipelines.records import RenderedPrompt  # noqa: E402
+from beam_pipelines.elements import RenderedPrompt  # noqa: E402
 from beam_pipelines.render import (PromptError, context_length, max_prompt_tokens,  # noqa: E402
                                    render_prompt)
 
@@ -64,7 +64,7 @@ def load_prompts(path: str, model: str, count: int) -> list[RenderedPrompt]:
 def measure(config: GenerateConfig, prompts: list[RenderedPrompt], runs: int) -> dict:
     """Loads the handler's model, warms up, times ``runs`` calls; returns the figures."""
     from beam_pipelines.generate import make_generation_handler
-    from beam_pipelines.records import Failure
+    from beam_pipelines.elements import Failure
 
     handler = make_generation_handler(config)
     start = time.perf_counter()

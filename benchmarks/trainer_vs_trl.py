@@ -4,14 +4,14 @@
     .venv/bin/python benchmarks/trainer_vs_trl.py [--cache-dir ~/.cache/rso-pipeline] [--out DIR]
 
 What runs (defaults in brackets):
-- Model: SmolLM2-135M-Instruct in fp32, from ``rso.demo.prepare_policy(--cache-dir)``.
+- Model: SmolLM2-135M-Instruct in fp32, from ``rso_cli.demo.prepare_policy(--cache-dir)``.
 - Pairs: the first ``--num-pairs`` [64] HH-RLHF harmless-base test pairs (bundled with ``rso``)
   whose prompt + longer response is at most ``--max-tokens`` [256] tokens. The prompt is the
   dialogue before the last Assistant turn (``beam_pipelines.prompts.parse_hh_dialogue``), rendered
   with the model's chat template (``beam_pipelines.render.render_prompt``); the responses are the
   final Assistant turns of ``chosen`` / ``rejected``, tokenised + EOS. They are written once as a
   pipeline output directory (``pairs-00000-of-00001.parquet`` with ``rso.schema.arrow_schema()``,
-  ``_SUCCESS``) with reference log-probs from ``trainer.logprobs.sequence_logps`` in fp32 (not
+  ``_SUCCESS``) with reference log-probs from ``rso.logprobs.sequence_logps`` in fp32 (not
   timed: in the real system the pipeline computes them). Reused while the inputs match.
 - ``ours``: ``python -m trainer.train`` (loss sigmoid-norm, reference from the data, one model,
   its defaults: gradient checkpointing, fused AdamW, length-bucketed batches, a final
@@ -92,7 +92,7 @@ def hh_pairs(policy: str, num_pairs: int, max_tokens: int) -> list[dict[str, Any
     from beam_pipelines.prompts import PromptError as InputError
     from beam_pipelines.prompts import parse_hh_dialogue, prompt_id_for
     from beam_pipelines.render import PromptError, render_prompt
-    from rso.demo import bundled_data
+    from rso_cli.demo import bundled_data
 
     tok = AutoTokenizer.from_pretrained(policy)
     eos = tok.eos_token_id
@@ -137,7 +137,7 @@ def add_reference_logps(policy: str, records: list[dict[str, Any]], threads: int
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from trainer.logprobs import sequence_logps
+    from rso.logprobs import sequence_logps
 
     torch.set_num_threads(threads)
     model = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.float32).eval()
@@ -337,7 +337,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/rso-pipeline"),
-                   help="where rso.demo.prepare_policy keeps SmolLM2-135M-Instruct")
+                   help="where rso_cli.demo.prepare_policy keeps SmolLM2-135M-Instruct")
     p.add_argument("--policy", default=None, help="another HF causal LM dir instead of SmolLM2")
     p.add_argument("--out", default="/tmp/rso-trainer-vs-trl",
                    help="pairs, run directories, logs and results.json")
@@ -366,7 +366,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         if importlib.util.find_spec("trl") is None:
             p.error("TRL is not installed: pip install trl==1.16.0 (setup.py's bench extra)")
 
-    from rso.demo import prepare_policy
+    from rso_cli.demo import prepare_policy
 
     policy = args.policy or prepare_policy(args.cache_dir)
     os.makedirs(args.out, exist_ok=True)

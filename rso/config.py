@@ -126,7 +126,7 @@ class Config:
 
     @classmethod
     def from_yaml(cls: type[C], path: str) -> C:
-        from rso.io import open_file
+        from rso.storage import open_file
 
         with open_file(path, "r") as f:
             data = yaml.safe_load(f) or {}

@@ -13,7 +13,7 @@ from typing import BinaryIO, Iterable, Iterator
 
 import google_crc32c
 
-from rso.io import open_file
+from rso.storage import open_file
 
 
 class CorruptRecordError(ValueError):

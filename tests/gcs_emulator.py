@@ -4,7 +4,7 @@
 bucket) and sets what clients need to use it without a network:
 
 - ``STORAGE_EMULATOR_HOST=http://127.0.0.1:PORT``: google-cloud-storage (and so Beam's gcsio)
-  and gcsfs (``rso.io``) send their requests there;
+  and gcsfs (``rso.storage``) send their requests there;
 - ``NO_GCE_CHECK=true``, ``GOOGLE_CLOUD_PROJECT=test``;
 - ``GOOGLE_APPLICATION_CREDENTIALS``: a throw-away "authorized_user" file whose access token is
   already valid (expiry in 2999), so ``google.auth.default()`` answers at once. Without it Beam

@@ -1,7 +1,7 @@
 """Preference pairs for the trainer's tests, made like the pipeline makes them, offline.
 
 Responses are sampled from the tiny policy (transformers ``generate``, temperature 1, seeded),
-their reference log-probs computed with :func:`trainer.logprobs.sequence_logps` in fp32, and the
+their reference log-probs computed with :func:`rso.logprobs.sequence_logps` in fp32, and the
 pairs written as a SPEC 5 output directory (``pairs-*.parquet``, ``pairs-*.tfrecord.gz``,
 ``manifest.json``, ``_SUCCESS``) with pyarrow and :func:`rso.tfrecord.write_records`.
 """
@@ -18,7 +18,7 @@ import torch
 
 from rso.schema import COLUMN_NAMES, arrow_schema, to_example
 from rso.tfrecord import write_records
-from trainer.logprobs import sequence_logps
+from rso.logprobs import sequence_logps
 
 QUESTIONS = [
     "how do I bake bread?", "what is the capital of France?", "tell me a joke.",

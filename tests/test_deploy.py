@@ -24,7 +24,7 @@ import pytest
 
 from deploy.dataflow import fetch_models
 from deploy.nightly import publish as P
-from rso import io as rso_io
+from rso import storage as rso_io
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FLINK_RUN = os.path.join(REPO, "deploy", "flink", "run.sh")
@@ -342,7 +342,7 @@ def test_dataflow_script_composes_gpu_options_and_hides_nothing_it_should_not_pr
                              HF_TOKEN="hf_do_not_print", args=["--beta", "0.5"])
     assert proc.returncode == 0, proc.stderr
     argv = shlex.split(proc.stdout)
-    assert argv[:4] == [sys.executable, "-m", "rso.cli", "generate"]
+    assert argv[:4] == [sys.executable, "-m", "rso_cli.cli", "generate"]
     joined = " ".join(argv)
     for expected in ["--runner DataflowRunner", "--temp_location gs://b/rso/tmp",
                      "--staging_location gs://b/rso/staging", f"--sdk_container_image {IMAGE}",

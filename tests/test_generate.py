@@ -20,12 +20,12 @@ from beam_pipelines.config import GenerateConfig
 from beam_pipelines.generate import (GenerateCandidates, TransformersGenerationHandler,
                                      VLLMGenerationHandler, get_vllm_engine,
                                      make_generation_handler, response_text, truncate_at_eos)
-from beam_pipelines.records import Candidate, Failure, PromptCandidates, RenderedPrompt
+from beam_pipelines.elements import Candidate, Failure, PromptCandidates, RenderedPrompt
 from beam_pipelines.render import DEAD_LETTER, render_prompt
 from beam_pipelines.rescore import RescoreCandidates
 from beam_pipelines.seeding import prompt_seed
 from tests.test_render import Collect
-from trainer.logprobs import sequence_logps
+from rso.logprobs import sequence_logps
 
 N = 6
 MAX_NEW = 20
@@ -116,7 +116,7 @@ def assert_consistent(pc: PromptCandidates, eos_id: int, budget: int = MAX_NEW) 
 
 
 def assert_raw_logps(pcs: list[PromptCandidates], model, pad_id: int, tol: float = TOL) -> None:
-    """sft_logp == trainer.logprobs.sequence_logps of the same token ids (fp32)."""
+    """sft_logp == rso.logprobs.sequence_logps of the same token ids (fp32)."""
     for pc in pcs:
         expected = sequence_logps(model, [pc.prompt.prompt_token_ids] * len(pc.candidates),
                                   [c.token_ids for c in pc.candidates], pad_id).tolist()

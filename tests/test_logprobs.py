@@ -1,9 +1,9 @@
-"""trainer.logprobs: response log-prob sums, the one implementation of the project."""
+"""rso.logprobs: response log-prob sums, the one implementation of the project."""
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from trainer import logprobs as L
+from rso import logprobs as L
 
 PROMPTS = [[4, 25, 24, 19, 29, 69, 11, 5], [4, 30, 5], [7, 8]]
 RESPONSES = [[185, 79, 169, 111], [90, 168, 217, 117, 176, 186, 3], []]

@@ -200,7 +200,7 @@ def test_vllm_reference_logps_match_the_trainer_in_fp32(vllm_run, tiny_policy):
     own log-prob computation gives for the initial policy (SPEC 1, issue: < 1e-3 nats)."""
     from transformers import AutoModelForCausalLM
 
-    from trainer.logprobs import sequence_logps
+    from rso.logprobs import sequence_logps
 
     manifest = json.load(open(os.path.join(vllm_run, "manifest.json")))
     assert manifest["config"]["rescore"] == "auto"

@@ -6,10 +6,11 @@ import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from transformers import AutoTokenizer
 
+from rso.transcript import hh_transcript
 from beam_pipelines.config import GenerateConfig
-from beam_pipelines.records import DeadLetter, PromptInput, RenderedPrompt
+from beam_pipelines.elements import DeadLetter, PromptInput, RenderedPrompt
 from beam_pipelines.render import (DEAD_LETTER, PromptError, RenderPrompts, context_length,
-                                   max_prompt_tokens, new_token_budget, plain_transcript,
+                                   max_prompt_tokens, new_token_budget,
                                    render_prompt)
 
 CONVERSATION = (("user", "How do I bake bread?"), ("assistant", "Mix flour and water."),
@@ -55,7 +56,7 @@ def test_no_chat_template_falls_back_to_plain_transcript(plain_tok):
     r = render_prompt(plain_tok, "p3", None, CONVERSATION, 255)
     assert r.prompt == ("Human: How do I bake bread?\n\nAssistant: Mix flour and water.\n\n"
                         "Human: What then?\n\nAssistant:")
-    assert r.prompt == plain_transcript(CONVERSATION)
+    assert r.prompt == hh_transcript(CONVERSATION, open_assistant_turn=True)
     assert r.prompt_token_ids == tuple(plain_tok(r.prompt)["input_ids"])
     assert r.messages == CONVERSATION
 

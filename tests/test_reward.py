@@ -11,10 +11,11 @@ import torch
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.util import assert_that
 
+from rso.transcript import hh_transcript
 from beam_pipelines.config import GenerateConfig, RewardModelSpec
-from beam_pipelines.records import Candidate, PromptCandidates, RenderedPrompt
+from beam_pipelines.elements import Candidate, PromptCandidates, RenderedPrompt
 from beam_pipelines.reward import (PairwiseRewardHandler, PointwiseRewardHandler, ScoreRewards,
-                                   check_reward_model, pairwise_text, plain_conversation,
+                                   check_reward_model, pairwise_text,
                                    truncate_left)
 from beam_pipelines.seeding import prompt_rng
 from rso.config import ConfigError
@@ -77,7 +78,7 @@ def config(**kw) -> GenerateConfig:
 
 
 def prompt(pid: str, messages, responses) -> PromptCandidates:
-    rendered = RenderedPrompt(pid, prompt=plain_conversation(messages), prompt_token_ids=(4, 5),
+    rendered = RenderedPrompt(pid, prompt=hh_transcript(messages), prompt_token_ids=(4, 5),
                               messages=tuple(messages))
     return PromptCandidates(rendered, [Candidate(r, tuple(range(len(r.split()))), "stop", -1.0)
                                        for r in responses])
@@ -114,7 +115,7 @@ def direct_pointwise(model, tok, messages, response: str) -> float:
 
 def direct_pairwise_score(model, tok, pc: PromptCandidates, a: int, b: int) -> float:
     """logit P(A better than B): z for one output, log(p1 / p0) of the softmax for two."""
-    text = pairwise_text(plain_conversation(pc.prompt.messages), pc.candidates[a].text,
+    text = pairwise_text(hh_transcript(pc.prompt.messages), pc.candidates[a].text,
                          pc.candidates[b].text)
     z = forward(model, tok(text)["input_ids"])
     if z.numel() == 1:

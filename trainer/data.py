@@ -1,7 +1,7 @@
 """Reading preference pairs for the trainer: resolve, validate, stream, shuffle, bucket.
 
 Sources are pipeline output directories (only complete ones, with ``_SUCCESS``), or files and
-globs of ``*.parquet`` / ``*.tfrecord[.gz]``, local or gs:// (through :mod:`rso.io`). Only the
+globs of ``*.parquet`` / ``*.tfrecord[.gz]``, local or gs:// (through :mod:`rso.storage`). Only the
 columns the trainer needs are read, a Parquet row group or a TFRecord record at a time, so data
 larger than memory streams. Stored token ids are used as they are: nothing is re-tokenised.
 
@@ -20,7 +20,8 @@ from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, Ty
 import numpy as np
 import pyarrow.parquet as pq
 
-from rso import io as rso_io
+from rso import storage as rso_io
+from rso import layout
 from rso.schema import SchemaError, from_example
 from rso.tfrecord import CorruptRecordError, read_records
 
@@ -75,14 +76,10 @@ def _file_format(path: str) -> str:
 
 
 def _directory_files(directory: str, data_format: str) -> list[str]:
-    if not rso_io.exists(rso_io.join(directory, "_SUCCESS")):
-        raise DataError(f"{directory}: no _SUCCESS file, so the pipeline run that writes it has "
-                        f"not finished (or failed); refusing to train on partial output")
-    parquet = rso_io.glob(rso_io.join(directory, "pairs-*.parquet"))
-    tfrecord = rso_io.glob(rso_io.join(directory, "pairs-*.tfrecord*"))
-    if data_format == "auto":
-        return parquet or tfrecord
-    return parquet if data_format == PARQUET else tfrecord
+    if not layout.is_complete(directory):
+        raise DataError(f"{directory}: no {layout.SUCCESS} file, so the pipeline run that writes "
+                        f"it has not finished (or failed); refusing to train on partial output")
+    return layout.pair_files(directory, data_format)
 
 
 def resolve_files(sources: Sequence[str], data_format: str = "auto") -> list[str]:

@@ -1,7 +1,7 @@
 """The policy: loading, device and precision choice, and pair log-probs in one forward pass.
 
 A micro-batch of B pairs becomes 2B sequences (B chosen, then B rejected, each after its prompt),
-left-padded by :func:`trainer.logprobs.pack` and scored in a single forward pass, so chosen and
+left-padded by :func:`rso.logprobs.pack` and scored in a single forward pass, so chosen and
 rejected share the batch and the kernel launches.
 """
 from __future__ import annotations
@@ -13,19 +13,10 @@ from typing import Any, ContextManager, Optional, Sequence
 import torch
 
 from trainer.data import Pair
-from trainer.logprobs import PackedBatch, forward_logps, pack
+from rso import hf
+from rso.logprobs import PackedBatch, forward_logps, pack
 
 log = logging.getLogger("rso.trainer")
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        from rso.config import ConfigError
-
-        raise ConfigError("--device cuda: no CUDA device is available")
-    return torch.device(device)
 
 
 def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
@@ -53,29 +44,18 @@ def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> ContextManag
 
 def load_policy(path: str, device: torch.device, trust_remote_code: bool = False
                 ) -> tuple[torch.nn.Module, Any]:
-    """The causal LM in fp32 (master weights) on ``device``, and its tokenizer if it has one
-    (kept only to be saved with checkpoints: the trainer never tokenises)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32,
-                                                 trust_remote_code=trust_remote_code)
-    model.to(device)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
-    except (OSError, ValueError) as e:
-        log.warning("no tokenizer in %s (%s); checkpoints will hold the model only", path, e)
-        tokenizer = None
+    """The causal LM in fp32 (master weights) on ``device``, in train mode, and its tokenizer if
+    it has one (kept only to be saved with checkpoints: the trainer never tokenises)."""
+    model = hf.load_causal_lm(path, "float32", str(device), trust_remote_code, train=True)
+    tokenizer = hf.load_tokenizer(path, trust_remote_code, required=False)
+    if tokenizer is None:
+        log.warning("no tokenizer in %s; checkpoints will hold the model only", path)
     return model, tokenizer
 
 
 def pad_token_id(model: torch.nn.Module, tokenizer: Any) -> int:
     """Any id works (padding is masked and left of every sequence); prefer the declared pad."""
-    for candidate in (getattr(tokenizer, "pad_token_id", None),
-                      getattr(model.config, "pad_token_id", None),
-                      getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(candidate, int):
-            return candidate
-    return 0
+    return hf.pad_token_id(tokenizer, model)
 
 
 def pack_pairs(pairs: Sequence[Pair], pad_id: int) -> PackedBatch:

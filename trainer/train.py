@@ -25,6 +25,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from rso.config import ConfigError
+from rso.hf import resolve_device
 from trainer import checkpoint as ckpt
 from trainer import reference as ref
 from trainer.config import RESUME_INVARIANTS, TrainConfig
@@ -33,7 +34,7 @@ from trainer.losses import preference_loss
 from trainer.memory import limit_heap_retention
 from trainer.metrics import MetricsWriter, PairMetrics, Progress, peak_memory
 from trainer.model import (autocast, load_policy, pad_token_id, pair_logps, reference_logps,
-                           resolve_device, resolve_precision)
+                           resolve_precision)
 from trainer.optim import build_optimizer, build_scheduler
 
 log = logging.getLogger("rso.trainer")

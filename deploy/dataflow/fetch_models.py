@@ -18,7 +18,7 @@ import os
 import sys
 from typing import Sequence
 
-from rso import io as rso_io
+from rso import storage as rso_io
 
 MARKER = ".rso-fetched"
 

@@ -34,7 +34,7 @@ GPU_TYPE="${GPU_TYPE:-nvidia-l4}"
 GPU_COUNT="${GPU_COUNT:-1}"
 SETUP_FILE="${SETUP_FILE-$REPO/setup.py}"
 
-args=(-m rso.cli generate)
+args=(-m rso_cli.cli generate)
 [[ -n "${CONFIG:-}" ]] && args+=(--config "$CONFIG")
 [[ -n "${INPUT:-}" ]] && args+=(--input "$INPUT")
 [[ -n "${OUTPUT:-}" ]] && args+=(--output "$OUTPUT")

@@ -33,7 +33,7 @@ ENVIRONMENT_TYPE="${ENVIRONMENT_TYPE:-DOCKER}"
 SDK_WORKER_PARALLELISM="${SDK_WORKER_PARALLELISM:-1}"
 JOB_NAME="${JOB_NAME:-rso-generate-$(date -u +%Y%m%d-%H%M%S)}"
 
-args=(-m rso.cli generate --input "$INPUT" --output "$OUTPUT" --policy "$POLICY"
+args=(-m rso_cli.cli generate --input "$INPUT" --output "$OUTPUT" --policy "$POLICY"
       --reward-model "$REWARD_MODEL")
 if [[ -n "${CONFIG:-}" ]]; then
   args+=(--config "$CONFIG")

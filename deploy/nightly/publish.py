@@ -18,7 +18,7 @@ Rules:
   incomplete runs older than the oldest kept one are stale failures and go too. Nothing newer than
   the ``LATEST`` target is touched (it may be running), nor anything whose name is not a date.
 
-Beam-free (``rso.io``, i.e. fsspec/gcsfs), so it runs on any host that can read the bucket::
+Beam-free (``rso.storage``, i.e. fsspec/gcsfs), so it runs on any host that can read the bucket::
 
     python -m deploy.nightly.publish publish ROOT 2025-01-02 [--keep 7] [--force]
     python -m deploy.nightly.publish latest ROOT      # prints the published run's path
@@ -35,9 +35,9 @@ import sys
 import tempfile
 from typing import Optional, Sequence
 
-from rso import io as rso_io
+from rso import storage as rso_io
+from rso.layout import SUCCESS, is_complete
 
-SUCCESS = "_SUCCESS"  # the pipeline's completion marker (beam_pipelines.write.SUCCESS, SPEC 5)
 LATEST = "LATEST"
 RUN_NAME = re.compile(r"^\d{4}-\d{2}-\d{2}$")
 
@@ -71,11 +71,6 @@ def check_run_name(name: str) -> str:
 
 def run_path(root: str, name: str) -> str:
     return rso_io.join(root, check_run_name(name))
-
-
-def is_complete(run_dir: str) -> bool:
-    """Whether the pipeline finished writing ``run_dir`` (its ``_SUCCESS`` exists)."""
-    return rso_io.exists(rso_io.join(run_dir, SUCCESS))
 
 
 def _local(path: str) -> bool:

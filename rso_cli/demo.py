@@ -18,7 +18,7 @@ import os
 import sys
 from importlib import resources
 
-log = logging.getLogger("rso.demo")
+log = logging.getLogger("rso_cli.demo")
 
 HH_RLHF = "hh-rlhf-harmless-base-test.jsonl.gz"
 NUM_PROMPT_ROWS = 256  # demo prompts come from these rows; the reward model never sees them

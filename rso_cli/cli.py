@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
     elif command == "train":
         from trainer.train import main as run
     elif command == "demo":
-        from rso.demo import main as run
+        from rso_cli.demo import main as run
     else:
         print(f"rso: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

@@ -1,5 +1,5 @@
 """SELECT and PAIR stages: per prompt, keep k of the N scored candidates (SPEC 3) and pair them
-(SPEC 4), then turn pairs into SPEC 5 records.
+(SPEC 4). The SPEC 5 records are built from the result in ``records.py``.
 
 The N candidates of a prompt are born together (one engine request with n=N), so the keyed
 per-prompt element is already the group: no GroupByKey is needed before selection. The algorithms
@@ -15,7 +15,7 @@ from apache_beam.metrics import Metrics
 
 from beam_pipelines import pairing, sampling
 from beam_pipelines.config import GenerateConfig
-from beam_pipelines.records import Candidate, PromptCandidates, PromptSummary
+from beam_pipelines.elements import PromptCandidates, PromptSummary
 from beam_pipelines.seeding import prompt_rng
 
 SUMMARY = "summary"
@@ -50,44 +50,6 @@ def select_and_pair(group: PromptCandidates, config: GenerateConfig
         num_generated_tokens=sum(c.num_tokens for c in candidates))
     return dataclasses.replace(group, candidates=kept, pairs=pairs,
                                num_candidates=len(pool)), summary
-
-
-def pair_records(group: PromptCandidates, config: GenerateConfig, run_id: str, policy_model: str, reward_model: str) -> list[dict[str, Any]]:
-    """SPEC 5 records, one per (chosen, rejected) pair of a selected group."""
-    p = group.prompt
-    common = {
-        "prompt_id": p.prompt_id, "prompt": p.prompt, "prompt_token_ids": list(p.prompt_token_ids),
-        "selection": config.selection, "pairing": config.pairing,
-        "beta": float(config.effective_beta), "num_candidates": group.num_candidates,
-        "num_accepted": len(group.candidates), "policy_model": policy_model,
-        "reward_model": reward_model, "run_id": run_id,
-    }
-    records = []
-    for ci, ri in group.pairs or []:
-        c: Candidate = group.candidates[ci]
-        r: Candidate = group.candidates[ri]
-        records.append({
-            **common,
-            "chosen": c.text, "rejected": r.text,
-            "chosen_token_ids": list(c.token_ids), "rejected_token_ids": list(r.token_ids),
-            "ref_chosen_logps": float(c.sft_logp), "ref_rejected_logps": float(r.sft_logp),
-            "chosen_reward": float(c.reward), "rejected_reward": float(r.reward),
-            "chosen_finish_reason": c.finish_reason, "rejected_finish_reason": r.finish_reason,
-        })
-    return records
-
-
-def sft_records(group: PromptCandidates, config: GenerateConfig, run_id: str,
-                policy_model: str, reward_model: str) -> list[dict[str, Any]]:
-    """best-of-n: one SFT target (prompt, completion) per prompt, as RAFT trains on."""
-    p = group.prompt
-    return [{
-        "prompt_id": p.prompt_id, "prompt": p.prompt, "prompt_token_ids": list(p.prompt_token_ids),
-        "completion": c.text, "completion_token_ids": list(c.token_ids),
-        "ref_logps": float(c.sft_logp), "reward": float(c.reward),
-        "finish_reason": c.finish_reason, "selection": config.selection,
-        "policy_model": policy_model, "reward_model": reward_model, "run_id": run_id,
-    } for c in group.candidates]
 
 
 class _SelectAndPairFn(beam.DoFn):
@@ -125,24 +87,3 @@ class SelectAndPair(beam.PTransform):
     def expand(self, groups):
         return groups | "SelectAndPair" >> beam.ParDo(_SelectAndPairFn(self.config)).with_outputs(
             SUMMARY, main="selected")
-
-
-class ToRecords(beam.PTransform):
-    """Selected groups -> SPEC 5 pair records (or SFT records for best-of-n)."""
-
-    def __init__(self, config: GenerateConfig, run_id: str, policy_model: str,
-                 reward_model: str):
-        super().__init__()
-        self.config, self.run_id = config, run_id
-        self.policy_model, self.reward_model = policy_model, reward_model
-
-    def expand(self, selected):
-        cfg = self.config
-
-        def to_records(element):
-            _, group = element
-            make = sft_records if cfg.selection == "best-of-n" else pair_records
-            return make(group, cfg, self.run_id, self.policy_model, self.reward_model)
-
-        return selected | "ToRecords" >> beam.FlatMap(to_records)
-

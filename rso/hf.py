@@ -1,0 +1,92 @@
+"""Hugging Face model loading, written once for the pipeline, the trainer and the tools.
+
+Every loader keeps ``trust_remote_code`` off unless the caller turns it on, loads weights with
+transformers' ``from_pretrained`` (safetensors when the directory has them) and never downloads:
+paths are local directories (``HF_HUB_OFFLINE`` is respected by transformers itself).
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    import torch
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+def torch_dtype(name: str) -> "torch.dtype":
+    """``"float32" | "bfloat16" | "float16"`` -> the torch dtype; ValueError otherwise."""
+    import torch
+
+    table = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in table:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return table[name]
+
+
+def resolve_device(device: str = "auto") -> "torch.device":
+    """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error
+    (:class:`rso.config.ConfigError`); anything else is passed to ``torch.device``."""
+    import torch
+
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        from rso.config import ConfigError
+
+        raise ConfigError("--device cuda: no CUDA device is available")
+    return torch.device(device)
+
+
+def load_tokenizer(path: str, trust_remote_code: bool = False, required: bool = True) -> Any:
+    """The tokenizer saved in ``path``; with ``required=False``, None when there is none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        if required:
+            raise
+        return None
+
+
+def load_causal_lm(path: str, dtype: str = "float32", device: Optional[str] = None,
+                   trust_remote_code: bool = False, train: bool = False) -> Any:
+    """``AutoModelForCausalLM`` from ``path`` in ``dtype``, on ``device`` (None: stay on the
+    CPU; ``auto``: :func:`resolve_device`), in eval mode unless ``train``."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype),
+                                                 trust_remote_code=trust_remote_code)
+    if device is not None:
+        model.to(resolve_device(device))
+    model.train(train)
+    return model
+
+
+def load_classifier(path: str, dtype: str = "float32", device: Optional[str] = None,
+                    trust_remote_code: bool = False, train: bool = False) -> Any:
+    """``AutoModelForSequenceClassification`` from ``path``, like :func:`load_causal_lm`."""
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+    if device is not None:
+        model.to(resolve_device(device))
+    model.train(train)
+    return model
+
+
+def pad_token_id(tokenizer: Any, model: Any = None, default: Optional[int] = 0) -> Optional[int]:
+    """The id to pad batches with: the model config's pad (what sequence classifiers pool
+    against: the last token that is not it), else the tokenizer's pad, else the tokenizer's EOS,
+    else ``default``. Where padding is masked (left-padded log-probs) any id gives the same
+    values."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    for candidate in (getattr(text_config, "pad_token_id", None),
+                      getattr(tokenizer, "pad_token_id", None),
+                      getattr(tokenizer, "eos_token_id", None)):
+        if isinstance(candidate, int):
+            return candidate
+    return default
