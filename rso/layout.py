@@ -4,6 +4,7 @@ the deploy tooling::
     OUTPUT/pairs-SSSSS-of-NNNNN.parquet       preference records (rso.schema.COLUMNS)
     OUTPUT/pairs-SSSSS-of-NNNNN.tfrecord.gz   the same records as tf.train.Example
     OUTPUT/sft-SSSSS-of-NNNNN.{parquet,tfrecord.gz}   best-of-n SFT targets instead of pairs
+    OUTPUT/candidates-SSSSS-of-NNNNN.parquet  every scored candidate (--write-candidates)
     OUTPUT/dead_letter-SSSSS-of-NNNNN.jsonl   one dropped element per line, with its reason
     OUTPUT/manifest.json                      config, versions, counters, statistics
     OUTPUT/*.png                              plots of the run
@@ -20,6 +21,7 @@ SUCCESS = "_SUCCESS"
 MANIFEST = "manifest.json"
 PAIRS_PREFIX = "pairs"
 SFT_PREFIX = "sft"
+CANDIDATES_PREFIX = "candidates"  # the candidate store (--write-candidates), Parquet only
 DEAD_LETTER_PREFIX = "dead_letter"
 PARQUET_SUFFIX = ".parquet"
 TFRECORD_SUFFIX = ".tfrecord.gz"
@@ -36,6 +38,7 @@ def record_patterns(prefix: str = PAIRS_PREFIX) -> tuple[str, str]:
 def output_patterns(plot_names: tuple[str, ...] = ()) -> tuple[str, ...]:
     """Every file name pattern a run writes (what a re-run replaces), ``_SUCCESS`` excluded."""
     return (*record_patterns(PAIRS_PREFIX), *record_patterns(SFT_PREFIX),
+            f"{CANDIDATES_PREFIX}-*{PARQUET_SUFFIX}",
             f"{DEAD_LETTER_PREFIX}-*{DEAD_LETTER_SUFFIX}", MANIFEST, *plot_names)
 
 
@@ -56,3 +59,8 @@ def pair_files(output: str, data_format: str = "auto", prefix: str = PAIRS_PREFI
     if data_format == "auto":
         return parquet or tfrecord
     return parquet if data_format == "parquet" else tfrecord
+
+
+def candidate_files(output: str) -> list[str]:
+    """The candidate-store files of a run, sorted (empty when it wrote none)."""
+    return rso_io.glob(rso_io.join(output, f"{CANDIDATES_PREFIX}-*{PARQUET_SUFFIX}"))

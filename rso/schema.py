@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from rso.example_proto import Example
 
-STRING, INT, DOUBLE, INT_LIST = "string", "int", "double", "int_list"
+STRING, INT, DOUBLE, INT_LIST, DOUBLE_LIST = "string", "int", "double", "int_list", "double_list"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,10 +65,30 @@ SFT_COLUMNS: tuple[Column, ...] = (
     Column("reward_model", STRING, "reward model id(s) with revision or content hash"),
     Column("run_id", STRING, "the run that wrote the record"),
 )
+# The candidate store (`rso generate --write-candidates`, `candidates-*.parquet`): every scored
+# candidate of every prompt, one row each, in the order the engine returned them, so that
+# `rso select` and `rso sweep` can re-select without decoding again. See docs/CANDIDATES.md.
+CANDIDATE_COLUMNS: tuple[Column, ...] = (
+    Column("prompt_id", STRING, "stable id of the prompt"),
+    Column("prompt", STRING, "the rendered prompt text"),
+    Column("prompt_token_ids", INT_LIST, "token ids of the rendered prompt"),
+    Column("candidate_index", INT, "position among the prompt's candidates (engine order, 0..N-1)"),
+    Column("response", STRING, "the response text: the tokenizer's decoding of response_token_ids"),
+    Column("response_token_ids", INT_LIST, "generated token ids (EOS included when generated)"),
+    Column("finish_reason", STRING, '"stop" or "length"'),
+    Column("sft_logp", DOUBLE, "sum of raw log pi_sft over the response tokens (SPEC 1)"),
+    Column("sft_logp_dtype", STRING, "precision sft_logp was computed in (e.g. bfloat16)"),
+    Column("reward_scores", DOUBLE_LIST, "each reward model's score, in --reward-model order"),
+    Column("reward", DOUBLE, "the combined reward used for selection (SPEC 2)"),
+    Column("policy_model", STRING, "policy model id with content hash"),
+    Column("reward_model", STRING, "reward model id(s) with content hash and weights"),
+    Column("sampling_params", STRING, "JSON: n, temperature, top_p, top_k, max_new_tokens, seed"),
+    Column("run_id", STRING, "the run that generated the candidate"),
+)
 BY_NAME: dict[str, Column] = {c.name: c for c in COLUMNS}
 
 _ARROW_TYPES = {STRING: pa.string(), INT: pa.int64(), DOUBLE: pa.float64(),
-                INT_LIST: pa.list_(pa.int64())}
+                INT_LIST: pa.list_(pa.int64()), DOUBLE_LIST: pa.list_(pa.float64())}
 
 
 class SchemaError(ValueError):
@@ -92,6 +112,8 @@ def validate_record(record: Mapping[str, Any], where: str = "record",
             INT: isinstance(v, int) and not isinstance(v, bool),
             DOUBLE: isinstance(v, (int, float)) and not isinstance(v, bool),
             INT_LIST: isinstance(v, (list, tuple)) and all(isinstance(t, int) for t in v),
+            DOUBLE_LIST: isinstance(v, (list, tuple)) and all(
+                isinstance(t, (int, float)) and not isinstance(t, bool) for t in v),
         }[c.kind]
         if not ok:
             raise SchemaError(f"{where}: column {c.name} must be {c.kind}, got {type(v).__name__}")
@@ -109,6 +131,8 @@ def to_example(record: Mapping[str, Any], columns: tuple[Column, ...] = COLUMNS)
             features[c.name].int64_list.value.append(int(v))
         elif c.kind == DOUBLE:
             features[c.name].float_list.value.append(float(v))
+        elif c.kind == DOUBLE_LIST:
+            features[c.name].float_list.value.extend(float(t) for t in v)
         else:
             features[c.name].int64_list.value.extend(int(t) for t in v)
     return ex.SerializeToString(deterministic=True)
@@ -131,6 +155,8 @@ def from_example(data: bytes, where: str = "record",
             out[c.name] = int(f.int64_list.value[0]) if f.int64_list.value else 0
         elif c.kind == DOUBLE:
             out[c.name] = float(f.float_list.value[0]) if f.float_list.value else math.nan
+        elif c.kind == DOUBLE_LIST:
+            out[c.name] = [float(t) for t in f.float_list.value]
         else:
             out[c.name] = list(f.int64_list.value)
     return out
