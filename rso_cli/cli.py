@@ -13,7 +13,8 @@ USAGE = """usage: rso {generate,train,sweep,demo} [--config FILE.yaml] [flags]
   sweep      expected reward gain and KL for several betas, from a stored candidate set
   demo       run `generate` on SmolLM2-135M-Instruct and bundled HH-RLHF prompts, offline
 
-`rso COMMAND --help` lists every flag of a command.
+`rso COMMAND --help` lists every flag of a command. `--verbose` anywhere shows the INFO logs
+of the libraries underneath (Beam, vLLM, transformers), hidden by default.
 """
 
 
@@ -22,6 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
+    verbose = "--verbose" in argv
+    argv = [a for a in argv if a != "--verbose"]
+    from rso import console
+
+    console.configure(verbose)
     command, rest = argv[0], argv[1:]
     if command == "generate":
         from beam_pipelines.pipeline import main as run

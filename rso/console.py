@@ -1,0 +1,52 @@
+"""What a user's console shows: one line per stage from this project, progress bars, warnings
+and errors; the INFO chatter of third-party libraries (Beam's type-hint notes, vLLM's engine
+set-up, one transformers or vLLM line per weight tensor) only with ``--verbose``.
+
+Call :func:`configure` once, first thing in a command, before vLLM is imported (vLLM reads its
+log level from ``VLLM_LOGGING_LEVEL`` when it is first imported).
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+OUR_LOGGERS = ("rso", "rso_cli", "beam_pipelines", "trainer", "deploy")
+# Libraries that log at INFO (or warn once per weight) during normal operation.
+CHATTY_LOGGERS = ("apache_beam", "vllm", "transformers", "torch", "urllib3", "absl", "filelock",
+                  "datasets", "huggingface_hub", "google", "gcsfs", "fsspec", "numba", "jax",
+                  "tensorflow", "matplotlib", "PIL", "asyncio")
+FORMAT = "%(asctime)s %(name)s: %(message)s"
+DATE_FORMAT = "%H:%M:%S"
+
+
+def configure(verbose: bool = False) -> None:
+    """Logging for a command line run: our loggers at INFO, the root at WARNING (or INFO
+    everywhere with ``verbose``); third-party loggers at ERROR unless ``verbose``.
+
+    Environment defaults (``setdefault``: a user's own setting wins): ``VLLM_LOGGING_LEVEL``,
+    ``TRANSFORMERS_VERBOSITY`` and ``TRANSFORMERS_NO_ADVISORY_WARNINGS`` quiet those libraries in
+    subprocesses and Beam workers too.
+    """
+    if not verbose:
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    root = logging.getLogger()
+    if not root.handlers:
+        handler = logging.StreamHandler()
+        handler.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
+        root.addHandler(handler)
+    root.setLevel(logging.INFO if verbose else logging.WARNING)
+    for name in OUR_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO)
+    for name in CHATTY_LOGGERS:
+        logging.getLogger(name).setLevel(logging.INFO if verbose else logging.ERROR)
+    if not verbose:
+        try:  # transformers' own verbosity and its per-call progress bars (weight loading)
+            import transformers.utils.logging as hf_logging
+
+            hf_logging.set_verbosity_error()
+            hf_logging.disable_progress_bar()
+        except ImportError:
+            pass

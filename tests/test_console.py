@@ -1,0 +1,33 @@
+"""The console shows our lines and hides third-party INFO unless --verbose."""
+from __future__ import annotations
+
+import subprocess
+import sys
+
+SCRIPT = """
+import logging, sys
+from rso import console
+console.configure(verbose=sys.argv[1] == "1")
+logging.getLogger("beam_pipelines.read").info("OUR-LINE")
+logging.getLogger("apache_beam.typehints").info("BEAM-INFO")
+logging.getLogger("vllm.model_executor").warning("PER-WEIGHT-WARNING")
+logging.getLogger("some.lib").warning("LIB-WARNING")
+"""
+
+
+def run(verbose: bool) -> str:
+    out = subprocess.run([sys.executable, "-c", SCRIPT, "1" if verbose else "0"],
+                         capture_output=True, text=True, timeout=120, check=True)
+    return out.stderr
+
+
+def test_quiet_by_default():
+    err = run(False)
+    assert "OUR-LINE" in err and "LIB-WARNING" in err
+    assert "BEAM-INFO" not in err and "PER-WEIGHT-WARNING" not in err
+
+
+def test_verbose_shows_everything():
+    err = run(True)
+    for line in ("OUR-LINE", "BEAM-INFO", "PER-WEIGHT-WARNING", "LIB-WARNING"):
+        assert line in err
