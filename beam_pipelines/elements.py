@@ -37,7 +37,8 @@ class Candidate:
     token_ids: tuple[int, ...]
     finish_reason: str  # "stop" or "length"
     sft_logp: float  # sum of raw log pi_sft over generated tokens, EOS included when generated
-    reward: float | None = None
+    reward: float | None = None  # the combined reward (SPEC 2)
+    reward_scores: tuple[float, ...] = ()  # each reward model's own score, in config order
 
     @property
     def num_tokens(self) -> int:

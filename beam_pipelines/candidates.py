@@ -1,0 +1,105 @@
+"""The candidate store: every scored candidate, kept so that selection can be redone without
+decoding (``rso generate --write-candidates``, then ``rso select`` / ``rso sweep``).
+
+One Parquet row per candidate (``rso.schema.CANDIDATE_COLUMNS``, documented in
+``docs/CANDIDATES.md``), written as ``OUTPUT/candidates-SSSSS-of-NNNNN.parquet`` by the run's
+write stage, so it becomes visible with the run's ``_SUCCESS``. A prompt's rows carry
+``candidate_index`` 0..N-1 in the order the engine returned them (the order selection sees:
+dedup keeps first occurrences and Algorithm 1 indexes into it), so reading them back and
+grouping by prompt gives exactly the element the select stage saw in the original run.
+
+- :func:`candidate_rows` / :func:`group_from_rows`: element <-> rows, pure functions.
+- :class:`ReadCandidates`: a store -> ``(prompt_id, PromptCandidates)``, as the reward stage
+  emits them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any, Mapping, Sequence
+
+import apache_beam as beam
+
+from beam_pipelines.elements import Candidate, PromptCandidates, RenderedPrompt
+from rso import layout
+from rso.config import ConfigError
+
+
+def sampling_params_json(config: Any) -> str:
+    """The sampling parameters that shaped the candidates, as canonical JSON (sorted keys): the
+    store's ``sampling_params`` column and part of what makes stored candidates reusable."""
+    return json.dumps({
+        "n": config.num_candidates, "temperature": config.temperature, "top_p": config.top_p,
+        "top_k": config.top_k, "max_new_tokens": config.max_new_tokens, "seed": config.seed,
+        "max_model_len": config.max_model_len, "engine": config.engine,
+        "dtype": config.generation_dtype}, sort_keys=True)
+
+
+def candidate_rows(group: PromptCandidates, *, sft_logp_dtype: str, policy_model: str,
+                   reward_model: str, sampling_params: str, run_id: str) -> list[dict]:
+    """One store row per candidate of a scored group (rewards set), in candidate order."""
+    p = group.prompt
+    return [{
+        "prompt_id": p.prompt_id, "prompt": p.prompt,
+        "prompt_token_ids": list(p.prompt_token_ids), "candidate_index": i,
+        "response": c.text, "response_token_ids": list(c.token_ids),
+        "finish_reason": c.finish_reason, "sft_logp": float(c.sft_logp),
+        "sft_logp_dtype": sft_logp_dtype,
+        "reward_scores": [float(s) for s in (c.reward_scores or (c.reward,))],
+        "reward": float(c.reward), "policy_model": policy_model, "reward_model": reward_model,
+        "sampling_params": sampling_params, "run_id": run_id,
+    } for i, c in enumerate(group.candidates)]
+
+
+def group_from_rows(rows: Sequence[Mapping[str, Any]]) -> PromptCandidates:
+    """The scored group of one prompt from its store rows (any order). ValueError when the rows
+    disagree on the prompt or their indices are not 0..N-1 once each."""
+    rows = sorted(rows, key=lambda r: r["candidate_index"])
+    first = rows[0]
+    indices = [r["candidate_index"] for r in rows]
+    if indices != list(range(len(rows))):
+        raise ValueError(f"prompt {first['prompt_id']}: candidate_index values {indices[:8]} "
+                         f"are not 0..{len(rows) - 1}")
+    if any(list(r["prompt_token_ids"]) != list(first["prompt_token_ids"]) for r in rows):
+        raise ValueError(f"prompt {first['prompt_id']}: rows disagree on prompt_token_ids")
+    prompt = RenderedPrompt(first["prompt_id"], first["prompt"],
+                            tuple(int(t) for t in first["prompt_token_ids"]))
+    return PromptCandidates(prompt, [Candidate(
+        text=r["response"], token_ids=tuple(int(t) for t in r["response_token_ids"]),
+        finish_reason=r["finish_reason"], sft_logp=float(r["sft_logp"]),
+        reward=float(r["reward"]), reward_scores=tuple(float(s) for s in r["reward_scores"]))
+        for r in rows])
+
+
+def store_files(directory: str) -> list[str]:
+    """The store's files; ConfigError when ``directory`` is not a complete run with a store."""
+    if not layout.is_complete(directory):
+        raise ConfigError(f"--candidates {directory}: no {layout.SUCCESS}: not a complete run")
+    files = layout.candidate_files(directory)
+    if not files:
+        raise ConfigError(f"--candidates {directory}: the run wrote no candidate store (run "
+                          f"rso generate with --write-candidates)")
+    return files
+
+
+class ReadCandidates(beam.PTransform):
+    """A candidate store -> ``(prompt_id, PromptCandidates)`` with stored rewards, one element
+    per prompt (rows grouped by prompt_id)."""
+
+    def __init__(self, directory: str):
+        super().__init__()
+        self._files = store_files(directory)
+
+    def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
+        return (pbegin
+                | "Files" >> beam.Create(self._files)
+                | "ReadParquet" >> beam.io.ReadAllFromParquet()
+                | "KeyByPrompt" >> beam.Map(lambda row: (row["prompt_id"], row))
+                | "GroupByPrompt" >> beam.GroupByKey()
+                | "ToGroups" >> beam.MapTuple(lambda pid, rows: (pid, group_from_rows(list(rows)))))
+
+
+def clear_rewards(group: PromptCandidates) -> PromptCandidates:
+    """``group`` with every candidate's reward cleared, for re-scoring with other models."""
+    return dataclasses.replace(group, candidates=[
+        dataclasses.replace(c, reward=None, reward_scores=()) for c in group.candidates])
