@@ -41,3 +41,11 @@ def test_clear_rewards():
     cleared = clear_rewards(group())
     assert [c.reward for c in cleared.candidates] == [None, None]
     assert cleared.candidates[0].token_ids == (7, 2)
+
+
+def test_every_column_is_documented():
+    import pathlib
+
+    doc = (pathlib.Path(__file__).parent.parent / "docs" / "CANDIDATES.md").read_text()
+    missing = [c.name for c in schema.CANDIDATE_COLUMNS if f"`{c.name}`" not in doc]
+    assert not missing
