@@ -15,7 +15,7 @@ from typing import Literal, Optional
 from rso.config import Config, ConfigError, option
 
 Selection = Literal["rso", "top-k", "random", "best-of-n", "rest"]
-Pairing = Literal["first-round", "tournament", "all-pairs"]
+Pairing = Literal["first-round", "tournament", "all-pairs", "best-vs-worst", "best-vs-mean-2std"]
 
 
 @dataclasses.dataclass
@@ -105,7 +105,7 @@ class GenerateConfig(Config):
     rest_threshold: float = option(0.7, "rest: keep responses whose min-max normalised reward "
                                    "exceeds this")
     dedup: bool = option(True, "collapse candidates with identical token ids before selection")
-    pairing: Pairing = option("first-round", "first-round | tournament | all-pairs (SPEC 4)")
+    pairing: Pairing = option("first-round", "first-round | tournament | all-pairs (SPEC 4) | best-vs-worst | best-vs-mean-2std (docs/GLOSSARY.md)")
     tie_margin: float = option(0.0, "drop pairs whose rewards differ by no more than this")
     # ---- run
     seed: int = option(0, "run seed; with prompt_id it seeds every random choice")

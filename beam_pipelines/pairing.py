@@ -61,10 +61,39 @@ def _all_pairs(r: np.ndarray, rng: np.random.Generator) -> list[IndexPair]:
     return [_game(a, b, r) for a, b in itertools.combinations(range(r.size), 2)]
 
 
+def _best_vs_worst(r: np.ndarray, rng: np.random.Generator) -> list[IndexPair]:
+    """One game: the highest against the lowest reward (the lowest index among ties; ``rng``
+    unused). The widest margin the kept set offers: the common "best-vs-worst" construction of
+    iterative DPO pipelines (e.g. Xiong et al. 2024, "Iterative Preference Learning from Human
+    Feedback", section 5)."""
+    if r.size < 2:
+        return []
+    best, worst = int(np.argmax(r)), int(np.argmin(r))
+    return [(best, worst)] if best != worst else [(best, int(np.argsort(r, kind="stable")[1]))]
+
+
+def _best_vs_mean_minus_2std(r: np.ndarray, rng: np.random.Generator) -> list[IndexPair]:
+    """One game: the highest reward against the response whose reward is closest to
+    ``mean(r) - 2 * std(r)`` (population std; the lowest index among equally close ones;
+    ``rng`` unused). Xiao et al. 2025, "Finding the Sweet Spot: Preference Data Construction for
+    Scaling Preference Optimization" (arXiv 2502.16825), found this rejected position better than
+    the minimum as N grows. They take mean and std over all N samples: to match them keep all N
+    (``--selection random --num-samples N``); otherwise the statistics are the kept set's."""
+    if r.size < 2:
+        return []
+    best = int(np.argmax(r))
+    target = r.mean() - 2.0 * r.std()
+    distance = np.abs(r - target)
+    distance[best] = np.inf
+    return [(best, int(np.argmin(distance)))]
+
+
 _PAIRINGS: dict[str, Callable[[np.ndarray, np.random.Generator], list[IndexPair]]] = {
     "first-round": _first_round,
     "tournament": _tournament,
     "all-pairs": _all_pairs,
+    "best-vs-worst": _best_vs_worst,
+    "best-vs-mean-2std": _best_vs_mean_minus_2std,
 }
 PAIRING_METHODS: tuple[str, ...] = tuple(_PAIRINGS)
 
@@ -79,6 +108,9 @@ def make_pairs(method: str, rewards: Sequence[float], rng: np.random.Generator,
       pair. An odd entrant out gets a bye and plays first in the next round. Exactly equal
       rewards: the lower index advances.
     - ``all-pairs``: all k (k - 1) / 2 games.
+    - ``best-vs-worst``: one game, the highest against the lowest reward.
+    - ``best-vs-mean-2std``: one game, the highest against the response closest to
+      mean - 2 std of the rewards (arXiv 2502.16825).
 
     In every game the higher reward is chosen. A game with ``|r_a - r_b| <= tie_margin`` is
     dropped. Returns ``(pairs, dropped)``: the kept ``(chosen_index, rejected_index)`` pairs, in

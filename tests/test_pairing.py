@@ -149,6 +149,9 @@ def test_tournament_with_margin_still_advances_the_better_one():
             assert len(pairs) == 2 and all(chosen == 2 for chosen, _ in pairs)
 
 
+DETERMINISTIC = ("all-pairs", "best-vs-worst", "best-vs-mean-2std")
+
+
 @pytest.mark.parametrize("method", PAIRING_METHODS)
 def test_deterministic_for_the_same_prompt_seed(method):
     rewards = _distinct_rewards(8, 6)
@@ -156,7 +159,7 @@ def test_deterministic_for_the_same_prompt_seed(method):
     assert first == make_pairs(method, rewards, prompt_rng(3, "p-1", "pair"))
     others = {tuple(make_pairs(method, rewards, prompt_rng(3, f"p-{i}", "pair"))[0])
               for i in range(10)}
-    if method == "all-pairs":  # no random choice: the same pairs for every prompt
+    if method in DETERMINISTIC:  # no random choice: the same pairs for every prompt
         assert len(others) == 1
     else:
         assert len(others) >= 8
@@ -178,3 +181,20 @@ def test_empty_and_single():
     for method in PAIRING_METHODS:
         assert make_pairs(method, [], _rng(0)) == ([], 0)
         assert make_pairs(method, [2.0], _rng(0)) == ([], 0)
+
+
+def test_best_vs_worst():
+    rng = np.random.default_rng(0)
+    assert make_pairs("best-vs-worst", [0.3, 2.0, -1.0, 1.0], rng) == ([(1, 2)], 0)
+    assert make_pairs("best-vs-worst", [1.0], rng) == ([], 0)
+    # all equal: one game, dropped as a tie
+    assert make_pairs("best-vs-worst", [1.0, 1.0, 1.0], rng) == ([], 1)
+
+
+def test_best_vs_mean_minus_2std_picks_the_response_nearest_the_target():
+    r = np.array([0.0, 1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, -3.0])
+    target = r.mean() - 2 * r.std()  # 3.0 - 2 * 3.195 = -3.39: nearest is -3.0 (index 9)
+    assert abs(r[9] - target) < abs(r[0] - target)
+    assert make_pairs("best-vs-mean-2std", r, np.random.default_rng(0)) == ([(8, 9)], 0)
+    # two responses: the only other one is rejected
+    assert make_pairs("best-vs-mean-2std", [1.0, 0.0], np.random.default_rng(0)) == ([(0, 1)], 0)
