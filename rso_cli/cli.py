@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """usage: rso {generate,train,sweep,demo} [--config FILE.yaml] [flags]
+USAGE = """usage: rso {generate,train,iterate,sweep,demo} [--config FILE.yaml] [flags]
 
   generate   build RSO preference pairs with Apache Beam (vLLM or transformers + reward models)
   train      optimise a policy on the pairs (sigmoid-norm/DPO, hinge-norm, hinge/SLiC, ipo)
+  iterate    R rounds of generate + train, each round's policy proposing the next round's data
   sweep      expected reward gain and KL for several betas, from a stored candidate set
   demo       run `generate` on SmolLM2-135M-Instruct and bundled HH-RLHF prompts, offline
 
@@ -33,6 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         from beam_pipelines.pipeline import main as run
     elif command == "train":
         from trainer.train import main as run
+    elif command == "iterate":
+        from rso_cli.iterate import main as run
     elif command == "sweep":
         from rso_cli.sweep import main as run
     elif command == "demo":

@@ -1,0 +1,120 @@
+"""`rso iterate --rounds R`: iterative RSO, each round's policy proposing the next round's data.
+
+Round r (0-based), under ``--output ROOT``:
+
+1. ``rso generate`` with policy ``pi_r`` (round 0: ``--policy``) into ``ROOT/round-r/data``:
+   candidates sampled from ``pi_r``, so the stored ``sft_logp`` (the reference log-probs) are
+   ``pi_r``'s: ``pi_r`` is round r's proposal **and** its reference, as Liu et al. (2024,
+   section 5) suggest against reward-model drift. ``--seed`` + r draws a different
+   ``--max-prompts`` shard and different samples each round.
+2. ``rso train`` from ``pi_r`` on those pairs into ``ROOT/round-r/policy``; its final checkpoint
+   is ``pi_{r+1}``.
+
+Every round's data, model and metrics are kept. ``ROOT/iterate.json`` and the printed table
+summarise them: pairs, mean chosen / rejected proxy reward, the policy's content id and the last
+train metrics. Extra ``rso generate`` flags go in ``--generate-args``, extra ``rso train`` flags
+in ``--train-args`` (quoted strings, split like a shell).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import shlex
+import sys
+from typing import Sequence
+
+log = logging.getLogger("rso_cli.iterate")
+
+
+def round_dirs(root: str, r: int) -> tuple[str, str]:
+    """(data, policy) directories of round ``r``."""
+    base = os.path.join(root, f"round-{r}")
+    return os.path.join(base, "data"), os.path.join(base, "policy")
+
+
+def summarise_round(r: int, policy: str, data: str, train_out: str) -> dict:
+    """One row of the summary: what round ``r`` made, read back from its outputs."""
+    import pyarrow.parquet as pq
+
+    from rso import layout
+    from rso.model_id import model_id
+    from trainer.checkpoint import latest_checkpoint
+    from trainer.metrics import read_metrics
+
+    rows = [row for path in layout.pair_files(data, "parquet")
+            for row in pq.read_table(path, columns=["chosen_reward", "rejected_reward"])
+            .to_pylist()]
+    metrics = read_metrics(os.path.join(train_out, "metrics.jsonl"))
+    train = [m for m in metrics if m.get("split") == "train"]
+    mean = (lambda xs: sum(xs) / len(xs) if xs else float("nan"))  # noqa: E731
+    return {
+        "round": r, "proposal_policy": model_id(policy), "data": data,
+        "pairs": len(rows),
+        "mean_chosen_reward": mean([x["chosen_reward"] for x in rows]),
+        "mean_rejected_reward": mean([x["rejected_reward"] for x in rows]),
+        "trained_policy": latest_checkpoint(train_out),
+        "final_train_loss": train[-1].get("loss") if train else None,
+        "final_train_accuracy": train[-1].get("accuracy") if train else None,
+    }
+
+
+def format_table(rows: list[dict]) -> str:
+    lines = [f"{'round':>5} {'pairs':>6} {'chosen r':>9} {'rejected r':>11} {'loss':>7}  policy"]
+    for row in rows:
+        loss = row["final_train_loss"]
+        lines.append(f"{row['round']:>5} {row['pairs']:>6} {row['mean_chosen_reward']:>9.3f} "
+                     f"{row['mean_rejected_reward']:>11.3f} "
+                     f"{loss if loss is None else format(loss, '7.4f'):>7}  "
+                     f"{row['proposal_policy']}")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="rso iterate", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, required=True)
+    parser.add_argument("--policy", required=True, help="the SFT policy (round 0's proposal)")
+    parser.add_argument("--input", required=True, help="prompts (as rso generate --input)")
+    parser.add_argument("--reward-model", required=True, action="append",
+                        help="as rso generate --reward-model (repeatable)")
+    parser.add_argument("--output", required=True, help="ROOT: round-R/{data,policy} go here")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--generate-args", default="", help="extra rso generate flags")
+    parser.add_argument("--train-args", default="", help="extra rso train flags")
+    args = parser.parse_args(argv)
+    if args.rounds < 1:
+        parser.error("--rounds must be >= 1")
+    from beam_pipelines.pipeline import main as generate
+    from trainer.checkpoint import latest_checkpoint
+    from trainer.train import main as train
+
+    policy, rows = args.policy, []
+    for r in range(args.rounds):
+        data, train_out = round_dirs(args.output, r)
+        log.info("round %d/%d: generate with %s", r + 1, args.rounds, policy)
+        rewards = [a for rm in args.reward_model for a in ("--reward-model", rm)]
+        rc = generate(["--input", args.input, "--output", data, "--policy", policy, *rewards,
+                       "--seed", str(args.seed + r), *shlex.split(args.generate_args)])
+        if rc:
+            return rc
+        log.info("round %d/%d: train from %s", r + 1, args.rounds, policy)
+        rc = train(["--data", data, "--policy", policy, "--output", train_out,
+                    "--seed", str(args.seed + r), *shlex.split(args.train_args)])
+        if rc:
+            return rc
+        rows.append(summarise_round(r, policy, data, train_out))
+        policy = latest_checkpoint(train_out)
+        if policy is None:
+            print(f"rso iterate: error: round {r} wrote no checkpoint", file=sys.stderr)
+            return 1
+    with open(os.path.join(args.output, "iterate.json"), "w") as f:
+        json.dump({"rounds": rows, "final_policy": policy}, f, indent=2)
+    print(format_table(rows))
+    print(f"final policy: {policy}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,37 @@
+"""`rso iterate`: round 2's candidates come from round 1's trained policy."""
+from __future__ import annotations
+
+import json
+import os
+
+import pyarrow.parquet as pq
+
+from rso import layout
+from rso.model_id import model_id
+from rso_cli.iterate import main
+
+
+def test_two_rounds_on_tiny_models(tiny_policy, tiny_reward_model, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt_id": f"p{i}", "prompt": f"Tell me about "
+                                            f"the {w}."}) + "\n"
+                               for i, w in enumerate(["sea", "sky", "bread", "river"])))
+    root = tmp_path / "iter"
+    rc = main(["--rounds", "2", "--policy", tiny_policy, "--input", str(prompts),
+               "--reward-model", tiny_reward_model, "--output", str(root),
+               "--generate-args", "--engine transformers --num-candidates 4 --num-samples 2 "
+                                  "--max-new-tokens 6",
+               "--train-args", "--max-steps 2 --batch-size 2 --lr 1e-3 --no-progress "
+                               "--no-tensorboard --no-plots --num-threads 1"])
+    assert rc == 0
+    summary = json.loads((root / "iterate.json").read_text())
+    assert [r["round"] for r in summary["rounds"]] == [0, 1]
+    round1_policy = summary["rounds"][0]["trained_policy"]
+    assert os.path.isdir(round1_policy)
+    records = [row for path in layout.pair_files(str(root / "round-1" / "data"), "parquet")
+               for row in pq.read_table(path).to_pylist()]
+    assert records, "round 2 wrote no pairs"
+    # round 2's proposal (and reference) is round 1's trained policy, by content id
+    assert {r["policy_model"] for r in records} == {model_id(round1_policy)}
+    assert model_id(round1_policy) != model_id(tiny_policy)
+    assert summary["final_policy"] == summary["rounds"][1]["trained_policy"]
