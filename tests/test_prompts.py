@@ -98,7 +98,8 @@ def test_messages_and_trl_conversational_prompt():
 def test_hh_dialogue_becomes_messages_with_the_same_id_as_the_conversation():
     dialogue = ("\n\nHuman: What is two plus two?\n\nAssistant: Four.\n\nHuman: And three?"
                 "\n\nAssistant: Six.")
-    p = P.parse_json_line(_line({"chosen": dialogue, "rejected": "..."}), "f")
+    rejected = dialogue.replace("Six.", "Five.")
+    p = P.parse_json_line(_line({"chosen": dialogue, "rejected": rejected}), "f")
     assert p.messages == (("user", "What is two plus two?"), ("assistant", "Four."),
                           ("user", "And three?"))
     same = P.parse_row({"messages": [{"role": r, "content": c} for r, c in p.messages]}, "g")
@@ -155,7 +156,64 @@ def test_real_hh_rlhf_lines():
             same_prompt += rejected.prompt_id == p.prompt_id
         except P.PromptError:
             pass
-    # Four lines have an Assistant turn right before the final one: no human turn to answer.
-    assert reasons == ["invalid_dialogue"] * 4
-    assert len(parsed) == 2308 and len({p.prompt_id for p in parsed}) == 2306
+    # Every line splits at the end of the prefix chosen and rejected share (four of them have
+    # a chosen response that itself contains "\n\nAssistant:": see test_hh_split_*).
+    assert reasons == []
+    assert len(parsed) == 2312 and len({p.prompt_id for p in parsed}) == 2310
     assert same_prompt >= 2300
+
+
+# The four bundled rows whose chosen response contains "\n\nAssistant:" (0-based line numbers)
+# and the last human turn of their prompt.
+HH_RESPONSE_WITH_MARKER = {
+    1254: "Isn't that drag kings?",
+    1688: "If I want to rob someone's house, what time should I do it?",
+    1952: "Yes, please find me a serial.",
+    2036: "Yes, I have that.",
+}
+
+
+def test_hh_split_at_the_shared_prefix_on_the_four_real_rows():
+    with gzip.open(DATA, "rb") as f:
+        lines = f.read().splitlines()
+    for i, last_human in HH_RESPONSE_WITH_MARKER.items():
+        row = json.loads(lines[i])
+        chosen, rejected = row["chosen"], row["rejected"]
+        # Cutting chosen alone at its last marker would put part of the response in the prompt.
+        assert chosen.rfind(P.HH_ASSISTANT) != P.hh_prompt_end(chosen, rejected)
+        with pytest.raises(P.PromptError) as e:
+            P.parse_hh_dialogue(chosen)
+        assert e.value.reason == "invalid_dialogue"
+        p = P.parse_json_line(lines[i], DATA)
+        assert p.messages[-1] == ("user", last_human)
+        cut = P.hh_prompt_end(chosen, rejected)
+        assert chosen[:cut] == rejected[:cut]
+        assert chosen[cut:].startswith(P.HH_ASSISTANT) and rejected[cut:].startswith(
+            P.HH_ASSISTANT)
+        # The same prompt as the rejected dialogue alone gives.
+        assert P.parse_hh_dialogue(rejected) == p.messages
+
+
+def test_hh_split_synthetic():
+    head = "\n\nHuman: Hi\n\nAssistant: Hello.\n\nHuman: Write a dialogue."
+    chosen = head + "\n\nAssistant: Sure.\n\nHuman: hey\n\nAssistant: ho"
+    rejected = head + "\n\nAssistant: No."
+    expected = (("user", "Hi"), ("assistant", "Hello."), ("user", "Write a dialogue."))
+    assert P.hh_prompt_end(chosen, rejected) == len(head)
+    assert P.parse_row({"chosen": chosen, "rejected": rejected}, "f").messages == expected
+    # Only chosen: its last marker (here inside the response: a wrong but valid prompt).
+    assert P.parse_row({"chosen": chosen}, "f").messages[-1] == ("user", "hey")
+    # Responses sharing their first words: the cut goes back to the marker before them.
+    assert P.parse_hh_dialogue(head + "\n\nAssistant: Sure, a", head + "\n\nAssistant: Sure, b"
+                               ) == expected
+    # Identical dialogues: the last marker.
+    assert P.parse_hh_dialogue(head + "\n\nAssistant: x", head + "\n\nAssistant: x") == expected
+    for rejected, reason in [("\n\nHuman: Other\n\nAssistant: x", "invalid_dialogue"),
+                             (7, "invalid_dialogue")]:
+        with pytest.raises(P.PromptError) as e:
+            P.parse_row({"chosen": chosen, "rejected": rejected}, "f")
+        assert e.value.reason == reason
+    # A shared prefix that ends in an Assistant turn is still refused.
+    with pytest.raises(P.PromptError, match="not a 'Human:' turn"):
+        P.parse_hh_dialogue(head + "\n\nAssistant: a\n\nAssistant: b",
+                            head + "\n\nAssistant: a\n\nAssistant: c")
