@@ -217,3 +217,106 @@ def test_hh_split_synthetic():
     with pytest.raises(P.PromptError, match="not a 'Human:' turn"):
         P.parse_hh_dialogue(head + "\n\nAssistant: a\n\nAssistant: b",
                             head + "\n\nAssistant: a\n\nAssistant: c")
+
+
+# ---------------------------------------------------------------- rendering: BOS and EOS
+# (render.render_prompt; SPEC 1: the prompt ids hold one BOS at most)
+LLAMA2_STYLE_TEMPLATE = ("{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] "
+                         "{{ m['content'] }}\n{% endfor %}"
+                         "{% if add_generation_prompt %}[assistant] {% endif %}")
+
+
+def _tokenizer_with(tiny_policy: str, out_dir: str, single: str, specials: list[str]):
+    """The tiny word-level tokenizer with a post-processor template (e.g. "<s> $A")."""
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_policy)
+    tok.backend_tokenizer.post_processor = TemplateProcessing(
+        single=single, special_tokens=[(t, tok.convert_tokens_to_ids(t)) for t in specials])
+    tok.chat_template = LLAMA2_STYLE_TEMPLATE
+    tok.save_pretrained(out_dir)
+    return AutoTokenizer.from_pretrained(out_dir)
+
+
+@pytest.fixture(scope="module")
+def bos_dir(tiny_policy, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("bos_tok"))
+    _tokenizer_with(tiny_policy, out, "<s> $A", ["<s>"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def eos_dir(tiny_policy, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("eos_tok"))
+    _tokenizer_with(tiny_policy, out, "<s> $A </s>", ["<s>", "</s>"])
+    return out
+
+
+def test_pre_rendered_prompt_gets_one_bos_like_its_messages(bos_dir):
+    from transformers import AutoTokenizer
+
+    from beam_pipelines.render import render_prompt
+
+    tok = AutoTokenizer.from_pretrained(bos_dir)
+    bos = tok.bos_token_id
+    messages = (("user", "How do I bake bread?"),)
+    text = "<s>[user] How do I bake bread?\n[assistant] "
+    assert tok(text)["input_ids"][:2] == [bos, bos]  # what plain tokenisation would give
+    from_messages = render_prompt(tok, "m", None, messages, 255)
+    assert from_messages.prompt == text
+    from_text = render_prompt(tok, "t", text, None, 255)
+    assert from_text.prompt_token_ids == from_messages.prompt_token_ids
+    assert from_text.prompt_token_ids[:2] != (bos, bos) and from_text.prompt_token_ids[0] == bos
+    # A prompt without its own BOS still gets the tokenizer's one.
+    ids = render_prompt(tok, "p", "how do i bake bread?", None, 255).prompt_token_ids
+    assert ids[0] == bos and ids[1] != bos and ids == tuple(tok("how do i bake bread?")[
+        "input_ids"])
+
+
+def test_eos_appended_by_the_post_processor_is_removed(eos_dir):
+    from transformers import AutoTokenizer
+
+    from beam_pipelines.render import render_prompt
+
+    tok = AutoTokenizer.from_pretrained(eos_dir)
+    bos, eos = tok.bos_token_id, tok.eos_token_id
+    raw = tok("how do i bake bread?")["input_ids"]
+    assert raw[0] == bos and raw[-1] == eos
+    ids = render_prompt(tok, "p", "how do i bake bread?", None, 255).prompt_token_ids
+    assert ids == tuple(raw[:-1])
+    # Both at once: a pre-rendered prompt under a "<s> $A </s>" post-processor.
+    text = "<s>[user] How do I bake bread?\n[assistant] "
+    both = render_prompt(tok, "t", text, None, 255).prompt_token_ids
+    assert both == tuple(tok(text, add_special_tokens=False)["input_ids"])
+    assert both[0] == bos and both[1] != bos and both[-1] != eos
+    # An EOS the text itself ends with is the user's: kept.
+    kept = render_prompt(tok, "e", "how do i bake bread? </s>", None, 255).prompt_token_ids
+    assert kept[-1] == eos and kept[-2] != eos
+
+
+def test_render_counts_removed_bos_and_eos(bos_dir, eos_dir):
+    import apache_beam as beam
+    from apache_beam.metrics.metric import MetricsFilter
+
+    from beam_pipelines.config import GenerateConfig
+    from beam_pipelines.elements import PromptInput
+    from beam_pipelines.render import RenderPrompts
+
+    def run(policy, inputs):
+        p = beam.Pipeline(runner="DirectRunner")
+        _ = p | beam.Create(inputs) | RenderPrompts(GenerateConfig(policy=policy,
+                                                                    max_model_len=64))
+        result = p.run()
+        result.wait_until_finish()
+        counters = result.metrics().query(MetricsFilter().with_namespace("rso"))["counters"]
+        return {c.key.metric.name: c.committed for c in counters}
+
+    pre = "<s>[user] How do I bake bread?\n[assistant] "
+    inputs = [PromptInput("a", prompt=pre), PromptInput("b", prompt="how do i bake bread?"),
+              PromptInput("c", messages=(("user", "hi"),))]
+    got = run(bos_dir, inputs)
+    assert got["prompts_rendered"] == 3 and got["prompt_double_bos_removed"] == 1
+    assert "prompt_appended_eos_removed" not in got
+    got = run(eos_dir, inputs)
+    assert got["prompt_double_bos_removed"] == 1 and got["prompt_appended_eos_removed"] == 2
