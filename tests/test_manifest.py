@@ -253,3 +253,16 @@ def test_the_manifest_says_what_selection_did(mixed_run):
     assert sel["decisive_prompts"] <= m["counters"]["prompts"]
     for name in ("equals_top_k_fraction", "like_random_fraction"):
         assert sel[name] is None or 0 <= sel[name] <= 1
+
+
+def test_acceptance_plot_has_the_rounds_panel():
+    from PIL import Image
+    import io
+
+    from beam_pipelines.plots import render_plots
+
+    doc = {"acceptance": {"prompts_by_num_accepted": {"2": 3, "1": 1}},
+           "selection": M.selection_section({"selection": "rso", "beta": 0.5}, totals(), {})}
+    with_rounds = Image.open(io.BytesIO(render_plots(doc)["acceptance.png"]))
+    without = Image.open(io.BytesIO(render_plots({})["acceptance.png"]))
+    assert with_rounds.size[0] > without.size[0]  # the second panel
