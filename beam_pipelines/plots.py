@@ -144,5 +144,5 @@ def render_plots(manifest: Mapping[str, Any]) -> dict[str, bytes]:
         "reward_distribution.png": reward_distribution(stats, title),
         "chosen_vs_rejected.png": chosen_vs_rejected(stats, title),
         "acceptance.png": acceptance(manifest.get("acceptance", {}), title,
-                                     manifest.get("selection", {})),
+                                     manifest.get("selection")),
     }
