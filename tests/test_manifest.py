@@ -16,7 +16,6 @@ import os
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from safetensors.torch import load_file, save_file
 
 from beam_pipelines import manifest as M
 from beam_pipelines import sampling
@@ -148,7 +147,9 @@ def test_select_and_pair_records_the_beta_it_used(scale):
 
 
 # ---------------------------------------------------------------- the real pipeline
-POISON_WORD = "picture"  # the poisoned reward model returns NaN for any text containing it
+# The tiny reward model that returns NaN for any text containing POISON_WORD (shared fixture).
+from tests.test_pipeline_e2e import POISON_WORD, poisoned_rm  # noqa: E402,F401
+
 VALID = [{"prompt_id": f"v{i}", "prompt": text} for i, text in enumerate([
     "How do I bake bread?", "What is the capital of France?", "Tell me a joke.",
     "How can I stay safe online?", "What is two plus two?"])]
@@ -164,22 +165,7 @@ N, K = 6, 4
 
 
 @pytest.fixture(scope="module")
-def poisoned_rm(tiny_reward_model, tmp_path_factory):
-    import shutil
-
-    from transformers import AutoTokenizer
-
-    out = str(tmp_path_factory.mktemp("poisoned_rm"))
-    shutil.copytree(tiny_reward_model, out, dirs_exist_ok=True)
-    weights = load_file(os.path.join(out, "model.safetensors"))
-    token = AutoTokenizer.from_pretrained(out).convert_tokens_to_ids(POISON_WORD)
-    weights["model.embed_tokens.weight"][token] = float("nan")
-    save_file(weights, os.path.join(out, "model.safetensors"), metadata={"format": "pt"})
-    return out
-
-
-@pytest.fixture(scope="module")
-def mixed_run(tiny_policy, poisoned_rm, tmp_path_factory):
+def mixed_run(tiny_policy, poisoned_rm, tmp_path_factory):  # noqa: F811
     from beam_pipelines.pipeline import main as generate
 
     base = tmp_path_factory.mktemp("mixed")
