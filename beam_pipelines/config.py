@@ -16,6 +16,7 @@ from rso.config import Config, ConfigError, option
 
 Selection = Literal["rso", "top-k", "random", "best-of-n", "rest"]
 Pairing = Literal["first-round", "tournament", "all-pairs", "best-vs-worst", "best-vs-mean-2std"]
+BetaScale = Literal["none", "std"]  # the unit of --beta (docs/SELECTION.md)
 
 
 @dataclasses.dataclass
@@ -102,6 +103,10 @@ class GenerateConfig(Config):
     selection: Selection = option("rso", "rso | top-k | random | best-of-n | rest (SPEC 3)")
     num_samples: int = option(8, "k: responses kept per prompt")
     beta: float = option(0.5, "rejection-sampling temperature (0 = top-k, inf = random)")
+    beta_scale: BetaScale = option(
+        "none", "unit of --beta: none = reward units (for a calibrated log-odds reward); std = "
+        "the prompt's candidate-reward standard deviation, beta_eff = beta * std (for a reward "
+        "model whose outputs are not log-odds; see docs/SELECTION.md)")
     rest_threshold: float = option(0.7, "rest: keep responses whose min-max normalised reward "
                                    "exceeds this")
     dedup: bool = option(True, "collapse candidates with identical token ids before selection")
@@ -166,6 +171,15 @@ class GenerateConfig(Config):
                  f"got {self.vllm_gpu_memory_utilization}")
         if self.vllm_cpu_kv_cache_gib is not None and self.vllm_cpu_kv_cache_gib < 1:
             fail(f"--vllm-cpu-kv-cache-gib must be >= 1, got {self.vllm_cpu_kv_cache_gib}")
+        self._validate_selection_scale()
+
+    # ---- selection scale checks (docs/SELECTION.md)
+    def _validate_selection_scale(self) -> None:
+        from beam_pipelines.sampling import BETA_SCALES
+
+        if self.beta_scale not in BETA_SCALES:
+            raise ConfigError(f"--beta-scale must be one of {', '.join(BETA_SCALES)}, "
+                              f"got {self.beta_scale!r}")
 
     # ---- derived values
     @property

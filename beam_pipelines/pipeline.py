@@ -48,7 +48,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: GenerateConfig) -> beam.PCol
     ids = model_ids(config)
     warn_if_not_pi_sft(config)
 
-    prompts, read_dead = pipeline | "Read" >> ReadPrompts(
+    prompts, read_dead, counts = pipeline | "Read" >> ReadPrompts(
         config.input, config.input_format, config.max_prompts, config.seed)
     rendered = prompts | "Render" >> RenderPrompts(config)
     generated = rendered.rendered | "Generate" >> GenerateCandidates(config)
@@ -61,12 +61,17 @@ def build_pipeline(pipeline: beam.Pipeline, config: GenerateConfig) -> beam.PCol
         kept = rescored.candidates
         dead.append(rescored[DEAD_LETTER])
     records = kept | "ToRecords" >> ToRecords(config, run_id, ids["policy"], ids["reward"])
+    counts = (counts,
+              generated.candidates | manifest.CountAs(
+                  "candidates_generated", lambda kv: len(kv[1].candidates)),
+              records | manifest.CountAs("records_built")) | "Counts" >> beam.Flatten()
 
     best_of_n = config.selection == "best-of-n"
     return {
         "pairs": records,
         "dead_letters": tuple(dead) | "DeadLetters" >> beam.Flatten(),
         "summaries": selected[SUMMARY],
+        "counts": counts,
     } | "Write" >> WriteOutputs(
         config.output, config.to_dict(), run_id, manifest.package_versions(), ids,
         columns=schema.SFT_COLUMNS if best_of_n else schema.COLUMNS,

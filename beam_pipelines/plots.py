@@ -4,7 +4,10 @@
   sampling did to the distribution);
 - ``chosen_vs_rejected.png``: density of chosen vs rejected rewards, and the chosen - rejected
   margin;
-- ``acceptance.png``: prompts by number of responses kept (k), with the under-filled fraction.
+- ``acceptance.png``: prompts by number of responses kept (k), with the under-filled fraction;
+  and Algorithm 1's acceptance rate per round, with what selection did (the manifest's
+  ``selection`` section, docs/SELECTION.md): beta scale, relative gain, fractions of decisive
+  prompts equal to top-k and indistinguishable from random.
 A plot whose data is empty says so instead of failing.
 """
 from __future__ import annotations
@@ -79,8 +82,39 @@ def chosen_vs_rejected(stats: Mapping[str, Any], title: str = "") -> bytes:
     return _png(fig)
 
 
-def acceptance(acceptance_stats: Mapping[str, Any], title: str = "") -> bytes:
-    fig, ax = _pyplot().subplots(figsize=(7, 4))
+def _rounds(ax, selection: Mapping[str, Any]) -> None:
+    rounds = selection.get("acceptance_by_round") or []
+    if rounds:
+        ax.bar([r["round"] for r in rounds], [r["rate"] or 0.0 for r in rounds],
+               color="tab:orange")
+        for r in rounds:
+            ax.annotate(f"{r['accepted']}/{r['visited']}", (r["round"], r["rate"] or 0.0),
+                        ha="center", va="bottom", fontsize=8)
+    else:
+        _no_data(ax)
+    head = "Acceptance rate per round (accepted / visited)"
+    parts = [f"beta {selection.get('beta')} ({selection.get('beta_scale', 'none')})"]
+    for key, label in (("mean_relative_gain", "relative gain"),
+                       ("equals_top_k_fraction", "= top-k"),
+                       ("like_random_fraction", "~ random")):
+        if selection.get(key) is not None:
+            parts.append(f"{label}: {selection[key]:.2f}")
+    ax.set_title(head + "\n" + ", ".join(parts), fontsize=10)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="round of Algorithm 1", ylabel="acceptance rate", ylim=(0, 1.1))
+
+
+def acceptance(acceptance_stats: Mapping[str, Any], title: str = "",
+               selection: Mapping[str, Any] | None = None) -> bytes:
+    """Prompts by k kept; with ``selection`` (the manifest's section) a second panel of
+    Algorithm 1's acceptance rate per round."""
+    if selection is None:
+        fig, ax = _pyplot().subplots(figsize=(7, 4))
+    else:
+        fig, (ax, right) = _pyplot().subplots(1, 2, figsize=(12, 4))
+        _rounds(right, selection)
     by_k = {int(k): v for k, v in (acceptance_stats.get("prompts_by_num_accepted") or {}).items()}
     head = f"Responses kept per prompt {title}".strip()
     frac = acceptance_stats.get("underfilled_fraction")
@@ -97,6 +131,8 @@ def acceptance(acceptance_stats: Mapping[str, Any], title: str = "") -> bytes:
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set(xlabel="responses kept (k)", ylabel="prompts")
+    if selection is not None:
+        fig.tight_layout()
     return _png(fig)
 
 
@@ -107,5 +143,6 @@ def render_plots(manifest: Mapping[str, Any]) -> dict[str, bytes]:
     return {
         "reward_distribution.png": reward_distribution(stats, title),
         "chosen_vs_rejected.png": chosen_vs_rejected(stats, title),
-        "acceptance.png": acceptance(manifest.get("acceptance", {}), title),
+        "acceptance.png": acceptance(manifest.get("acceptance", {}), title,
+                                     manifest.get("selection")),
     }

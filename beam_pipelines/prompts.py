@@ -5,8 +5,10 @@ Accepted records (a JSON line or a Parquet row; other fields are ignored):
 - ``{"prompt": "text"}``: a plain-text prompt;
 - ``{"prompt": [{"role": ..., "content": ...}, ...]}`` or ``{"messages": [...]}``: a
   conversation (TRL's conversational format uses a list under ``prompt``);
-- ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", ...}``: an Anthropic HH-RLHF dialogue; the
-  prompt is the dialogue before its last ``Assistant:`` turn, as user/assistant messages.
+- ``{"chosen": "\\n\\nHuman: ...\\n\\nAssistant: ...", "rejected": ...}``: an Anthropic HH-RLHF
+  dialogue; the prompt is what ``chosen`` and ``rejected`` share, up to the last ``Assistant:``
+  turn before they diverge (:func:`hh_prompt_end`; without ``rejected``: the last
+  ``Assistant:`` turn of ``chosen``), as user/assistant messages.
 
 ``prompt_id`` is taken from the record when present, else (SPEC 5) it is
 ``sha256(prompt text)`` for a plain prompt and ``sha256(canonical JSON of the messages)`` for a
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from typing import Any, Mapping, Sequence
 
@@ -99,19 +102,45 @@ def _parse_messages(value: Any) -> Messages:
     return tuple(out)
 
 
-def parse_hh_dialogue(dialogue: Any) -> Messages:
-    """The messages of an HH-RLHF dialogue before its last ``Assistant:`` turn.
+HH_ASSISTANT = "\n\nAssistant:"
+
+
+def hh_prompt_end(chosen: str, rejected: str | None = None) -> int:
+    """Where the prompt of an HH-RLHF pair ends: the offset of its last ``"\\n\\nAssistant:"``.
+
+    HH-RLHF stores each comparison as two full dialogues that share the conversation and differ
+    in the final Assistant response, so the prompt is their longest common prefix cut back to
+    the last ``"\\n\\nAssistant:"`` inside it (SPEC 1). Cutting ``chosen`` alone at its last
+    marker goes wrong when the response itself contains one (4 of the 2,312 bundled
+    harmless-base test rows, e.g. a response that goes on to write ``"\\n\\nAssistant: ..."``).
+    With ``rejected`` None (only ``chosen`` given) the last marker of ``chosen`` is used.
+    Returns -1 when there is no marker.
+    """
+    if rejected is None:
+        return chosen.rfind(HH_ASSISTANT)
+    return os.path.commonprefix([chosen, rejected]).rfind(HH_ASSISTANT)
+
+
+def parse_hh_dialogue(dialogue: Any, rejected: Any = None) -> Messages:
+    """The messages of an HH-RLHF dialogue before the Assistant turn being compared.
 
     ``"\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant: d"`` gives
-    ``(("user", "a"), ("assistant", "b"), ("user", "c"))``. Consecutive turns of one speaker
-    (a few HH-RLHF lines have them) are joined with a blank line so strict chat templates, which
-    require alternating roles, accept the conversation. The last message must be the human's.
+    ``(("user", "a"), ("assistant", "b"), ("user", "c"))``. The cut is :func:`hh_prompt_end`:
+    the end of the prefix ``dialogue`` (``chosen``) shares with ``rejected`` when that is given,
+    else the last ``Assistant:`` turn. Consecutive turns of one speaker (a few HH-RLHF lines
+    have them) are joined with a blank line so strict chat templates, which require alternating
+    roles, accept the conversation. The last message must be the human's.
     """
     if not isinstance(dialogue, str):
         raise PromptError("invalid_dialogue", f"'chosen' must be a string, got {_short(dialogue)}")
-    cut = dialogue.rfind("\n\nAssistant:")
+    if rejected is not None and not isinstance(rejected, str):
+        raise PromptError("invalid_dialogue",
+                          f"'rejected' must be a string, got {_short(rejected)}")
+    cut = hh_prompt_end(dialogue, rejected)
     if cut < 0:
-        raise PromptError("invalid_dialogue", "no '\\n\\nAssistant:' turn in 'chosen'")
+        raise PromptError("invalid_dialogue", "no '\\n\\nAssistant:' turn in 'chosen'"
+                          if rejected is None else "'chosen' and 'rejected' share no "
+                          "'\\n\\nAssistant:' turn")
     parts = _HH_TURN.split(dialogue[:cut])
     if parts[0].strip():
         raise PromptError("invalid_dialogue", "text before the first 'Human:' turn")
@@ -158,7 +187,7 @@ def parse_row(row: Mapping[str, Any], source: str, kind: str = "auto") -> Prompt
         raise PromptError("missing_prompt", f"no {' / '.join(repr(f) for f in fields)} field")
     value = row[field]
     if field == "chosen":
-        messages = parse_hh_dialogue(value)
+        messages = parse_hh_dialogue(value, row.get("rejected"))
     elif field == "messages" or isinstance(value, (list, tuple)):
         messages = _parse_messages(value)
     elif isinstance(value, str):
@@ -215,6 +244,6 @@ def as_dict(p: PromptInput) -> dict[str, Any]:
 
 __all__: Sequence[str] = (
     "REASONS", "KINDS", "PromptError", "prompt_id_for", "canonical_messages", "content_key",
-    "parse_hh_dialogue", "parse_row", "parse_json_line", "decode_line", "escape_line",
+    "hh_prompt_end", "parse_hh_dialogue", "parse_row", "parse_json_line", "decode_line", "escape_line",
     "is_blank", "as_dict",
 )

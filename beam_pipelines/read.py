@@ -14,18 +14,23 @@ from apache_beam.coders import BytesCoder
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipelines import prompts as P
+from beam_pipelines.manifest import CountAs
 from beam_pipelines.dead_letters import DEAD_LETTER, count, dead_letter
 from beam_pipelines.elements import PromptInput
 from beam_pipelines.seeding import prompt_seed
 from rso.config import ConfigError
 
 STAGE = "read"
+BLANK = "blank"  # tagged output of skipped blank lines (counted in the manifest)
 
 
 class ReadResult(NamedTuple):
     """What :class:`ReadPrompts` returns: unpack it or use the attributes."""
     prompts: beam.PCollection  # PCollection[PromptInput], one per distinct prompt_id
     dead_letters: beam.PCollection  # PCollection[DeadLetter], stage "read"
+    # PCollection[(name, n)] for the manifest's accounting: input_records, blank_lines,
+    # prompts_not_in_shard, prompts_read
+    counts: beam.PCollection
 
 
 PARQUET_SUFFIXES = (".parquet", ".parq")
@@ -70,6 +75,7 @@ class _ParseLine(beam.DoFn):
         count("input_records")
         if P.is_blank(line):
             count("blank_lines")
+            yield beam.pvalue.TaggedOutput(BLANK, source)
             return
         try:
             yield P.parse_json_line(line, source, self._kind)
@@ -118,8 +124,10 @@ def shard_key(seed: int, p: PromptInput) -> tuple[int, str]:
     return (prompt_seed(seed, p.prompt_id, "shard"), p.prompt_id)
 
 
-def _count_left_out(max_prompts: int, num_distinct: int) -> None:
-    count("prompts_not_in_shard", max(0, num_distinct - max_prompts))
+def _count_left_out(max_prompts: int, num_distinct: int) -> tuple[str, int]:
+    left_out = max(0, num_distinct - max_prompts)
+    count("prompts_not_in_shard", left_out)
+    return "prompts_not_in_shard", left_out
 
 
 def _emit_counted(p: PromptInput) -> PromptInput:
@@ -128,10 +136,12 @@ def _emit_counted(p: PromptInput) -> PromptInput:
 
 
 class ReadPrompts(beam.PTransform):
-    """Reads prompts; returns :class:`ReadResult` ``(prompts, dead_letters)``.
+    """Reads prompts; returns :class:`ReadResult` ``(prompts, dead_letters, counts)``.
 
-    Apply it to the pipeline: ``prompts, dead = p | ReadPrompts(cfg.input, cfg.input_format,
-    cfg.max_prompts, cfg.seed)``.
+    Apply it to the pipeline: ``prompts, dead, counts = p | ReadPrompts(cfg.input,
+    cfg.input_format, cfg.max_prompts, cfg.seed)``. ``counts`` (``(name, n)`` pairs) lets the
+    manifest check ``input_records = prompts_read + dead letters + blank_lines +
+    prompts_not_in_shard``.
 
     - ``input``: a local path, glob or gs:// path; ``.gz`` files are decompressed.
       A pattern matching no file raises :class:`ConfigError` when the pipeline is built.
@@ -164,34 +174,35 @@ class ReadPrompts(beam.PTransform):
     def expand(self, pbegin: beam.pvalue.PBegin) -> ReadResult:
         files = check_input(self._input)
         if resolve_format(files, self._kind, self._input) == "parquet":
-            parsed = (pbegin
-                      | "Pattern" >> beam.Create([self._input])
-                      | "ReadParquet" >> beam.io.ReadAllFromParquet(with_filename=True)
-                      | "ParseRows" >> beam.ParDo(_ParseRow(self._kind)).with_outputs(
-                          DEAD_LETTER, main="prompts"))
+            records = (pbegin
+                       | "Pattern" >> beam.Create([self._input])
+                       | "ReadParquet" >> beam.io.ReadAllFromParquet(with_filename=True))
+            parse = _ParseRow(self._kind)
         else:
-            parsed = (pbegin
-                      | "ReadLines" >> beam.io.ReadFromTextWithFilename(
-                          self._input, coder=BytesCoder())
-                      | "ParseLines" >> beam.ParDo(_ParseLine(self._kind)).with_outputs(
-                          DEAD_LETTER, main="prompts"))
+            records = pbegin | "ReadLines" >> beam.io.ReadFromTextWithFilename(
+                self._input, coder=BytesCoder())
+            parse = _ParseLine(self._kind)
+        parsed = records | "Parse" >> beam.ParDo(parse).with_outputs(DEAD_LETTER, BLANK,
+                                                                     main="prompts")
         deduped = (parsed.prompts
                    | "KeyById" >> beam.Map(lambda p: (p.prompt_id, p))
                    | "GroupById" >> beam.GroupByKey()
                    | "KeepOnePerId" >> beam.ParDo(_KeepOnePerId()).with_outputs(
                        DEAD_LETTER, main="prompts"))
         kept = deduped.prompts
+        counts = [records | CountAs("input_records"), parsed[BLANK] | CountAs("blank_lines")]
         if self._max_prompts is not None:
             kept = (kept
                     | "Shard" >> beam.combiners.Top.Of(
                         self._max_prompts, key=functools.partial(shard_key, self._seed),
                         reverse=True)
                     | "Unlist" >> beam.FlatMap(lambda ps: ps))
-            _ = (deduped.prompts
-                 | "CountDistinct" >> beam.combiners.Count.Globally()
-                 | "CountLeftOut" >> beam.Map(functools.partial(_count_left_out,
-                                                                self._max_prompts)))
+            counts.append(deduped.prompts
+                          | "CountDistinct" >> beam.combiners.Count.Globally()
+                          | "CountLeftOut" >> beam.Map(functools.partial(
+                              _count_left_out, self._max_prompts)))
         prompts = kept | "CountRead" >> beam.Map(_emit_counted)
+        counts.append(prompts | CountAs("prompts_read"))
         dead = ((parsed[DEAD_LETTER], deduped[DEAD_LETTER])
                 | "DeadLetters" >> beam.Flatten())
-        return ReadResult(prompts, dead)
+        return ReadResult(prompts, dead, tuple(counts) | "Counts" >> beam.Flatten())

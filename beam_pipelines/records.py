@@ -20,7 +20,8 @@ def pair_records(group: PromptCandidates, config: GenerateConfig, run_id: str, p
     common = {
         "prompt_id": p.prompt_id, "prompt": p.prompt, "prompt_token_ids": list(p.prompt_token_ids),
         "selection": config.selection, "pairing": config.pairing,
-        "beta": float(config.effective_beta), "num_candidates": group.num_candidates,
+        "beta": float(config.effective_beta if group.beta is None else group.beta),
+        "num_candidates": group.num_candidates,
         "num_accepted": len(group.candidates), "policy_model": policy_model,
         "reward_model": reward_model, "run_id": run_id,
     }

@@ -12,7 +12,10 @@ Rendering happens once, before generation; the token ids are kept so that nothin
   tokenised like a plain prompt.
 - A plain ``prompt`` string is used verbatim and tokenised with the tokenizer's default special
   tokens (``add_special_tokens=True``: a BOS for Llama-style tokenizers), i.e. exactly how the
-  policy sees raw text in ``tokenizer(text)``. Its ``messages`` become ``(("user", text),)``.
+  policy sees raw text in ``tokenizer(text)``, except that the ids never hold two BOS (a text
+  that starts with the BOS string is tokenised with ``add_special_tokens=False``, as the chat
+  template path) nor end with an EOS the post-processor appended (:func:`_token_ids`). Its
+  ``messages`` become ``(("user", text),)``.
 
 Context budget. With ``L = max_model_len`` (the model's context, :func:`context_length`), a prompt
 of ``P`` tokens is valid when ``1 <= P <= L - 1`` (room for at least one generated token);
@@ -32,7 +35,7 @@ from apache_beam.metrics import Metrics
 
 from beam_pipelines.config import GenerateConfig
 from beam_pipelines.prompts import PromptError  # (reason, detail): the read stage's error too
-from beam_pipelines.dead_letters import DEAD_LETTER, dead_letter
+from beam_pipelines.dead_letters import DEAD_LETTER, count, dead_letter
 from beam_pipelines.elements import PromptInput, RenderedPrompt
 from rso.transcript import hh_transcript
 
@@ -81,6 +84,41 @@ def _chat_text(tokenizer: Any, messages: Sequence[tuple[str, str]]) -> str:
         raise PromptError("chat_template_error", f"{type(e).__name__}: {e}") from e
 
 
+def _token_ids(tokenizer: Any, text: str, add_special_tokens: bool) -> tuple[int, ...]:
+    """``tokenizer(text)["input_ids"]``, holding one BOS at most and no EOS a post-processor
+    appended (SPEC 1).
+
+    With ``add_special_tokens`` the tokenizer's post-processor adds its specials around the
+    text. When the text already starts with the BOS string (a pre-rendered prompt such as
+    ``"<s>[user] ..."`` for a Llama-2-style tokenizer) the ids would start with two BOS; the
+    text is then tokenised with ``add_special_tokens=False``, as
+    ``apply_chat_template(tokenize=True)`` does for a template that writes its own BOS (counter
+    ``rso/prompt_double_bos_removed``). An EOS that the post-processor appended would end the
+    prompt with end-of-sequence; it is removed (counter ``rso/prompt_appended_eos_removed``);
+    an EOS written in the text itself is kept. The added specials are found by locating
+    ``tokenizer(text, add_special_tokens=False)`` inside the ids (a template
+    ``prefix $A suffix``, as every Hugging Face post-processor for single sequences).
+    """
+    ids = [int(i) for i in tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]]
+    if not add_special_tokens or not ids:
+        return tuple(ids)
+    bos, eos = getattr(tokenizer, "bos_token_id", None), getattr(tokenizer, "eos_token_id", None)
+    plain = [int(i) for i in tokenizer(text, add_special_tokens=False)["input_ids"]]
+    # The post-processor's template: ids = added prefix + the text's own ids + added suffix.
+    start = next((k for k in range(len(ids) - len(plain) + 1)
+                  if ids[k:k + len(plain)] == plain), None)
+    if start is None:  # not a prefix/suffix template: leave the tokenizer's ids alone
+        return tuple(ids)
+    added_prefix, added_suffix = ids[:start], ids[start + len(plain):]
+    if eos is not None and eos in added_suffix:
+        count("prompt_appended_eos_removed")
+        added_suffix = [t for t in added_suffix if t != eos]
+    if bos is not None and plain[:1] == [bos] and bos in added_prefix:
+        count("prompt_double_bos_removed")
+        added_prefix = [t for t in added_prefix if t != bos]
+    return tuple(added_prefix + plain + added_suffix)
+
+
 def render_prompt(tokenizer: Any, prompt_id: str, prompt: str | None,
                   messages: Sequence[tuple[str, str]] | None,
                   max_prompt_tokens: int) -> RenderedPrompt:
@@ -108,7 +146,7 @@ def render_prompt(tokenizer: Any, prompt_id: str, prompt: str | None,
         if not prompt.strip():
             raise PromptError("empty_prompt", "the prompt is empty")
         text, special, messages = prompt, True, (("user", prompt),)
-    ids = tuple(int(i) for i in tokenizer(text, add_special_tokens=special)["input_ids"])
+    ids = _token_ids(tokenizer, text, special)
     if not ids:
         raise PromptError("empty_prompt", "the prompt has no tokens")
     if len(ids) > max_prompt_tokens:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Callable, Hashable, Sequence
+from typing import Hashable, NamedTuple, Sequence
 
 import numpy as np
 
@@ -39,6 +39,48 @@ def _acceptance_probabilities(r: np.ndarray, m: float, beta: float) -> np.ndarra
         return np.exp((r - m) / beta)
 
 
+class Round(NamedTuple):
+    """One round of Algorithm 1: candidates whose coin was tossed, and how many were accepted.
+
+    ``visited`` counts the remaining candidates in the round's random order up to and including
+    the one whose acceptance filled k (all of them when k was not filled). Its acceptance rate is
+    ``accepted / visited``.
+    """
+    visited: int
+    accepted: int
+
+
+def rejection_sampling_rounds(rewards: Sequence[float], num_samples: int, beta: float,
+                              rng: np.random.Generator) -> tuple[list[int], list[Round]]:
+    """:func:`statistical_rejection_sampling` that also reports its rounds.
+
+    Returns ``(accepted indices, rounds)``: the indices are exactly those of
+    :func:`statistical_rejection_sampling` for the same ``rng`` state (the same draws are made),
+    ``rounds`` holds one :class:`Round` per pass over the remaining candidates.
+    Raises as :func:`statistical_rejection_sampling`.
+    """
+    k = _positive_count(num_samples)
+    beta = float(beta)
+    if math.isnan(beta) or beta < 0:
+        raise ValueError(f"beta must be >= 0 (0 = top-k, inf = random), got {beta}")
+    r = finite_rewards(rewards)
+    remaining = np.arange(r.size)
+    accepted: list[int] = []
+    rounds: list[Round] = []
+    while len(accepted) < k and remaining.size:
+        order = rng.permutation(remaining)
+        probabilities = _acceptance_probabilities(r[order], r[remaining].max(), beta)
+        mask = rng.random(order.size) < probabilities
+        need = k - len(accepted)
+        positions = np.flatnonzero(mask)[:need]
+        hits = order[positions]
+        visited = int(positions[-1]) + 1 if positions.size == need else int(order.size)
+        rounds.append(Round(visited=visited, accepted=int(hits.size)))
+        accepted.extend(hits.tolist())
+        remaining = remaining[~np.isin(remaining, hits)]
+    return accepted, rounds
+
+
 def statistical_rejection_sampling(rewards: Sequence[float], num_samples: int, beta: float,
                                    rng: np.random.Generator) -> list[int]:
     """Keep ``num_samples`` candidates by statistical rejection sampling (Algorithm 1, SPEC 3).
@@ -62,23 +104,12 @@ def statistical_rejection_sampling(rewards: Sequence[float], num_samples: int, b
     random subset). With fewer than k candidates all are returned. Each visit draws one
     uniform u in [0, 1) and accepts when u < probability.
 
-    Returns the accepted indices in acceptance order. Raises ValueError when ``num_samples < 1``,
-    ``beta`` is negative or NaN, or a reward is not finite.
+    ``beta`` is in reward units: see :func:`scaled_beta` for a beta relative to the prompt's
+    reward spread. Returns the accepted indices in acceptance order
+    (:func:`rejection_sampling_rounds` also reports the rounds). Raises ValueError when
+    ``num_samples < 1``, ``beta`` is negative or NaN, or a reward is not finite.
     """
-    k = _positive_count(num_samples)
-    beta = float(beta)
-    if math.isnan(beta) or beta < 0:
-        raise ValueError(f"beta must be >= 0 (0 = top-k, inf = random), got {beta}")
-    r = finite_rewards(rewards)
-    remaining = np.arange(r.size)
-    accepted: list[int] = []
-    while len(accepted) < k and remaining.size:
-        order = rng.permutation(remaining)
-        probabilities = _acceptance_probabilities(r[order], r[remaining].max(), beta)
-        hits = order[rng.random(order.size) < probabilities][: k - len(accepted)]
-        accepted.extend(hits.tolist())
-        remaining = remaining[~np.isin(remaining, hits)]
-    return accepted
+    return rejection_sampling_rounds(rewards, num_samples, beta, rng)[0]
 
 
 def rest_filter(rewards: Sequence[float], num_samples: int, threshold: float) -> list[int]:
@@ -101,22 +132,82 @@ def rest_filter(rewards: Sequence[float], num_samples: int, threshold: float) ->
     return [int(i) for i in best_first if normalised[i] > threshold][:k]
 
 
-_SELECTORS: dict[str, Callable[[Sequence[float], int, float, np.random.Generator, float],
-                               list[int]]] = {
-    "rso": lambda r, k, beta, rng, t: statistical_rejection_sampling(r, k, beta, rng),
-    "top-k": lambda r, k, beta, rng, t: statistical_rejection_sampling(r, k, 0.0, rng),
-    "random": lambda r, k, beta, rng, t: statistical_rejection_sampling(r, k, math.inf, rng),
-    "best-of-n": lambda r, k, beta, rng, t: statistical_rejection_sampling(r, 1, 0.0, rng),
-    "rest": lambda r, k, beta, rng, t: rest_filter(r, k, t),
-}
-SELECTION_METHODS: tuple[str, ...] = tuple(_SELECTORS)
+BETA_SCALES: tuple[str, ...] = ("none", "std")
+
+
+def reward_spread(rewards: Sequence[float]) -> float:
+    """Population standard deviation (ddof=0) of a prompt's candidate rewards; 0.0 for fewer
+    than two. The unit of ``beta`` under ``beta_scale="std"``."""
+    r = finite_rewards(rewards)
+    return float(r.std()) if r.size > 1 else 0.0
+
+
+def scaled_beta(beta: float, rewards: Sequence[float], beta_scale: str = "none") -> float:
+    """The beta Algorithm 1 uses for one prompt: ``beta_eff`` in ``exp((r_i - m) / beta_eff)``.
+
+    - ``"none"``: ``beta`` itself, in reward units (the paper's setting, right for a reward that
+      is a calibrated log-odds, e.g. the logit of a Bradley-Terry model).
+    - ``"std"``: ``beta * sigma``, with ``sigma = reward_spread(rewards)`` the population
+      standard deviation of the prompt's candidate rewards. The acceptance probability becomes
+      ``exp((z_i - z_max) / beta)`` with ``z = r / sigma``: the selection is then invariant to
+      any per-prompt affine change of the reward ``r -> a*r + b`` (a > 0), so one beta means
+      the same for every reward model. ``sigma == 0`` (one candidate, or all rewards equal)
+      gives 0: every candidate ties with the maximum, and every beta accepts the same.
+
+    ``beta`` 0 and inf are kept as they are (top-k and uniform random under any scale).
+    Raises ValueError for an unknown scale or a negative/NaN beta.
+    """
+    beta = float(beta)
+    if math.isnan(beta) or beta < 0:
+        raise ValueError(f"beta must be >= 0 (0 = top-k, inf = random), got {beta}")
+    if beta_scale not in BETA_SCALES:
+        raise ValueError(f"unknown beta scale {beta_scale!r}; expected one of "
+                         f"{', '.join(BETA_SCALES)}")
+    if beta_scale == "none" or beta == 0.0 or math.isinf(beta):
+        return beta
+    return beta * reward_spread(rewards)
+
+
+class SelectionResult(NamedTuple):
+    """What :func:`select_rounds` returns for one prompt."""
+    indices: list[int]  # kept candidates, in acceptance order (as :func:`select`)
+    beta: float | None  # the beta Algorithm 1 used (after scaling); None for ``rest``
+    rounds: list[Round]  # Algorithm 1's rounds; empty for ``rest`` (one threshold pass)
+
+
+def select_rounds(method: str, rewards: Sequence[float], num_samples: int, beta: float,
+                  rng: np.random.Generator, rest_threshold: float = 0.7,
+                  beta_scale: str = "none") -> SelectionResult:
+    """:func:`select` with the beta it used and Algorithm 1's rounds (see :class:`Round`).
+
+    ``beta_scale`` (:data:`BETA_SCALES`) applies to ``rso`` only (:func:`scaled_beta`); top-k
+    and random use beta 0 and inf under any scale. The indices equal :func:`select`'s for the
+    same ``rng`` state.
+    """
+    if method not in SELECTION_METHODS:
+        raise ValueError(f"unknown selection method {method!r}; "
+                         f"expected one of {', '.join(SELECTION_METHODS)}")
+    if method == "rest":
+        return SelectionResult(rest_filter(rewards, num_samples, rest_threshold), None, [])
+    if method == "rso":
+        beta = scaled_beta(beta, rewards, beta_scale)
+    else:
+        beta = {"top-k": 0.0, "best-of-n": 0.0, "random": math.inf}[method]
+    k = 1 if method == "best-of-n" else num_samples
+    indices, rounds = rejection_sampling_rounds(rewards, k, beta, rng)
+    return SelectionResult(indices, beta, rounds)
+
+
+SELECTION_METHODS: tuple[str, ...] = ("rso", "top-k", "random", "best-of-n", "rest")
 
 
 def select(method: str, rewards: Sequence[float], num_samples: int, beta: float,
-           rng: np.random.Generator, rest_threshold: float = 0.7) -> list[int]:
+           rng: np.random.Generator, rest_threshold: float = 0.7,
+           beta_scale: str = "none") -> list[int]:
     """Indices of the kept candidates for one of :data:`SELECTION_METHODS` (SPEC 3).
 
-    - ``rso``: :func:`statistical_rejection_sampling` with ``beta``.
+    - ``rso``: :func:`statistical_rejection_sampling` with ``beta`` (scaled per
+      ``beta_scale``: :func:`scaled_beta`).
     - ``top-k``: the same with beta = 0 (the k best; tied rewards in random order).
     - ``random``: the same with beta = inf (a uniform random subset, "sft-sample-rank").
     - ``best-of-n``: the same with k = 1 and beta = 0: one arg-max (a random one among ties);
@@ -125,12 +216,63 @@ def select(method: str, rewards: Sequence[float], num_samples: int, beta: float,
 
     ``beta`` is only read by ``rso``. Raises ValueError for an unknown method or bad arguments.
     """
-    try:
-        selector = _SELECTORS[method]
-    except KeyError:
-        raise ValueError(f"unknown selection method {method!r}; "
-                         f"expected one of {', '.join(SELECTION_METHODS)}") from None
-    return selector(rewards, num_samples, beta, rng, rest_threshold)
+    return select_rounds(method, rewards, num_samples, beta, rng, rest_threshold,
+                         beta_scale).indices
+
+
+# Two-sided 95% bound of a standard normal: |z| below it is "indistinguishable from random".
+RANDOM_Z = 1.96
+
+
+class SelectionEffect(NamedTuple):
+    """What selection did to one prompt's rewards (see :func:`selection_effect`)."""
+    num_candidates: int  # n: candidates selection chose from
+    num_accepted: int  # a: responses kept
+    spread: float  # population std of the n candidate rewards
+    gain: float | None  # mean(accepted) - mean(candidates); None when a == 0
+    decisive: bool  # 0 < a < n and spread > 0: the choice of subset can change the rewards
+    relative_gain: float | None  # gain / top-k's gain: 0 ~ random, 1 = top-k (decisive only)
+    z: float | None  # gain / its std under a uniform random subset of size a (decisive only)
+    equals_top_k: bool  # decisive and the accepted rewards are the a largest (as a multiset)
+    like_random: bool  # decisive and |z| < RANDOM_Z
+
+
+def selection_effect(candidate_rewards: Sequence[float],
+                     accepted_rewards: Sequence[float]) -> SelectionEffect:
+    """Measures one prompt's selection against top-k and a uniform random subset.
+
+    With n candidate rewards r (mean mu, population variance s^2) and a accepted rewards:
+
+    - ``gain = mean(accepted) - mu``;
+    - ``decisive``: ``0 < a < n`` and ``s > 0``. Otherwise every subset of size a has the same
+      rewards (or there is none), top-k and random coincide, and the prompt says nothing about
+      beta; such prompts are left out of the fractions below;
+    - ``relative_gain = gain / (mean(top a of r) - mu)``: 1 for top-k, 0 for random on average;
+    - ``z = gain / sqrt(s^2 / a * (n - a) / (n - 1))``: the mean of a uniform random subset of
+      size a (drawn without replacement) has mean mu and exactly this variance (finite-
+      population correction), so z is the gain in units of random selection's noise;
+    - ``equals_top_k``: the sorted accepted rewards equal the a largest of r (ties in reward
+      count as equal, whichever candidate was kept);
+    - ``like_random``: ``|z| < RANDOM_Z`` (1.96): a two-sided 5% test cannot tell the accepted
+      mean from a uniform random subset's. Both flags may hold at once when n is small.
+
+    Rewards must be finite (ValueError otherwise); the accepted rewards must come from the
+    candidates (not checked).
+    """
+    r = finite_rewards(candidate_rewards)
+    acc = finite_rewards(accepted_rewards)
+    n, a = int(r.size), int(acc.size)
+    spread = float(r.std()) if n > 1 else 0.0
+    gain = float(acc.mean() - r.mean()) if a and n else None
+    decisive = 0 < a < n and spread > 0
+    if not decisive:
+        return SelectionEffect(n, a, spread, gain, False, None, None, False, False)
+    top = np.sort(r)[::-1][:a]
+    top_gain = float(top.mean() - r.mean())
+    z = gain / math.sqrt(spread ** 2 / a * (n - a) / (n - 1))
+    return SelectionEffect(
+        n, a, spread, gain, True, gain / top_gain if top_gain > 0 else None, z,
+        bool(np.array_equal(np.sort(acc)[::-1], top)), abs(z) < RANDOM_Z)
 
 
 def dedup(token_ids: Sequence[Sequence[int]]) -> list[int]:

@@ -31,10 +31,11 @@ def select_and_pair(group: PromptCandidates, config: GenerateConfig
     pool = [candidates[i] for i in unique]
     rewards = [float(c.reward) for c in pool]
     k = config.effective_num_samples
-    kept_idx = sampling.select(config.selection, rewards, k, config.effective_beta,
-                               prompt_rng(config.seed, prompt_id, "select"),
-                               rest_threshold=config.rest_threshold) if pool else []
-    kept = [pool[i] for i in kept_idx]
+    chosen = sampling.select_rounds(config.selection, rewards, k, config.effective_beta,
+                                    prompt_rng(config.seed, prompt_id, "select"),
+                                    rest_threshold=config.rest_threshold,
+                                    beta_scale=config.beta_scale) if pool else None
+    kept = [pool[i] for i in chosen.indices] if chosen else []
     if config.selection == "best-of-n":
         pairs, ties = [], 0  # best-of-n writes SFT targets, not pairs
     else:
@@ -47,9 +48,11 @@ def select_and_pair(group: PromptCandidates, config: GenerateConfig
         underfilled=config.selection != "rest" and len(kept) < k,
         candidate_rewards=rewards, accepted_rewards=[c.reward for c in kept],
         num_pairs=len(pairs), num_ties_dropped=ties,
-        num_generated_tokens=sum(c.num_tokens for c in candidates))
-    return dataclasses.replace(group, candidates=kept, pairs=pairs,
-                               num_candidates=len(pool)), summary
+        num_generated_tokens=sum(c.num_tokens for c in candidates),
+        beta=chosen.beta if chosen else None,
+        selection_rounds=[tuple(r) for r in chosen.rounds] if chosen else [])
+    return dataclasses.replace(group, candidates=kept, pairs=pairs, num_candidates=len(pool),
+                               beta=chosen.beta if chosen else None), summary
 
 
 class _SelectAndPairFn(beam.DoFn):

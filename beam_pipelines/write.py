@@ -129,7 +129,7 @@ class _Finish(beam.DoFn):
         self._versions, self._models = dict(versions), dict(models)
 
     def process(self, _, totals, dead_counts, reward_stats, records_written, record_files,
-                example_files, dead_files) -> Iterable[str]:
+                example_files, dead_files, counts=None) -> Iterable[str]:
         files = {"parquet": [_basename(p) for p in record_files],
                  "tfrecord": [_basename(p) for p in example_files],
                  "dead_letters": [_basename(p) for p in dead_files],
@@ -137,7 +137,8 @@ class _Finish(beam.DoFn):
         doc = M.build_manifest(config=self._config, run_id=self._run_id,
                                versions=self._versions, models=self._models, totals=totals,
                                dead_letters=dead_counts, reward_stats=reward_stats,
-                               records_written=records_written, files=files)
+                               records_written=records_written, files=files,
+                               counts=counts)
         write_file(join(self._output, MANIFEST), M.dumps(doc), "application/json")
         for name, png in render_plots(doc).items():
             write_file(join(self._output, name), png, "image/png")
@@ -161,6 +162,8 @@ class WriteOutputs(beam.PTransform):
     - ``dead_letters``: :class:`DeadLetter` from every stage (flattened here with the write
       stage's own).
     - ``summaries``: one :class:`PromptSummary` per prompt that reached selection.
+    - ``counts``: ``(name, n)`` stage counts, summed per name, for the manifest's accounting
+      (:func:`beam_pipelines.manifest.accounting_section`).
     - ``config_dict`` (secret-looking keys are redacted), ``run_id``, ``versions`` (e.g.
       :func:`beam_pipelines.manifest.package_versions`) and ``models`` (model ids) go into
       manifest.json as given. Nothing is read from the environment.
@@ -182,10 +185,10 @@ class WriteOutputs(beam.PTransform):
         self._columns, self._prefix, self._num_shards = tuple(columns), prefix, num_shards
 
     def expand(self, inputs: Mapping[str, beam.PCollection]) -> beam.PCollection:
-        unknown = set(inputs) - {"pairs", "dead_letters", "summaries"}
+        unknown = set(inputs) - {"pairs", "dead_letters", "summaries", "counts"}
         if unknown:
             raise ValueError(f"WriteOutputs: unknown input(s) {sorted(unknown)}; expected "
-                             f"pairs, dead_letters, summaries")
+                             f"pairs, dead_letters, summaries, counts")
         if is_complete(self._output):
             raise OutputExistsError(f"--output {self._output} already holds a complete run; "
                                     f"call prepare_output(output, overwrite) first")
@@ -233,4 +236,5 @@ class WriteOutputs(beam.PTransform):
                     side.AsSingleton(totals), side.AsSingleton(dead_counts),
                     side.AsSingleton(reward_stats), side.AsSingleton(written),
                     side.AsList(record_files), side.AsList(example_files),
-                    side.AsList(dead_files)))
+                    side.AsList(dead_files),
+                    side.AsDict(get("counts") | "SumCounts" >> beam.CombinePerKey(sum))))

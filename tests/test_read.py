@@ -37,7 +37,7 @@ def read(tmp_path, input_pattern: str, **kwargs):
     """Runs ReadPrompts; returns (prompts, dead letters as dicts, counters by name)."""
     out = tmp_path / f"collected-{len(list(tmp_path.glob('collected-*')))}"
     with beam.Pipeline(options=PipelineOptions(RUNNER)) as p:
-        prompts, dead = p | ReadPrompts(input_pattern, **kwargs)
+        prompts, dead, _ = p | ReadPrompts(input_pattern, **kwargs)
         _ = (prompts | "P" >> beam.Map(lambda x: json.dumps(P.as_dict(x)))
              | "WP" >> beam.io.WriteToText(str(out / "prompts")))
         _ = (dead | "D" >> beam.Map(lambda d: d.to_json())
@@ -58,7 +58,8 @@ def read(tmp_path, input_pattern: str, **kwargs):
 MIXED = [
     _j({"prompt_id": "bread", "prompt": "How do I bake bread?"}),
     _j({"messages": [{"role": "user", "content": "What is the capital of France?"}]}),
-    _j({"chosen": "\n\nHuman: Tell me a joke.\n\nAssistant: No.", "rejected": "x"}),
+    _j({"chosen": "\n\nHuman: Tell me a joke.\n\nAssistant: No.",
+        "rejected": "\n\nHuman: Tell me a joke.\n\nAssistant: Knock knock."}),
     b'{"prompt": "broken',                                   # invalid JSON
     _j({"prompt": "   "}),                                    # empty prompt
     b'{"prompt": "caf\xe9 au lait"}',                         # latin-1, not UTF-8
@@ -166,9 +167,8 @@ def test_glob_over_two_files_one_gzipped(tmp_path):
 def test_real_hh_rlhf_file_reads_every_line(tmp_path):
     prompts, dead, counters = read(tmp_path, DATA)
     assert counters["input_records"] == 2312
-    assert len(prompts) == 2306 and len({p["prompt_id"] for p in prompts}) == 2306
-    assert sorted(d["reason"] for d in dead) == ["duplicate_prompt_id"] * 2 + \
-        ["invalid_dialogue"] * 4
+    assert len(prompts) == 2310 and len({p["prompt_id"] for p in prompts}) == 2310
+    assert sorted(d["reason"] for d in dead) == ["duplicate_prompt_id"] * 2
     assert len(prompts) + len(dead) == 2312  # nothing lost silently
 
 

@@ -262,3 +262,159 @@ def test_dedup_keeps_first_occurrences_in_order():
     assert dedup(ids) == [0, 1, 3, 6, 7]
     assert dedup([]) == []
     assert dedup([[5, 5]] * 4) == [0]
+
+
+# ---------------------------------------------------------------- rounds, beta scale, effect
+# (docs/SELECTION.md)
+from beam_pipelines.config import BetaScale, GenerateConfig  # noqa: E402
+from beam_pipelines.sampling import (  # noqa: E402
+    BETA_SCALES,
+    RANDOM_Z,
+    Round,
+    rejection_sampling_rounds,
+    reward_spread,
+    scaled_beta,
+    select_rounds,
+    selection_effect,
+)
+
+
+@pytest.mark.parametrize("beta", [0.0, 0.1, 1.0, math.inf])
+def test_rounds_keep_the_same_indices_and_add_up(beta):
+    gen = _rng(11)
+    for seed in range(200):
+        n = int(gen.integers(1, 20))
+        rewards = gen.normal(size=n)
+        k = int(gen.integers(1, n + 2))
+        indices, rounds = rejection_sampling_rounds(rewards, k, beta, _rng(seed))
+        assert indices == rs(rewards, k, beta, _rng(seed))
+        assert sum(r.accepted for r in rounds) == len(indices) == min(k, n)
+        remaining = n
+        for j, r in enumerate(rounds):
+            assert 1 <= r.accepted <= r.visited <= remaining
+            if j < len(rounds) - 1:  # k not yet filled: the whole round was visited
+                assert r.visited == remaining
+            remaining -= r.accepted
+
+
+def test_rounds_of_the_limits():
+    rewards = [0.0, 3.0, 1.0, 2.0]
+    # beta = inf: one round, the first k visited are all accepted.
+    assert rejection_sampling_rounds(rewards, 3, math.inf, _rng(0))[1] == [Round(3, 3)]
+    # beta = 0 on distinct rewards: one acceptance (the maximum) per round.
+    _, rounds = rejection_sampling_rounds(rewards, 3, 0.0, _rng(0))
+    assert [r.accepted for r in rounds] == [1, 1, 1]
+    assert [r.visited for r in rounds[:2]] == [4, 3]
+    # Round acceptance rate of a tiny beta is ~1/remaining; of a huge beta ~1.
+    _, rounds = rejection_sampling_rounds(np.linspace(0, 1, 64), 8, 1e3, _rng(0))
+    assert len(rounds) == 1 and rounds[0].visited <= 9
+
+
+@pytest.mark.parametrize("method", SELECTION_METHODS)
+def test_select_rounds_agrees_with_select(method):
+    gen = _rng(5)
+    for seed in range(30):
+        rewards = gen.normal(size=12)
+        for scale in BETA_SCALES:
+            result = select_rounds(method, rewards, 4, 0.5, _rng(seed), beta_scale=scale)
+            assert result.indices == select(method, rewards, 4, 0.5, _rng(seed), beta_scale=scale)
+            assert (result.rounds == []) == (method == "rest")
+    assert select_rounds("top-k", [1.0, 2.0], 1, 9.0, _rng(0)).beta == 0.0
+    assert select_rounds("random", [1.0, 2.0], 1, 9.0, _rng(0), beta_scale="std").beta == math.inf
+    assert select_rounds("rest", [1.0, 2.0], 1, 9.0, _rng(0)).beta is None
+
+
+def test_beta_scales_match_the_config():
+    assert set(BETA_SCALES) == set(get_args(BetaScale))
+    assert GenerateConfig().beta_scale == "none"
+
+
+def test_scaled_beta():
+    rewards = [1.0, 2.0, 3.0, 4.0]
+    sigma = math.sqrt(1.25)
+    assert reward_spread(rewards) == pytest.approx(sigma)
+    assert scaled_beta(0.5, rewards) == 0.5
+    assert scaled_beta(0.5, rewards, "none") == 0.5
+    assert scaled_beta(0.5, rewards, "std") == pytest.approx(0.5 * sigma)
+    assert scaled_beta(0.0, rewards, "std") == 0.0
+    assert scaled_beta(math.inf, [1.0, 1.0], "std") == math.inf  # not inf * 0 = nan
+    assert scaled_beta(0.5, [7.0], "std") == 0.0
+    assert scaled_beta(0.5, [], "std") == 0.0
+    with pytest.raises(ValueError, match="beta scale 'iqr'"):
+        scaled_beta(0.5, rewards, "iqr")
+    with pytest.raises(ValueError, match="beta must be >= 0"):
+        scaled_beta(-1.0, rewards, "std")
+
+
+def test_std_scale_is_invariant_to_affine_rewards_and_none_is_not():
+    gen = _rng(3)
+    rewards = gen.normal(scale=0.25, size=16)
+    moved = 40.0 * rewards - 3.0
+    same_std = differ_none = 0
+    for seed in range(100):
+        same_std += select("rso", rewards, 4, 0.5, _rng(seed), beta_scale="std") == \
+            select("rso", moved, 4, 0.5, _rng(seed), beta_scale="std")
+        differ_none += select("rso", rewards, 4, 0.5, _rng(seed)) != \
+            select("rso", moved, 4, 0.5, _rng(seed))
+    assert same_std == 100
+    assert differ_none >= 50
+
+
+def _mean_effect(scale: str, beta: float, reward_std: float, seeds: int = 300):
+    gen = _rng(17)
+    effects = []
+    for seed in range(seeds):
+        rewards = gen.normal(scale=reward_std, size=16)
+        kept = select("rso", rewards, 4, beta, _rng(seed), beta_scale=scale)
+        effects.append(selection_effect(rewards, rewards[kept]))
+    return (float(np.mean([e.relative_gain for e in effects])),
+            float(np.mean([e.like_random for e in effects])),
+            float(np.mean([e.equals_top_k for e in effects])))
+
+
+def test_uncalibrated_rewards_make_a_fixed_beta_random_and_std_scale_fixes_it():
+    # The demo's reward model: std 0.25, beta 0.5 in reward units is nearly uniform selection.
+    gain_none, random_none, _ = _mean_effect("none", 0.5, 0.25)
+    gain_std, random_std, _ = _mean_effect("std", 0.5, 0.25)
+    # Measured: relative gain 0.37 and 80% like random (none) vs 0.87 and 15% (std).
+    assert gain_none < 0.45 and random_none > 0.7
+    assert gain_std > 0.8 and random_std < 0.25
+    # Under "std" the effect does not depend on the reward's unit.
+    assert _mean_effect("std", 0.5, 25.0) == pytest.approx((gain_std, random_std, _mean_effect(
+        "std", 0.5, 0.25)[2]), abs=1e-9)
+
+
+def test_selection_effect_by_hand():
+    e = selection_effect([0.0, 1.0, 2.0, 3.0], [3.0, 2.0])
+    assert (e.num_candidates, e.num_accepted, e.decisive) == (4, 2, True)
+    assert e.spread == pytest.approx(math.sqrt(1.25))
+    assert e.gain == pytest.approx(1.0) and e.relative_gain == pytest.approx(1.0)
+    assert e.z == pytest.approx(1.0 / math.sqrt(1.25 / 2 * 2 / 3))  # 1.549
+    assert e.equals_top_k and e.like_random  # n = 4 is too small to tell them apart
+    e = selection_effect([0.0, 1.0, 2.0, 3.0], [0.0, 3.0])
+    assert e.gain == 0.0 and e.relative_gain == 0.0 and not e.equals_top_k and e.like_random
+    e = selection_effect([0.0, 2.0, 2.0, 1.0], [2.0])  # either tied maximum is top-k
+    assert e.equals_top_k
+    for cands, acc in [([1.0, 2.0], [1.0, 2.0]), ([5.0, 5.0, 5.0], [5.0]), ([1.0], [1.0]),
+                       ([1.0, 2.0], [])]:
+        e = selection_effect(cands, acc)
+        assert not (e.decisive or e.equals_top_k or e.like_random)
+        assert e.z is None and e.relative_gain is None
+    assert selection_effect([1.0, 2.0], []).gain is None
+    with pytest.raises(ValueError, match="finite"):
+        selection_effect([1.0, math.inf], [1.0])
+
+
+def test_z_is_calibrated_for_random_subsets_and_large_for_top_k():
+    gen = _rng(23)
+    random_flags, topk_flags = [], []
+    for seed in range(2000):
+        rewards = gen.normal(size=64)
+        kept = select("random", rewards, 8, 0.0, _rng(seed))
+        random_flags.append(selection_effect(rewards, rewards[kept]).like_random)
+        top = select("top-k", rewards, 8, 0.0, _rng(seed))
+        e = selection_effect(rewards, rewards[top])
+        topk_flags.append((e.like_random, e.equals_top_k, e.relative_gain))
+    assert 0.93 < np.mean(random_flags) < 0.97  # the two-sided 5% test's nominal 0.95
+    assert all(not lr and eq and rg == pytest.approx(1.0) for lr, eq, rg in topk_flags)
+    assert RANDOM_Z == 1.96

@@ -142,7 +142,10 @@ def test_manifest_counters_are_exact(written):
     assert m["dead_letters"] == {
         "total": 4, "by_reason": {"invalid_json": 1, "invalid_record": 2,
                                   "non_finite_reward": 1},
-        "by_stage": {"read": 1, "reward": 1, "write": 2}}
+        "by_stage": {"read": 1, "reward": 1, "write": 2},
+        "by_stage_reason": {"read/invalid_json": 1, "reward/non_finite_reward": 1,
+                            "write/invalid_record": 2},
+        "candidates": 1}
     acc = m["acceptance"]
     assert acc["underfilled_fraction"] == 0.25
     assert acc["mean_accepted_over_candidates"] == pytest.approx((2 / 4 + 2 / 3 + 2 / 4 + 1) / 4)
@@ -157,7 +160,7 @@ def test_manifest_reward_statistics(written):
               "chosen": [r["chosen_reward"] for r in RECORDS],
               "rejected": [r["rejected_reward"] for r in RECORDS],
               "margin": [r["chosen_reward"] - r["rejected_reward"] for r in RECORDS]}
-    assert set(stats) == set(series)
+    assert set(stats) == set(series) | {"prompt_reward_std", "prompt_accepted_gain"}
     for name, values in series.items():
         s, v = stats[name], np.array(values)
         assert s["count"] == len(v)
@@ -273,7 +276,7 @@ def test_gcs_read_and_write(gcs_bucket):
         return {**record(i, 1.0 + i, 0.0), "prompt": p.prompt}
 
     with beam.Pipeline(options=PipelineOptions(RUNNER)) as p:
-        prompts, dead = p | ReadPrompts(src)
+        prompts, dead, _ = p | ReadPrompts(src)
         _ = {"pairs": prompts | beam.Map(to_record), "dead_letters": dead} | WriteOutputs(
             out, CONFIG, "run-test", {}, {})
 
