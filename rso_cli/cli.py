@@ -1,4 +1,4 @@
-"""The `rso` command: `rso generate`, `rso train`, `rso demo`.
+"""The `rso` command: `rso generate`, `rso train`, `rso demo`, `rso inspect`, `rso evaluate`.
 
 Each subcommand imports only what it needs, so `rso train` runs where Beam is not installed.
 """
@@ -6,11 +6,13 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """usage: rso {generate,train,demo} [--config FILE.yaml] [flags]
+USAGE = """usage: rso {generate,train,demo,inspect,evaluate} [--config FILE.yaml] [flags]
 
   generate   build RSO preference pairs with Apache Beam (vLLM or transformers + reward models)
   train      optimise a policy on the pairs (sigmoid-norm/DPO, hinge-norm, hinge/SLiC, ipo)
   demo       run `generate` on SmolLM2-135M-Instruct and bundled HH-RLHF prompts, offline
+  inspect    summarise and plot a `generate` output: rewards, margins, length bias, dead letters
+  evaluate   win rate of a policy against a baseline under a judge reward model, with a 95% CI
 
 `rso COMMAND --help` lists every flag of a command.
 """
@@ -28,6 +30,10 @@ def main(argv: list[str] | None = None) -> int:
         from trainer.train import main as run
     elif command == "demo":
         from rso_cli.demo import main as run
+    elif command == "inspect":
+        from rso_cli.inspect_output import main as run
+    elif command == "evaluate":
+        from rso_cli.evaluate import main as run
     else:
         print(f"rso: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
