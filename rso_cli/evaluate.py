@@ -26,7 +26,8 @@ Writes into ``--output``::
 
     evaluation.json          settings, model ids, wins/ties/losses, win_rate, win_rate_ci95,
                              judge margins, per-model reward and length summaries, unpaired ids
-    comparisons.jsonl        one line per paired prompt: both responses, rewards, margin, score
+    comparisons.jsonl        one line per paired prompt: both responses, judge rewards (pointwise
+                             judges; null for pairwise), judge margin, score
     evaluation_win_rate.png  wins / ties / losses and the win rate with its interval
     evaluation_rewards.png   judge rewards of both models (densities, and per prompt)
     evaluation_lengths.png   response lengths in tokens of both models
@@ -177,9 +178,11 @@ def report(pairs: Sequence[tuple[dict, dict]], margins: Sequence[float], tie_mar
         "policy": side_summary([p for p, _ in pairs], judge_kind),
         "baseline": side_summary([b for _, b in pairs], judge_kind),
     }
+    pointwise = judge_kind == "pointwise"  # a pairwise judge gives a margin, not rewards
     rows = [{"prompt_id": p["prompt_id"], "prompt": p["prompt"],
              "policy": p["completion"], "baseline": b["completion"],
-             "policy_reward": p["reward"], "baseline_reward": b["reward"],
+             "policy_reward": p["reward"] if pointwise else None,
+             "baseline_reward": b["reward"] if pointwise else None,
              "judge_margin": float(m), "score": float(s)}
             for (p, b), m, s in zip(pairs, margins, scores)]
     return result, rows
