@@ -49,7 +49,8 @@ import numpy as np
 from rso import layout, stats
 from rso import storage as rso_io
 from rso.model_id import model_id
-from rso_cli.inspect_output import density, no_data, png, pyplot, read_records
+from rso.plotting import density, no_data, png, pyplot
+from rso_cli.inspect_output import read_records
 
 EVALUATION = "evaluation.json"
 COMPARISONS = "comparisons.jsonl"

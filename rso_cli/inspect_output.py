@@ -38,7 +38,6 @@ A directory without ``_SUCCESS`` is refused (exit 2): it may be incomplete.
 from __future__ import annotations
 
 import argparse
-import io
 import json
 import sys
 from typing import Any, Iterator, Mapping, Sequence
@@ -46,13 +45,13 @@ from typing import Any, Iterator, Mapping, Sequence
 import numpy as np
 
 from rso import layout, schema, stats
+from rso.plotting import NUM_BINS, density, no_data, png, pyplot
 from rso import storage as rso_io
 
 SUMMARY_FILE = "inspect.json"
 PLOT_FILES = ("inspect_rewards.png", "inspect_margins.png", "inspect_lengths.png",
               "inspect_acceptance.png", "inspect_dead_letters.png")
 WRITTEN_FILES = (SUMMARY_FILE, *PLOT_FILES)
-NUM_BINS = 30
 
 
 class IncompleteOutputError(ValueError):
@@ -294,43 +293,6 @@ def format_summary(summary: Mapping[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------- plots
-def pyplot():
-    """matplotlib's pyplot on the file-only Agg backend."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def png(fig) -> bytes:
-    """The figure as PNG bytes (no timestamp metadata, so reruns are identical); closes it."""
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100, metadata={"Software": None})
-    pyplot().close(fig)
-    return buf.getvalue()
-
-
-def no_data(ax, text: str = "no data") -> None:
-    ax.text(0.5, 0.5, text, ha="center", va="center", transform=ax.transAxes)
-
-
-def density(ax, values: Sequence[float], label: str, edges: np.ndarray | None = None) -> bool:
-    """Step density of ``values`` on ``ax``; False (nothing drawn) when empty."""
-    v = np.asarray(values, dtype=float)
-    v = v[np.isfinite(v)]
-    if v.size == 0:
-        return False
-    counts, edges = np.histogram(v, bins=NUM_BINS if edges is None else edges)
-    if v.min() == v.max() and edges is None:
-        counts, edges = np.histogram(v, bins=NUM_BINS, range=(v.min() - 0.5, v.max() + 0.5))
-    width = np.diff(edges)
-    ax.stairs(counts / (counts.sum() * width), edges, linewidth=1.5,
-              label=f"{label} (n={v.size}, mean={v.mean():.3g})")
-    return True
-
-
 def _manifest_density(ax, manifest_stats: Mapping[str, Any], series: str, label: str) -> bool:
     s = manifest_stats.get(series) or {}
     hist = s.get("histogram")
