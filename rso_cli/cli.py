@@ -1,22 +1,40 @@
-"""The `rso` command: `rso generate`, `rso train`, `rso demo`.
+"""The `rso` command: one subcommand per application, each in its own module.
 
 Each subcommand imports only what it needs, so `rso train` runs where Beam is not installed.
 """
 from __future__ import annotations
 
+import importlib
 import sys
 
-USAGE = """usage: rso {generate,train,iterate,sweep,demo} [--config FILE.yaml] [flags]
-
-  generate   build RSO preference pairs with Apache Beam (vLLM or transformers + reward models)
-  train      optimise a policy on the pairs (sigmoid-norm/DPO, hinge-norm, hinge/SLiC, ipo)
-  iterate    R rounds of generate + train, each round's policy proposing the next round's data
-  sweep      expected reward gain and KL for several betas, from a stored candidate set
-  demo       run `generate` on SmolLM2-135M-Instruct and bundled HH-RLHF prompts, offline
-
-`rso COMMAND --help` lists every flag of a command. `--verbose` anywhere shows the INFO logs
-of the libraries underneath (Beam, vLLM, transformers), hidden by default.
-"""
+# name -> (module whose main(argv) runs it, one-line help)
+COMMANDS = {
+    "generate": ("beam_pipelines.pipeline",
+                 "build RSO preference pairs with Apache Beam (vLLM or transformers + reward "
+                 "models)"),
+    "select": ("beam_pipelines.pipeline:select_main",
+               "re-select and pair stored candidates (no decoding): another beta, method, "
+               "pairing or reward model"),
+    "train": ("trainer.train",
+              "optimise a policy on the pairs (sigmoid-norm/DPO, hinge-norm, hinge/SLiC, ipo)"),
+    "iterate": ("rso_cli.iterate",
+                "R rounds of generate + train, each round's policy proposing the next round's "
+                "data"),
+    "sweep": ("rso_cli.sweep",
+              "expected reward gain and KL for several betas, from a stored candidate set"),
+    "inspect": ("rso_cli.inspect_output",
+                "summarise and plot a `generate` output: rewards, margins, length bias, dead "
+                "letters"),
+    "evaluate": ("rso_cli.evaluate",
+                 "win rate of a policy against a baseline under a judge reward model, with a "
+                 "95% CI"),
+    "demo": ("rso_cli.demo", "the whole loop on SmolLM2-135M-Instruct and bundled HH-RLHF data, "
+                             "offline"),
+}
+USAGE = ("usage: rso {" + ",".join(COMMANDS) + "} [--config FILE.yaml] [flags] [--verbose]\n\n"
+         + "\n".join(f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items())
+         + "\n\n`rso COMMAND --help` lists every flag of a command. `--verbose` shows the INFO "
+           "logs of the\nlibraries underneath (Beam, vLLM, transformers), hidden by default.\n")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -24,25 +42,15 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
-    verbose = "--verbose" in argv
-    argv = [a for a in argv if a != "--verbose"]
     from rso import console
 
-    console.configure(verbose)
-    command, rest = argv[0], argv[1:]
-    if command == "generate":
-        from beam_pipelines.pipeline import main as run
-    elif command == "train":
-        from trainer.train import main as run
-    elif command == "iterate":
-        from rso_cli.iterate import main as run
-    elif command == "sweep":
-        from rso_cli.sweep import main as run
-    elif command == "demo":
-        from rso_cli.demo import main as run
-    else:
+    console.configure("--verbose" in argv)
+    command, rest = argv[0], [a for a in argv[1:] if a != "--verbose"]
+    if command not in COMMANDS:
         print(f"rso: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
+    module, _, function = COMMANDS[command][0].partition(":")
+    run = getattr(importlib.import_module(module), function or "main")
     return int(run(rest) or 0)
 
 

@@ -23,7 +23,7 @@ import logging
 import os
 import shlex
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 log = logging.getLogger("rso_cli.iterate")
 

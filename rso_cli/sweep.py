@@ -12,10 +12,9 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import sys
 from collections import defaultdict
-from typing import Sequence
+from collections.abc import Sequence
 
 from rso import layout
 from rso.storage import join, makedirs, open_file

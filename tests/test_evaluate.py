@@ -1,0 +1,157 @@
+"""`rso evaluate`: the win-rate statistics (pure, hand-computed) and the command end to end on
+tiny real models with the transformers engine (the policy against itself, and against another
+policy), through the real Beam pipeline."""
+from __future__ import annotations
+
+import glob
+import json
+import math
+import os
+
+import pyarrow.parquet as pq
+import pytest
+
+from rso import stats
+from rso_cli import evaluate as E
+from rso_cli.cli import main as rso
+
+PROMPTS = ["How do I bake bread?", "What is the capital of France?", "Tell me a joke.",
+           "What is two plus two?", "Is it going to rain today?"]
+
+
+# ---------------------------------------------------------------- statistics
+def test_wilson_interval_equals_the_hand_computed_one():
+    # 7 successes of 10, z = 1.959964: center = (0.7 + z^2/20) / (1 + z^2/10) = 0.644493,
+    # half = z / (1 + z^2/10) * sqrt(0.7 * 0.3 / 10 + z^2 / 400) = 0.247715
+    # -> [0.396778, 0.892209] (the textbook [0.3968, 0.8922]).
+    lo, hi = stats.wilson_interval(7, 10)
+    assert lo == pytest.approx(0.396778, abs=1e-6)
+    assert hi == pytest.approx(0.892209, abs=1e-6)
+    # Symmetric around 1/2 for p = 1/2, and clipped to [0, 1] at the ends.
+    lo, hi = stats.wilson_interval(3, 6)
+    assert lo + hi == pytest.approx(1.0) and lo == pytest.approx(0.187616, abs=1e-6)
+    assert stats.wilson_interval(0, 5)[0] == 0.0 and stats.wilson_interval(5, 5)[1] == 1.0
+    assert all(math.isnan(x) for x in stats.wilson_interval(0, 0))
+    with pytest.raises(ValueError):
+        stats.wilson_interval(6, 5)
+
+
+def test_ties_are_equal_rewards_within_the_margin_and_count_half():
+    policy = [1.0, 2.0, 3.0, 3.0, 0.0]
+    baseline = [1.0, 1.0, 4.0, 3.05, 0.2]
+    assert stats.match_scores(policy, baseline).tolist() == [0.5, 1.0, 0.0, 0.0, 0.0]
+    scores = stats.match_scores(policy, baseline, tie_margin=0.1)
+    assert scores.tolist() == [0.5, 1.0, 0.0, 0.5, 0.0]  # |3 - 3.05| <= 0.1 is a tie
+    result = stats.win_rate(scores)
+    assert (result["wins"], result["ties"], result["losses"]) == (1, 2, 2)
+    assert result["win_rate"] == pytest.approx((1 + 2 * 0.5) / 5)
+    assert result["win_rate_ci95"] == pytest.approx(list(stats.wilson_interval(2.0, 5)))
+    # A margin equal to the difference is still a tie (<=), one just below is not.
+    assert stats.match_scores([1.5], [1.0], tie_margin=0.5).tolist() == [0.5]
+    assert stats.match_scores([1.5], [1.0], tie_margin=0.49).tolist() == [1.0]
+    with pytest.raises(ValueError, match="differ in length"):
+        stats.match_scores([1.0], [1.0, 2.0])
+    with pytest.raises(ValueError, match="finite"):
+        stats.match_scores([math.nan], [1.0])
+    with pytest.raises(ValueError, match="tie_margin"):
+        stats.match_scores([1.0], [1.0], tie_margin=-1)
+    assert stats.win_rate([])["win_rate"] is None
+
+
+def test_pairing_by_prompt_id_reports_one_sided_prompts():
+    p = [{"prompt_id": "a", "x": 1}, {"prompt_id": "b", "x": 2}]
+    b = [{"prompt_id": "b", "x": 3}, {"prompt_id": "c", "x": 4}]
+    pairs, unpaired = E.pair_by_prompt(p, b)
+    assert [(x["x"], y["x"]) for x, y in pairs] == [(2, 3)]
+    assert unpaired == {"policy_only": ["a"], "baseline_only": ["c"]}
+    with pytest.raises(ValueError, match="two responses"):
+        E.pair_by_prompt(p + p[:1], b)
+
+
+# ---------------------------------------------------------------- end to end
+@pytest.fixture(scope="module")
+def prompts(tmp_path_factory):
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"prompt_id": f"p{i}", "prompt": p}) + "\n"
+                            for i, p in enumerate(PROMPTS)))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def other_policy(tmp_path_factory):
+    from tests import tiny_models
+
+    return tiny_models.build_policy(str(tmp_path_factory.mktemp("other_policy")), seed=3)
+
+
+def _evaluate(policy, baseline, judge, prompts, out, *extra):
+    return rso(["evaluate", "--policy", policy, "--baseline", baseline, "--judge", judge,
+                "--prompts", prompts, "--output", out, "--engine", "transformers",
+                "--max-new-tokens", "6", "--seed", "11", *extra])
+
+
+def _sft(out: str, side: str) -> dict[str, dict]:
+    (path,) = glob.glob(os.path.join(out, "generations", side, "sft-*.parquet"))
+    return {r["prompt_id"]: r for r in pq.read_table(path).to_pylist()}
+
+
+@pytest.mark.slow
+def test_policy_against_itself_ties_on_every_prompt(tiny_policy, tiny_reward_model, prompts,
+                                                     tmp_path, capsys):
+    out = str(tmp_path / "self")
+    assert _evaluate(tiny_policy, tiny_policy, tiny_reward_model, prompts, out) == 0
+    ev = json.load(open(os.path.join(out, "evaluation.json")))
+    n = len(PROMPTS)
+    assert (ev["num_prompts"], ev["ties"], ev["wins"], ev["losses"]) == (n, n, 0, 0)
+    assert ev["win_rate"] == 0.5
+    assert ev["win_rate_ci95"] == pytest.approx(list(stats.wilson_interval(n / 2, n)))
+    # best-of-n with N=1 writes exactly one response per prompt, the same seeds on both sides.
+    policy, baseline = _sft(out, "policy"), _sft(out, "baseline")
+    assert sorted(policy) == sorted(baseline) == [f"p{i}" for i in range(n)]
+    for pid in policy:
+        assert policy[pid]["completion_token_ids"] == baseline[pid]["completion_token_ids"]
+        assert policy[pid]["reward"] == baseline[pid]["reward"]
+    for name in (E.EVALUATION, E.COMPARISONS, *E.PLOT_FILES):
+        assert os.path.getsize(os.path.join(out, name)) > 0, name
+    rows = [json.loads(line) for line in open(os.path.join(out, E.COMPARISONS))]
+    assert len(rows) == n and all(r["score"] == 0.5 and r["judge_margin"] == 0 for r in rows)
+    console = capsys.readouterr().out
+    assert "win rate 0.500" in console and "INFO" not in console
+    # A second run into the same directory is refused without --overwrite.
+    assert _evaluate(tiny_policy, tiny_policy, tiny_reward_model, prompts, out) == 2
+
+
+@pytest.mark.slow
+def test_policy_against_another_model(tiny_policy, other_policy, tiny_reward_model, prompts,
+                                      tmp_path):
+    out = str(tmp_path / "other")
+    assert _evaluate(other_policy, tiny_policy, tiny_reward_model, prompts, out) == 0
+    ev = json.load(open(os.path.join(out, "evaluation.json")))
+    policy, baseline = _sft(out, "policy"), _sft(out, "baseline")
+    assert any(policy[p]["completion_token_ids"] != baseline[p]["completion_token_ids"]
+               for p in policy)
+    # The verdicts are the judge's rewards compared prompt by prompt (tie margin 0).
+    wins = sum(policy[p]["reward"] > baseline[p]["reward"] for p in policy)
+    ties = sum(policy[p]["reward"] == baseline[p]["reward"] for p in policy)
+    n = len(PROMPTS)
+    assert (ev["wins"], ev["ties"], ev["losses"]) == (wins, ties, n - wins - ties)
+    assert ev["win_rate"] == pytest.approx((wins + ties / 2) / n)
+    assert ev["win_rate_ci95"] == pytest.approx(list(stats.wilson_interval(wins + ties / 2, n)))
+    assert ev["policy"]["reward"]["mean"] == pytest.approx(
+        sum(r["reward"] for r in policy.values()) / n)
+    assert ev["baseline"]["length_tokens"]["mean"] == pytest.approx(
+        sum(len(r["completion_token_ids"]) for r in baseline.values()) / n)
+    assert ev["models"]["policy"].startswith(os.path.basename(other_policy) + "@sha256:")
+    assert ev["unpaired"] == {"policy_only": [], "baseline_only": []}
+
+
+@pytest.mark.slow
+def test_pairwise_judge_of_a_policy_against_itself_is_all_ties(tiny_policy, tiny_reward_model,
+                                                               prompts, tmp_path):
+    """With the pipeline's pairwise handler, both orders: s(y, y) - s(y, y) = 0 exactly."""
+    out = str(tmp_path / "pairwise")
+    assert _evaluate(tiny_policy, tiny_policy, tiny_reward_model, prompts, out,
+                     "--judge-kind", "pairwise", "--num-prompts", "3") == 0
+    ev = json.load(open(os.path.join(out, "evaluation.json")))
+    assert (ev["num_prompts"], ev["ties"], ev["win_rate"]) == (3, 3, 0.5)
+    assert ev["policy"]["reward"] is None  # a pairwise judge gives margins, not rewards

@@ -1,0 +1,122 @@
+"""`rso inspect`: on real tiny pipeline runs (transformers engine, DirectRunner) it writes every
+file it documents, its numbers agree with the records and dead letters, it handles best-of-n
+outputs, and it refuses an incomplete directory."""
+from __future__ import annotations
+
+import glob
+import json
+import os
+import pathlib
+import re
+import shutil
+
+import pyarrow.parquet as pq
+import pytest
+
+from beam_pipelines.pipeline import main as generate
+from rso import stats
+from rso_cli import inspect_output as I
+from rso_cli.cli import main as rso
+from tests.test_pipeline_e2e import BAD_LINES, _args, inputs  # noqa: F401 - a fixture
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+DOCUMENTED = re.compile(r"\binspect(?:_[a-z_]+)?\.(?:png|json)\b")
+
+
+@pytest.fixture(scope="module")
+def rso_run(tiny_policy, tiny_reward_model, inputs, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("rso") / "out")
+    assert generate(_args(inputs, out, tiny_policy, tiny_reward_model,
+                          "--engine", "transformers")) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def best_of_n_run(tiny_policy, tiny_reward_model, inputs, tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("bon") / "out")
+    assert generate(_args(inputs, out, tiny_policy, tiny_reward_model, "--engine",
+                          "transformers", "--selection", "best-of-n")) == 0
+    return out
+
+
+def documented_files() -> set[str]:
+    """The file names the module docstring and the README's `rso inspect` section list."""
+    readme = (ROOT / "README.md").read_text()
+    section = readme.split("## Inspect a run", 1)[1].split("\n## ", 1)[0]
+    names = set(DOCUMENTED.findall(I.__doc__)) | set(DOCUMENTED.findall(section))
+    assert names == set(I.WRITTEN_FILES), names ^ set(I.WRITTEN_FILES)
+    return names
+
+
+@pytest.mark.slow
+def test_writes_every_documented_file_and_agrees_with_the_records(rso_run, tmp_path, capsys):
+    plots = str(tmp_path / "plots")
+    assert rso(["inspect", rso_run, "--plots", plots]) == 0
+    for name in documented_files():
+        path = os.path.join(plots, name)
+        data = open(path, "rb").read()
+        assert data.startswith(b"\x89PNG" if name.endswith(".png") else b"{"), name
+    summary = json.load(open(os.path.join(plots, I.SUMMARY_FILE)))
+    manifest = json.load(open(os.path.join(rso_run, "manifest.json")))
+    (path,) = glob.glob(os.path.join(rso_run, "pairs-*.parquet"))
+    rows = pq.read_table(path).to_pylist()
+
+    assert summary["records"] == "pairs" and summary["selection"] == "rso"
+    assert summary["rewards"]["chosen"]["count"] == len(rows) == manifest["counters"]["pairs"]
+    assert summary["rewards"]["candidate"]["mean"] == manifest["reward_statistics"][
+        "candidate"]["mean"]
+    assert summary["reward_gain"]["accepted_minus_candidate"] == pytest.approx(
+        manifest["reward_statistics"]["accepted"]["mean"]
+        - manifest["reward_statistics"]["candidate"]["mean"])
+    margins = [r["chosen_reward"] - r["rejected_reward"] for r in rows]
+    assert summary["margins"]["mean"] == pytest.approx(sum(margins) / len(margins))
+    longer = sum(len(r["chosen_token_ids"]) > len(r["rejected_token_ids"]) for r in rows)
+    bias = summary["length_bias"]["chosen_longer"]
+    assert (bias["count"], bias["n"]) == (longer, len(rows))
+    assert bias["ci95"] == pytest.approx(list(stats.wilson_interval(longer, len(rows))))
+    # Dead letters counted from the files, by reason, agree with the manifest.
+    reasons = set(BAD_LINES.values()) - {"non_finite_reward"}
+    assert reasons <= set(summary["dead_letters"]["by_reason"])
+    assert summary["dead_letters"]["by_reason"] == manifest["dead_letters"]["by_reason"]
+    console = capsys.readouterr().out
+    assert "length bias: chosen longer in" in console and "prompt_too_long: 1" in console
+    # Without --plots the files go into the output directory itself.
+    assert I.main([rso_run]) == 0
+    assert all(os.path.exists(os.path.join(rso_run, n)) for n in I.WRITTEN_FILES)
+
+
+@pytest.mark.slow
+def test_best_of_n_output(best_of_n_run, tmp_path):
+    plots = str(tmp_path / "plots")
+    assert I.main([best_of_n_run, "--plots", plots]) == 0
+    assert sorted(os.listdir(plots)) == sorted(I.WRITTEN_FILES)
+    summary = json.load(open(os.path.join(plots, I.SUMMARY_FILE)))
+    (path,) = glob.glob(os.path.join(best_of_n_run, "sft-*.parquet"))
+    rows = pq.read_table(path).to_pylist()
+    assert summary["records"] == "sft" and summary["selection"] == "best-of-n"
+    assert summary["rewards"]["completion"]["count"] == len(rows) == 5  # one per valid prompt
+    assert summary["rewards"]["completion"]["max"] == max(r["reward"] for r in rows)
+    assert "margins" not in summary and "length_bias" not in summary
+    # Each completion is one of the candidates the manifest summarises.
+    cand = summary["rewards"]["candidate"]
+    assert cand["min"] <= min(r["reward"] for r in rows) <= max(r["reward"] for r in rows) \
+        <= cand["max"]
+
+
+def test_refuses_an_incomplete_directory(tmp_path, capsys):
+    out = tmp_path / "partial"
+    out.mkdir()
+    (out / "manifest.json").write_text("{}")
+    assert rso(["inspect", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "_SUCCESS" in err
+    assert not any(n.startswith("inspect") for n in os.listdir(out))
+
+
+@pytest.mark.slow
+def test_refuses_a_run_whose_success_marker_was_removed(rso_run, tmp_path, capsys):
+    copy = str(tmp_path / "copy")
+    shutil.copytree(rso_run, copy)
+    os.remove(os.path.join(copy, "_SUCCESS"))
+    assert I.main([copy]) == 2
+    assert "not a complete pipeline output" in capsys.readouterr().err
