@@ -177,13 +177,13 @@ class ReadPrompts(beam.PTransform):
             records = (pbegin
                        | "Pattern" >> beam.Create([self._input])
                        | "ReadParquet" >> beam.io.ReadAllFromParquet(with_filename=True))
-            parse = _ParseRow(self._kind)
+            parse, label = _ParseRow(self._kind), "ParseRows"
         else:
             records = pbegin | "ReadLines" >> beam.io.ReadFromTextWithFilename(
                 self._input, coder=BytesCoder())
-            parse = _ParseLine(self._kind)
-        parsed = records | "Parse" >> beam.ParDo(parse).with_outputs(DEAD_LETTER, BLANK,
-                                                                     main="prompts")
+            parse, label = _ParseLine(self._kind), "ParseLines"
+        parsed = records | label >> beam.ParDo(parse).with_outputs(DEAD_LETTER, BLANK,
+                                                                   main="prompts")
         deduped = (parsed.prompts
                    | "KeyById" >> beam.Map(lambda p: (p.prompt_id, p))
                    | "GroupById" >> beam.GroupByKey()
