@@ -1,4 +1,4 @@
-"""The `rso` command: `rso generate`, `rso train`, `rso demo`.
+"""The `rso` command: `rso generate`, `rso train`, `rso reward train`, `rso demo`.
 
 Each subcommand imports only what it needs, so `rso train` runs where Beam is not installed.
 """
@@ -6,10 +6,11 @@ from __future__ import annotations
 
 import sys
 
-USAGE = """usage: rso {generate,train,demo} [--config FILE.yaml] [flags]
+USAGE = """usage: rso {generate,train,reward,demo} [--config FILE.yaml] [flags]
 
   generate   build RSO preference pairs with Apache Beam (vLLM or transformers + reward models)
   train      optimise a policy on the pairs (sigmoid-norm/DPO, hinge-norm, hinge/SLiC, ipo)
+  reward     `rso reward train`: fit a Bradley-Terry reward model on preference pairs
   demo       run `generate` on SmolLM2-135M-Instruct and bundled HH-RLHF prompts, offline
 
 `rso COMMAND --help` lists every flag of a command.
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> int:
         from beam_pipelines.pipeline import main as run
     elif command == "train":
         from trainer.train import main as run
+    elif command == "reward":
+        from trainer.reward_train import main as run
     elif command == "demo":
         from rso_cli.demo import main as run
     else:
