@@ -20,10 +20,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import re
 from typing import Any, Mapping, Sequence
 
 from beam_pipelines.elements import PromptInput
+from rso.transcript import split_hh_dialogue
 
 REASONS = {
     "undecodable": "the line is not valid UTF-8",
@@ -44,8 +44,6 @@ REASONS = {
 # requires the 'chosen' dialogue.
 KINDS = ("auto", "jsonl", "parquet", "hh-rlhf")
 
-_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
-_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
 class PromptError(ValueError):
@@ -112,16 +110,9 @@ def parse_hh_dialogue(dialogue: Any) -> Messages:
     cut = dialogue.rfind("\n\nAssistant:")
     if cut < 0:
         raise PromptError("invalid_dialogue", "no '\\n\\nAssistant:' turn in 'chosen'")
-    parts = _HH_TURN.split(dialogue[:cut])
-    if parts[0].strip():
+    leading, turns = split_hh_dialogue(dialogue[:cut])
+    if leading.strip():
         raise PromptError("invalid_dialogue", "text before the first 'Human:' turn")
-    turns: list[tuple[str, str]] = []
-    for speaker, content in zip(parts[1::2], parts[2::2]):
-        role = _HH_ROLES[speaker]
-        if turns and turns[-1][0] == role:
-            turns[-1] = (role, turns[-1][1] + "\n\n" + content)
-        else:
-            turns.append((role, content))
     if not turns:
         raise PromptError("empty_prompt", "no 'Human:' turn before the last 'Assistant:' turn")
     if turns[-1][0] != "user":

@@ -27,17 +27,14 @@ import gzip
 import hashlib
 import io
 import json
-import re
 from typing import Any, Iterator, Mapping, Optional, Sequence
 
 from rso import storage as rso_io
-from rso.transcript import OPEN_ASSISTANT_TURN
+from rso.transcript import OPEN_ASSISTANT_TURN, split_hh_dialogue
 from trainer.data import DataError, in_eval_split
 
 Messages = tuple[tuple[str, str], ...]
 HH_ASSISTANT = "\n\n" + OPEN_ASSISTANT_TURN
-_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
-_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,21 +77,15 @@ def _sha256(text: str) -> str:
 
 
 def parse_hh_turns(text: str) -> Messages:
-    """``"\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c"`` -> user/assistant turns; ValueError
-    unless it opens with a Human turn and ends with one."""
-    parts = _HH_TURN.split(text)
-    if parts[0].strip():
+    """``"\\n\\nHuman: a\\n\\nAssistant: b\\n\\nHuman: c"`` -> user/assistant turns
+    (:func:`rso.transcript.split_hh_dialogue`); ValueError unless it opens with a Human turn and
+    ends with one."""
+    leading, turns = split_hh_dialogue(text)
+    if leading.strip():
         raise ValueError("text before the first 'Human:' turn")
-    turns: list[tuple[str, str]] = []
-    for speaker, content in zip(parts[1::2], parts[2::2]):
-        role = _HH_ROLES[speaker]
-        if turns and turns[-1][0] == role:
-            turns[-1] = (role, turns[-1][1] + "\n\n" + content)
-        else:
-            turns.append((role, content))
     if not turns or turns[-1][0] != "user":
         raise ValueError("the turn before the last 'Assistant:' is not a 'Human:' turn")
-    return tuple(turns)
+    return turns
 
 
 def _messages(value: Any, name: str) -> Messages:
