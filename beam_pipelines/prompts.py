@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import re
 from typing import Any, Mapping, Sequence
 
 from beam_pipelines.elements import PromptInput
+from rso.transcript import hh_prompt_end, split_hh_dialogue
 
 REASONS = {
     "undecodable": "the line is not valid UTF-8",
@@ -47,8 +46,6 @@ REASONS = {
 # requires the 'chosen' dialogue.
 KINDS = ("auto", "jsonl", "parquet", "hh-rlhf")
 
-_HH_TURN = re.compile(r"\n\n(Human|Assistant):[ ]?")
-_HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
 
 class PromptError(ValueError):
@@ -102,25 +99,6 @@ def _parse_messages(value: Any) -> Messages:
     return tuple(out)
 
 
-HH_ASSISTANT = "\n\nAssistant:"
-
-
-def hh_prompt_end(chosen: str, rejected: str | None = None) -> int:
-    """Where the prompt of an HH-RLHF pair ends: the offset of its last ``"\\n\\nAssistant:"``.
-
-    HH-RLHF stores each comparison as two full dialogues that share the conversation and differ
-    in the final Assistant response, so the prompt is their longest common prefix cut back to
-    the last ``"\\n\\nAssistant:"`` inside it (SPEC 1). Cutting ``chosen`` alone at its last
-    marker goes wrong when the response itself contains one (4 of the 2,312 bundled
-    harmless-base test rows, e.g. a response that goes on to write ``"\\n\\nAssistant: ..."``).
-    With ``rejected`` None (only ``chosen`` given) the last marker of ``chosen`` is used.
-    Returns -1 when there is no marker.
-    """
-    if rejected is None:
-        return chosen.rfind(HH_ASSISTANT)
-    return os.path.commonprefix([chosen, rejected]).rfind(HH_ASSISTANT)
-
-
 def parse_hh_dialogue(dialogue: Any, rejected: Any = None) -> Messages:
     """The messages of an HH-RLHF dialogue before the Assistant turn being compared.
 
@@ -141,16 +119,9 @@ def parse_hh_dialogue(dialogue: Any, rejected: Any = None) -> Messages:
         raise PromptError("invalid_dialogue", "no '\\n\\nAssistant:' turn in 'chosen'"
                           if rejected is None else "'chosen' and 'rejected' share no "
                           "'\\n\\nAssistant:' turn")
-    parts = _HH_TURN.split(dialogue[:cut])
-    if parts[0].strip():
+    leading, turns = split_hh_dialogue(dialogue[:cut])
+    if leading.strip():
         raise PromptError("invalid_dialogue", "text before the first 'Human:' turn")
-    turns: list[tuple[str, str]] = []
-    for speaker, content in zip(parts[1::2], parts[2::2]):
-        role = _HH_ROLES[speaker]
-        if turns and turns[-1][0] == role:
-            turns[-1] = (role, turns[-1][1] + "\n\n" + content)
-        else:
-            turns.append((role, content))
     if not turns:
         raise PromptError("empty_prompt", "no 'Human:' turn before the last 'Assistant:' turn")
     if turns[-1][0] != "user":
@@ -244,6 +215,6 @@ def as_dict(p: PromptInput) -> dict[str, Any]:
 
 __all__: Sequence[str] = (
     "REASONS", "KINDS", "PromptError", "prompt_id_for", "canonical_messages", "content_key",
-    "hh_prompt_end", "parse_hh_dialogue", "parse_row", "parse_json_line", "decode_line", "escape_line",
+    "parse_hh_dialogue", "parse_row", "parse_json_line", "decode_line", "escape_line",
     "is_blank", "as_dict",
 )

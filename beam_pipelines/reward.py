@@ -46,6 +46,8 @@ from beam_pipelines.dead_letters import DEAD_LETTER, dead_letter
 from beam_pipelines.elements import Candidate, Failure, PromptCandidates
 from beam_pipelines.seeding import prompt_rng
 from rso.config import ConfigError
+from rso.reward_input import (leading_specials, pairwise_ids, pairwise_text,  # noqa: F401
+                              pointwise_ids, render_pointwise, truncate_left)
 from rso.transcript import hh_transcript
 
 COUNTER_NAMESPACE = "rso"
@@ -54,35 +56,6 @@ _UNBOUNDED = 1_000_000  # tokenizers without a limit report model_max_length ~1e
 
 
 # ------------------------------------------------------------------------------ pure helpers
-PAIRWISE_PREFIX = "[CONTEXT] "
-
-
-def pairwise_text(context: str, a: str, b: str) -> str:
-    """``[CONTEXT] {x} [RESPONSE A] {a} [RESPONSE B] {b}`` (SPEC 2)."""
-    return f"{PAIRWISE_PREFIX}{context} [RESPONSE A] {a} [RESPONSE B] {b}"
-
-
-def truncate_left(ids: Sequence[int], head: int, context_end: int,
-                  max_length: int) -> tuple[list[int], bool, bool]:
-    """Shortens ``ids`` to ``max_length`` tokens by dropping the oldest context tokens.
-
-    ``ids[:head]`` (leading special tokens or markers) is kept; tokens ``ids[head:context_end]``
-    (the context) are dropped from the left first; if that is not enough, tokens right after the
-    head are dropped too (the response is cut). Returns (ids, truncated, response_cut).
-    """
-    ids = list(ids)
-    if len(ids) <= max_length:
-        return ids, False, False
-    head = max(0, min(head, max_length - 1))
-    excess = len(ids) - max_length
-    cut = min(excess, max(0, context_end - head))
-    ids = ids[:head] + ids[head + cut:]
-    more = len(ids) - max_length
-    if more > 0:
-        ids = ids[:head] + ids[head + more:]
-    return ids, True, more > 0
-
-
 def length_sorted_batches(lengths: Sequence[int], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of at most ``batch_size``, by increasing length (stable)."""
     order = sorted(range(len(lengths)), key=lambda i: lengths[i])
@@ -162,10 +135,7 @@ class LoadedClassifier:
 
     def leading_specials(self, ids: Sequence[int]) -> int:
         """How many special tokens (BOS, CLS...) open ``ids``: kept by truncation."""
-        n = 0
-        while n < len(ids) and ids[n] in self.special_ids:
-            n += 1
-        return n
+        return leading_specials(ids, self.special_ids)
 
 
 def load_classifier(path: str, kind: str, *, trust_remote_code: bool = False,
@@ -249,15 +219,6 @@ class _RewardHandler(ModelHandler[PromptCandidates, PredictionResult, LoadedClas
     def _plan(self, example: PromptCandidates, model: LoadedClassifier) -> _Plan:
         raise NotImplementedError
 
-    def _truncate(self, plan: _Plan, model: LoadedClassifier, ids: list[int], head: int,
-                  context_end: int) -> list[int]:
-        if model.max_length is None:
-            return ids
-        ids, truncated, response_cut = truncate_left(ids, head, context_end, model.max_length)
-        plan.truncated += truncated
-        plan.response_truncated += response_cut
-        return ids
-
     def _score(self, batch: Sequence[PromptCandidates],
                model: LoadedClassifier) -> list[list[float]]:
         plans = [self._plan(example, model) for example in batch]
@@ -297,30 +258,18 @@ class PointwiseRewardHandler(_RewardHandler):
     the reward model's own chat template (see the module docstring for the plain fallback)."""
     kind = "pointwise"
 
-    @staticmethod
-    def _render(tok: Any, messages: Sequence[tuple[str, str]],
-                response: Optional[str]) -> list[int]:
-        turns = list(messages) + ([("assistant", response)] if response is not None else [])
-        if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template([{"role": r, "content": c} for r, c in turns],
-                                           tokenize=False,
-                                           add_generation_prompt=response is None)
-            return list(tok(text, add_special_tokens=False)["input_ids"])
-        return list(tok(hh_transcript(turns))["input_ids"])
-
     def _plan(self, example: PromptCandidates, model: LoadedClassifier) -> _Plan:
         tok = model.tokenizer
         messages = example.prompt.messages or (("user", example.prompt.prompt),)
-        prefix = self._render(tok, messages, None)
+        prefix = render_pointwise(tok, messages, None)
         plan = _Plan([], lambda scores: list(scores))
         for cand in example.candidates:
-            ids = self._render(tok, messages, cand.text)
-            context_end = 0  # the longest common prefix with the prompt alone is the context
-            while (context_end < min(len(ids), len(prefix))
-                   and ids[context_end] == prefix[context_end]):
-                context_end += 1
-            plan.sequences.append(self._truncate(plan, model, ids, model.leading_specials(ids),
-                                                 context_end))
+            ids, truncated, response_cut = pointwise_ids(tok, messages, cand.text,
+                                                         model.max_length, model.special_ids,
+                                                         prefix)
+            plan.truncated += truncated
+            plan.response_truncated += response_cut
+            plan.sequences.append(ids)
         return plan
 
 
@@ -331,20 +280,11 @@ class PairwiseRewardHandler(_RewardHandler):
 
     def _pair_ids(self, plan: _Plan, model: LoadedClassifier, context: str, a: str,
                   b: str) -> list[int]:
-        tok = model.tokenizer
-        text = pairwise_text(context, a, b)
-        if not tok.is_fast:  # no offsets: the context span is unknown, cut after the head
-            ids = list(tok(text)["input_ids"])
-            head = model.leading_specials(ids)
-            return self._truncate(plan, model, ids, head, head)
-        enc = tok(text, return_offsets_mapping=True)
-        ids = list(enc["input_ids"])
-        start, end = len(PAIRWISE_PREFIX), len(PAIRWISE_PREFIX) + len(context)
-        inside = [i for i, (s, e) in enumerate(enc["offset_mapping"])
-                  if e > s and s >= start and e <= end]
-        head = inside[0] if inside else model.leading_specials(ids)
-        context_end = inside[-1] + 1 if inside else head
-        return self._truncate(plan, model, ids, head, context_end)
+        ids, truncated, response_cut = pairwise_ids(model.tokenizer, context, a, b,
+                                                    model.max_length, model.special_ids)
+        plan.truncated += truncated
+        plan.response_truncated += response_cut
+        return ids
 
     def _plan(self, example: PromptCandidates, model: LoadedClassifier) -> _Plan:
         pid = example.prompt.prompt_id

@@ -17,6 +17,9 @@ COMMANDS = {
                "pairing or reward model"),
     "train": ("trainer.train",
               "optimise a policy on the pairs (sigmoid-norm/DPO, hinge-norm, hinge/SLiC, ipo)"),
+    "reward": ("trainer.reward_train",
+               "`rso reward train`: fit a Bradley-Terry (or pairwise) reward model on preference "
+               "pairs"),
     "iterate": ("rso_cli.iterate",
                 "R rounds of generate + train, each round's policy proposing the next round's "
                 "data"),

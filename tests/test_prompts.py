@@ -9,6 +9,7 @@ import json
 import pytest
 
 from beam_pipelines import prompts as P
+from rso.transcript import HH_ASSISTANT, hh_prompt_end
 
 DATA = "/work/shared/data/hh-rlhf-harmless-base-test.jsonl.gz"
 
@@ -180,16 +181,16 @@ def test_hh_split_at_the_shared_prefix_on_the_four_real_rows():
         row = json.loads(lines[i])
         chosen, rejected = row["chosen"], row["rejected"]
         # Cutting chosen alone at its last marker would put part of the response in the prompt.
-        assert chosen.rfind(P.HH_ASSISTANT) != P.hh_prompt_end(chosen, rejected)
+        assert chosen.rfind(HH_ASSISTANT) != hh_prompt_end(chosen, rejected)
         with pytest.raises(P.PromptError) as e:
             P.parse_hh_dialogue(chosen)
         assert e.value.reason == "invalid_dialogue"
         p = P.parse_json_line(lines[i], DATA)
         assert p.messages[-1] == ("user", last_human)
-        cut = P.hh_prompt_end(chosen, rejected)
+        cut = hh_prompt_end(chosen, rejected)
         assert chosen[:cut] == rejected[:cut]
-        assert chosen[cut:].startswith(P.HH_ASSISTANT) and rejected[cut:].startswith(
-            P.HH_ASSISTANT)
+        assert chosen[cut:].startswith(HH_ASSISTANT) and rejected[cut:].startswith(
+            HH_ASSISTANT)
         # The same prompt as the rejected dialogue alone gives.
         assert P.parse_hh_dialogue(rejected) == p.messages
 
@@ -199,7 +200,7 @@ def test_hh_split_synthetic():
     chosen = head + "\n\nAssistant: Sure.\n\nHuman: hey\n\nAssistant: ho"
     rejected = head + "\n\nAssistant: No."
     expected = (("user", "Hi"), ("assistant", "Hello."), ("user", "Write a dialogue."))
-    assert P.hh_prompt_end(chosen, rejected) == len(head)
+    assert hh_prompt_end(chosen, rejected) == len(head)
     assert P.parse_row({"chosen": chosen, "rejected": rejected}, "f").messages == expected
     # Only chosen: its last marker (here inside the response: a wrong but valid prompt).
     assert P.parse_row({"chosen": chosen}, "f").messages[-1] == ("user", "hey")

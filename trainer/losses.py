@@ -84,3 +84,14 @@ def implicit_rewards(policy_chosen_logps: torch.Tensor, policy_rejected_logps: t
     """The implicit rewards ``(gamma * d_w, gamma * d_l)`` of each pair (DPO section 5)."""
     return (gamma * (policy_chosen_logps - ref_chosen_logps),
             gamma * (policy_rejected_logps - ref_rejected_logps))
+
+
+def bradley_terry_loss(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> torch.Tensor:
+    """Reward-model loss of the Bradley-Terry model (Bradley & Terry 1952; InstructGPT,
+    Ouyang et al. 2022, eq. 1; TRL's RewardTrainer):
+
+        L = -log sigmoid(r(x, y_w) - r(x, y_l))
+
+    ``r_chosen``, ``r_rejected``: [B] scalar rewards; returns [B] losses (log 2 when equal).
+    """
+    return -F.logsigmoid(r_chosen - r_rejected)
