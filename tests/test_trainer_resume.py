@@ -2,6 +2,7 @@
 uninterrupted run. The policy gets attention dropout, so the RNG state matters too."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -51,6 +52,23 @@ def config(policy, data, output, **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
+class Killed(Exception):
+    """Raised by :func:`killed_after`: leaves the loop without saving, like a killed process."""
+
+
+def killed_after(steps: int):
+    """A ``should_stop`` for a fresh run that "kills" it after step ``steps``: it is asked once
+    after every step, and raising leaves ``train`` without saving the step."""
+    calls = itertools.count(1)
+
+    def should_stop() -> bool:
+        if next(calls) >= steps:
+            raise Killed(steps)
+        return False
+
+    return should_stop
+
+
 def final_params(result) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(result.checkpoint, "model.safetensors"))
 
@@ -62,7 +80,11 @@ def assert_same_params(a: dict, b: dict) -> None:
 
 
 def train_losses(result) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in read_metrics(result.metrics_path)
+    return train_losses_of(result.output)
+
+
+def train_losses_of(output: str) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(os.path.join(output, "metrics.jsonl"))
             if r["split"] == "train"]
 
 
@@ -79,8 +101,10 @@ def test_stop_and_resume_ends_with_the_same_parameters(uninterrupted, dropout_po
                                                        tmp_path, stop_after):
     settings, full = uninterrupted
     out = str(tmp_path / "run")
-    first = train(config(dropout_policy, data_dir, out, **settings), stop_after=stop_after)
-    assert not first.finished and first.steps == stop_after
+    with pytest.raises(Killed):
+        train(config(dropout_policy, data_dir, out, **settings),
+              should_stop=killed_after(stop_after))
+    assert [s for s, _ in train_losses_of(out)] == list(range(1, stop_after + 1))
     # Killed after step 3 (5): the newest checkpoint is step 2 (4), so one step is redone.
     saved = load_trainer_state(list_checkpoints(out)[-1])["state"]
     assert saved["step"] == stop_after - 1
@@ -98,7 +122,8 @@ def test_resume_uses_the_saved_rng_state(uninterrupted, dropout_policy, data_dir
     differ and so do the final parameters."""
     settings, full = uninterrupted
     out = str(tmp_path / "run")
-    train(config(dropout_policy, data_dir, out, **settings), stop_after=3)
+    with pytest.raises(Killed):
+        train(config(dropout_policy, data_dir, out, **settings), should_stop=killed_after(3))
     path = os.path.join(list_checkpoints(out)[-1], "trainer_state.pt")
     state = load_trainer_state(os.path.dirname(path))
     state["rng"]["torch"] = torch.Generator().manual_seed(99).get_state()
