@@ -23,6 +23,12 @@ RESUME_INVARIANTS = ("data", "data_format", "eval_fraction", "loss", "gamma", "b
                      "warmup_steps")
 
 
+# Loss scales that train in float32 (every loss, tiny policy: tests/test_trainer_cli.py). Far
+# outside, the loss or its gradient overflows (measured: ipo at 1e-20, sigmoid-norm at 1e30
+# give non-finite values for every pair) or rounds to nothing.
+GAMMA_RANGE = (1e-4, 1e4)
+
+
 @dataclasses.dataclass
 class TrainConfig(Config):
     # ---- data
@@ -111,6 +117,12 @@ class TrainConfig(Config):
             fail(f"policy directory not found: {self.policy}")
         if not (self.gamma > 0 and math.isfinite(self.gamma)):
             fail(f"--gamma must be a positive finite number, got {self.gamma}")
+        low, high = GAMMA_RANGE
+        if not low <= self.gamma <= high:
+            fail(f"--gamma {self.gamma:g} is outside [{low:g}, {high:g}]: gamma scales every "
+                 f"log-prob margin (ipo aims at the margin 1/(2*gamma)), so beyond this range "
+                 f"the float32 loss or its gradient overflows, or vanishes; usual values are "
+                 f"0.01 to 1 (the paper's is 0.05)")
         if not (self.lr >= 0 and math.isfinite(self.lr)):
             fail(f"--lr must be >= 0, got {self.lr}")
         for name in ("batch_size", "grad_accum", "epochs", "shuffle_buffer", "bucket_batches",
