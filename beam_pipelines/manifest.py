@@ -270,7 +270,7 @@ def _json_safe(value: Any) -> Any:
 def build_manifest(*, config: Mapping[str, Any], run_id: str, versions: Mapping[str, str],
                    models: Mapping[str, Any], totals: Mapping[str, Any],
                    dead_letters: Mapping[str, Any], reward_stats: Mapping[str, Any],
-                   records_written: int, files: Mapping[str, list[str]]) -> dict[str, Any]:
+                   records_written: int, files: Mapping[str, Any]) -> dict[str, Any]:
     """The manifest.json document. Every number comes from the pipeline's own PCollections."""
     prompts = totals["prompts"]
     counters = {
@@ -305,7 +305,9 @@ def build_manifest(*, config: Mapping[str, Any], run_id: str, versions: Mapping[
         "dead_letters": dict(dead_letters),
         "acceptance": acceptance,
         "reward_statistics": dict(reward_stats),
-        "files": {k: sorted(v) for k, v in files.items()},
+        # name lists sorted; "checksums" ({name: {"sha256", "bytes"}}, rso.checksums) by name
+        "files": {k: dict(sorted(v.items())) if isinstance(v, Mapping) else sorted(v)
+                  for k, v in files.items()},
     })
 
 

@@ -32,14 +32,15 @@ from rso.config import ConfigError
 from rso.hf import resolve_device
 from trainer import checkpoint as ckpt
 from trainer import reference as ref
-from trainer.config import RESUME_INVARIANTS, TrainConfig
-from trainer.data import DataError, Pair, PairSource, in_eval_split, length_filter, resolve_files
+from trainer.config import RESUME_CHANGEABLE, RESUME_FIXED, TrainConfig
+from trainer.data import (DataError, Pair, PairSource, data_id, in_eval_split, length_filter,
+                          verify_files)
 from trainer.losses import preference_loss
 from trainer.memory import limit_heap_retention
 from trainer.metrics import MetricsWriter, PairMetrics, Progress, peak_memory
 from trainer.model import (autocast, load_policy, pad_token_id, pair_logps, reference_logps,
                            resolve_precision)
-from trainer.optim import build_optimizer, build_scheduler
+from trainer.optim import build_optimizer, build_scheduler, override_saved_hyperparameters
 
 log = logging.getLogger("rso.trainer")
 
@@ -77,8 +78,14 @@ def _step_groups(source: PairSource, cfg: TrainConfig, epoch: int, skip: int
             raise DataError("no training pairs to read")
 
 
-def _prepare_output(cfg: TrainConfig) -> Optional[str]:
-    """Creates the output directory; returns the checkpoint to resume from, if any."""
+def _prepare_output(cfg: TrainConfig, data_ids: dict[str, Optional[str]]
+                    ) -> tuple[Optional[str], list[dict]]:
+    """Creates the output directory; returns the checkpoint to resume from (if any) and the
+    settings changes on record: the interrupted run's, plus those this resume applies.
+
+    A resume with settings other than the checkpoint's is refused (:class:`ConfigError`),
+    unless every difference is in :data:`RESUME_CHANGEABLE` and named by --allow-change.
+    """
     os.makedirs(cfg.output, exist_ok=True)
     latest = ckpt.latest_checkpoint(cfg.output)
     if cfg.overwrite:
@@ -90,36 +97,50 @@ def _prepare_output(cfg: TrainConfig) -> Optional[str]:
                 shutil.rmtree(path)
             elif os.path.exists(path):
                 os.remove(path)
-        return None
+        return None, []
     if latest and not cfg.resume:
         raise ConfigError(f"{cfg.output} already holds checkpoints ({os.path.basename(latest)});"
                           f" pass --resume to continue that run or --overwrite to start over")
-    if latest:
-        saved = ckpt.saved_config(latest)
-        current = cfg.to_dict()
-        changed = [k for k in RESUME_INVARIANTS if saved.get(k) != current[k]]
-        if changed:
-            raise ConfigError(f"cannot resume {latest}: setting(s) {', '.join(changed)} differ "
-                              f"from the interrupted run's")
-    elif cfg.resume:
-        log.info("--resume: no checkpoint in %s, starting from scratch", cfg.output)
-    return latest
+    if not latest:
+        if cfg.resume:
+            log.info("--resume: no checkpoint in %s, starting from scratch", cfg.output)
+        return None, []
+    saved = ckpt.saved_run(latest)
+    diff = ckpt.resume_differences(saved, cfg.to_dict(), data_ids,
+                                   RESUME_FIXED + RESUME_CHANGEABLE)
+    refused = [k for k in diff if k not in cfg.allow_change]
+    if refused:
+        detail = "; ".join(f"{k}: {diff[k][0]} -> {diff[k][1]}" for k in refused)
+        fixed = [k for k in refused if k in RESUME_FIXED]
+        raise ConfigError(
+            f"cannot resume {latest}: setting(s) {', '.join(refused)} differ from the "
+            f"interrupted run's ({detail}); a resumed run must use the same settings to equal "
+            f"an uninterrupted one. " + (
+                f"{', '.join(fixed)} cannot change in a resumed run" if fixed else
+                f"pass --allow-change {','.join(refused)} to apply the new values from step "
+                f"{saved['state']['step']} on (recorded in the checkpoints)"))
+    step = saved["state"]["step"]
+    applied = [{"step": step, "setting": k, "from": old, "to": new}
+               for k, (old, new) in diff.items()]
+    for change in applied:
+        log.warning("--allow-change: %s changes from %s to %s at step %d", change["setting"],
+                    change["from"], change["to"], step)
+    return latest, saved.get("changes", []) + applied
 
 
-def _sources(cfg: TrainConfig, vocab_size: int) -> tuple[PairSource, list[PairSource]]:
+def _sources(cfg: TrainConfig, vocab_size: int, files: list[str], eval_files: list[str]
+             ) -> tuple[PairSource, list[PairSource]]:
     """The training pairs, and the evaluation sets: the held-out prompts of --data
     (--eval-fraction), then --eval-data."""
     fits = length_filter(cfg.max_length)
-    files = resolve_files(cfg.data, cfg.data_format)
 
     def split(held_out: bool) -> PairSource:
         return PairSource(files, vocab_size=vocab_size, keep=lambda p: fits(p) and (
             in_eval_split(p.prompt_id, cfg.eval_fraction) == held_out))
 
     evals = [split(True)] if cfg.eval_fraction > 0 else []
-    if cfg.eval_data:
-        evals.append(PairSource(resolve_files(cfg.eval_data, cfg.data_format), keep=fits,
-                                vocab_size=vocab_size))
+    if eval_files:
+        evals.append(PairSource(eval_files, keep=fits, vocab_size=vocab_size))
     return split(False), evals
 
 
@@ -175,6 +196,7 @@ class Run:
     total_steps: int
     state: ckpt.TrainState  # the data position and counters after the last step
     resumed_from: Optional[str]  # the checkpoint this run continues, if any
+    run_info: dict  # saved in every checkpoint: data content ids, settings changed on resume
 
 
 def setup(cfg: TrainConfig) -> Run:
@@ -186,7 +208,14 @@ def setup(cfg: TrainConfig) -> Run:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
     amp = resolve_precision(cfg.precision, device)
-    resume_from = _prepare_output(cfg)
+
+    # ---- data files: checked against their manifest's sha256 (fails naming the file)
+    files = verify_files(cfg.data, cfg.data_format)
+    eval_files = verify_files(cfg.eval_data, cfg.data_format) if cfg.eval_data else []
+    data_ids = {"data": data_id(files), "eval_data": data_id(eval_files) if eval_files else None}
+
+    # ---- output directory; a resume must keep the settings (or --allow-change them)
+    resume_from, changes = _prepare_output(cfg, data_ids)
     torch.manual_seed(cfg.seed)
 
     # ---- model: the initial policy, or the interrupted run's weights
@@ -197,7 +226,8 @@ def setup(cfg: TrainConfig) -> Run:
     pad_id = pad_token_id(model, tokenizer)
 
     # ---- data: every pair is read and validated once up front (fails early, naming the row)
-    train_source, eval_sources = _sources(cfg, model.get_input_embeddings().num_embeddings)
+    train_source, eval_sources = _sources(cfg, model.get_input_embeddings().num_embeddings,
+                                          [f.path for f in files], [f.path for f in eval_files])
     if cfg.recompute_reference:
         cache = _reference_cache(cfg, model, [train_source] + eval_sources, pad_id, device,
                                  resuming=resume_from is not None)
@@ -216,6 +246,9 @@ def setup(cfg: TrainConfig) -> Run:
     state = ckpt.TrainState()
     if resume_from:
         saved = ckpt.load_trainer_state(resume_from)
+        override_saved_hyperparameters(saved["optimizer"], saved["scheduler"], cfg,
+                                       [c["setting"] for c in changes
+                                        if c["step"] == saved["state"]["step"]], total_steps)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = ckpt.TrainState(**saved["state"])
@@ -223,7 +256,8 @@ def setup(cfg: TrainConfig) -> Run:
         log.info("resumed from %s: step %d, epoch %d, micro-batch %d", resume_from, state.step,
                  state.epoch, state.batches_in_epoch)
     return Run(cfg, device, amp, model, tokenizer, pad_id, train_source, eval_sources,
-               optimizer, scheduler, total_steps, state, resume_from)
+               optimizer, scheduler, total_steps, state, resume_from,
+               {"data_ids": data_ids, "changes": changes})
 
 
 def pair_loss(run: Run, pairs: Sequence[Pair], metrics: PairMetrics) -> torch.Tensor:
@@ -287,7 +321,7 @@ def save(run: Run, state: ckpt.TrainState) -> str:
     """Writes the checkpoint of ``state.step`` (see :mod:`trainer.checkpoint`)."""
     return ckpt.save_checkpoint(run.cfg.output, run.model, run.tokenizer, run.optimizer,
                                 run.scheduler, state, run.cfg.to_dict(),
-                                run.cfg.keep_checkpoints)
+                                run.cfg.keep_checkpoints, run.run_info)
 
 
 def train(cfg: TrainConfig, *, should_stop: Optional[Callable[[], bool]] = None
