@@ -207,3 +207,92 @@ def test_resume_without_checkpoint_starts_fresh_and_keeps_the_newest(dropout_pol
     assert state["state"]["step"] == 5 and state["config"]["batch_size"] == 2
     # 5 steps of 2 micro-batches: epoch 0 (8 batches) done, 2 batches into epoch 1.
     assert (state["state"]["epoch"], state["state"]["batches_in_epoch"]) == (1, 2)
+
+
+def _stopped_after_step_2(policy, data, out, **settings) -> None:
+    """A 4-step run killed after step 2, with checkpoint-00000002 saved."""
+    with pytest.raises(Killed):
+        train(config(policy, data, out, max_steps=4, save_every=2, **settings),
+              should_stop=killed_after(2))
+    assert [os.path.basename(c) for c in list_checkpoints(out)] == ["checkpoint-00000002"]
+
+
+def _final_run_info(result) -> dict:
+    with open(os.path.join(result.checkpoint, "trainer_state.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("name, new", [("lr", 3e-3), ("weight_decay", 0.25),
+                                       ("max_grad_norm", 0.01), ("gamma", 0.1), ("loss", "ipo")])
+def test_a_changed_setting_is_refused_or_applied_and_recorded(dropout_policy, data_dir,
+                                                              tmp_path, name, new):
+    out = str(tmp_path / "run")
+    _stopped_after_step_2(dropout_policy, data_dir, out)
+    old = getattr(config(dropout_policy, data_dir, out), name)
+    changed = config(dropout_policy, data_dir, out, max_steps=4, save_every=2, resume=True,
+                     **{name: new})
+    with pytest.raises(ConfigError, match=rf"setting\(s\) {name} differ from the interrupted "
+                                          rf"run's \({name}: {old} -> {new}\).*--allow-change "
+                                          rf"{name} to apply the new values from step 2 on"):
+        train(changed)
+    # Applied from step 3 on; stopped (as by SIGTERM) after step 3, then resumed once more with
+    # the new value, which is now the run's: the final checkpoint still records the change.
+    stopped = train(changed.replace(allow_change=[name.replace("_", "-")]),
+                    should_stop=lambda: True)
+    assert stopped.steps == 3 and not stopped.finished
+    resumed = train(changed)
+    assert resumed.steps == 4 and resumed.finished
+    info = _final_run_info(resumed)
+    assert info["changes"] == [{"step": 2, "setting": name, "from": old, "to": new}]
+    assert info["config"][name] == new
+    # ... and the new value is the one in effect:
+    group = load_trainer_state(resumed.checkpoint)["optimizer"]["param_groups"][0]
+    logged = {s: r for s, r in [(r["step"], r) for r in read_metrics(resumed.metrics_path)
+                                if r["split"] == "train"]}
+    if name == "lr":
+        from trainer.optim import lr_multiplier
+
+        assert group["initial_lr"] == new
+        assert logged[3]["lr"] == pytest.approx(new * lr_multiplier(2, 0, 4, "linear"))
+        assert logged[2]["lr"] == pytest.approx(old * lr_multiplier(1, 0, 4, "linear"))
+    if name == "weight_decay":
+        assert group["weight_decay"] == new
+    if name == "loss":  # ipo with gamma 0.5 starts at (1 / (2 * 0.5)) ** 2 = 1, log 2 before
+        assert logged[2]["loss"] < 0.8 < logged[3]["loss"]
+
+
+def test_fixed_settings_cannot_be_allowed_to_change(dropout_policy, data_dir, tmp_path):
+    with pytest.raises(ConfigError, match="--allow-change: batch_size cannot change"):
+        train(config(dropout_policy, data_dir, str(tmp_path / "r"), resume=True,
+                     allow_change=["batch_size"]))
+    with pytest.raises(ConfigError, match="--allow-change only applies with --resume"):
+        train(config(dropout_policy, data_dir, str(tmp_path / "r"), allow_change=["lr"]))
+
+
+def test_resume_compares_the_data_by_content_not_path(dropout_policy, data_dir, tmp_path):
+    import shutil
+
+    out = str(tmp_path / "run")
+    _stopped_after_step_2(dropout_policy, data_dir, out)
+    # Regenerated with another seed: no pair in common, same layout and file names.
+    other = write_output_dir(str(tmp_path / "regenerated"),
+                             build_pairs(dropout_policy, num_prompts=8, pairs_per_prompt=2,
+                                         seed=1))
+    with pytest.raises(ConfigError, match=r"setting\(s\) data differ .*content [0-9a-f]{12}\) "
+                                          r"-> .*content [0-9a-f]{12}\)"):
+        train(config(dropout_policy, other, out, max_steps=4, save_every=2, resume=True))
+    # The same files under another path: the run continues exactly.
+    moved = shutil.copytree(data_dir, str(tmp_path / "moved"))
+    resumed = train(config(dropout_policy, moved, out, max_steps=4, save_every=2, resume=True))
+    full = train(config(dropout_policy, data_dir, str(tmp_path / "full"), max_steps=4,
+                        save_every=2))
+    assert_same_params(final_params(resumed), final_params(full))
+    info = _final_run_info(resumed)
+    assert info["changes"] == [] and info["config"]["data"] == [moved]
+    # Allowed explicitly, the new data is trained on and the change recorded.
+    out2 = str(tmp_path / "run2")
+    _stopped_after_step_2(dropout_policy, data_dir, out2)
+    switched = train(config(dropout_policy, other, out2, max_steps=4, save_every=2,
+                            resume=True, allow_change=["data"]))
+    (change,) = _final_run_info(switched)["changes"]
+    assert change["setting"] == "data" and change["step"] == 2 and other in change["to"]
