@@ -476,7 +476,7 @@ def accounting_section(config: Mapping[str, Any], totals: Mapping[str, Any],
 def build_manifest(*, config: Mapping[str, Any], run_id: str, versions: Mapping[str, str],
                    models: Mapping[str, Any], totals: Mapping[str, Any],
                    dead_letters: Mapping[str, Any], reward_stats: Mapping[str, Any],
-                   records_written: int, files: Mapping[str, list[str]],
+                   records_written: int, files: Mapping[str, Any],
                    counts: Mapping[str, int] | None = None) -> dict[str, Any]:
     """The manifest.json document. Every number comes from the pipeline's own PCollections.
 
@@ -519,7 +519,9 @@ def build_manifest(*, config: Mapping[str, Any], run_id: str, versions: Mapping[
         "acceptance": acceptance,
         "selection": selection_section(config, totals, reward_stats),
         "reward_statistics": dict(reward_stats),
-        "files": {k: sorted(v) for k, v in files.items()},
+        # name lists sorted; "checksums" ({name: {"sha256", "bytes"}}, rso.checksums) by name
+        "files": {k: dict(sorted(v.items())) if isinstance(v, Mapping) else sorted(v)
+                  for k, v in files.items()},
     })
 
 

@@ -28,6 +28,7 @@ from beam_pipelines.plots import PLOT_NAMES, render_plots
 from beam_pipelines.dead_letters import DEAD_LETTER, dead_letter
 from rso import layout, schema
 from rso.layout import MANIFEST, SUCCESS, is_complete
+from rso.checksums import CHECKSUMS, digest as checksum_digest
 from rso.config import ConfigError
 
 STAGE = "write"
@@ -120,7 +121,8 @@ def _basename(path: str) -> str:
 class _Finish(beam.DoFn):
     """Writes manifest.json, the plots and then ``_SUCCESS``; runs once, after every write.
 
-    The written files arrive as side inputs, so this runs only when all shards are final.
+    The written files arrive as side inputs, so this runs only when all shards are final; the
+    manifest records each record file's sha256 and size (:mod:`rso.checksums`).
     """
 
     def __init__(self, output: str, config: Mapping, run_id: str, versions: Mapping,
@@ -130,10 +132,14 @@ class _Finish(beam.DoFn):
 
     def process(self, _, totals, dead_counts, reward_stats, records_written, record_files,
                 example_files, dead_files, counts=None) -> Iterable[str]:
+        checksums = {}
+        for path in [*record_files, *example_files]:  # streamed; .gz hashed as stored
+            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                checksums[_basename(path)] = checksum_digest(f)
         files = {"parquet": [_basename(p) for p in record_files],
                  "tfrecord": [_basename(p) for p in example_files],
                  "dead_letters": [_basename(p) for p in dead_files],
-                 "plots": list(PLOT_NAMES)}
+                 "plots": list(PLOT_NAMES), CHECKSUMS: checksums}
         doc = M.build_manifest(config=self._config, run_id=self._run_id,
                                versions=self._versions, models=self._models, totals=totals,
                                dead_letters=dead_counts, reward_stats=reward_stats,

@@ -159,6 +159,8 @@ class Config:
                 kw["action"] = "append"  # repeat the flag, or give a comma-separated list
             if f.default is not dataclasses.MISSING and f.default is not None:
                 kw["help"] += f" (default: {f.default})"
+            # argparse %-formats help texts ("%(default)s"); a literal "%" must be doubled.
+            kw["help"] = kw["help"].replace("%", "%%")
             parser.add_argument(*names, **kw)
 
     @classmethod

@@ -3,7 +3,8 @@
 Responses are sampled from the tiny policy (transformers ``generate``, temperature 1, seeded),
 their reference log-probs computed with :func:`rso.logprobs.sequence_logps` in fp32, and the
 pairs written as a SPEC 5 output directory (``pairs-*.parquet``, ``pairs-*.tfrecord.gz``,
-``manifest.json``, ``_SUCCESS``) with pyarrow and :func:`rso.tfrecord.write_records`.
+``manifest.json`` with the files' checksums, ``_SUCCESS``) with pyarrow and
+:func:`rso.tfrecord.write_records`.
 """
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from rso.checksums import CHECKSUMS, digest
 from rso.schema import COLUMN_NAMES, arrow_schema, to_example
 from rso.tfrecord import write_records
 from rso.logprobs import sequence_logps
@@ -96,8 +98,14 @@ def write_output_dir(out_dir: str, records: Sequence[dict[str, Any]], num_shards
         write_records(os.path.join(out_dir, name + ".tfrecord.gz"), (to_example(r) for r in shard))
     with open(os.path.join(out_dir, "dead_letter-00000-of-00001.jsonl"), "w"):
         pass
+    digests = {}
+    for name in sorted(os.listdir(out_dir)):
+        if name.startswith("pairs-"):
+            with open(os.path.join(out_dir, name), "rb") as f:
+                digests[name] = digest(f)
     with open(os.path.join(out_dir, "manifest.json"), "w") as f:
-        json.dump({"run_id": "test-run", "num_pairs": len(records)}, f)
+        json.dump({"run_id": "test-run", "num_pairs": len(records),
+                   "files": {CHECKSUMS: digests}}, f)
     if success:
         with open(os.path.join(out_dir, "_SUCCESS"), "w"):
             pass

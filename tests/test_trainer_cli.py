@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 
@@ -68,6 +69,7 @@ def test_unfinished_directory_fails_with_a_clear_message(tiny_policy, records, t
 @pytest.mark.parametrize("flags, message", [
     ([], "--data is required"),
     (["--data", "d", "--gamma", "0"], "--gamma must be a positive"),
+    (["--data", "d", "--gamma", "2e4"], r"--gamma 20000 is outside \[0.0001, 10000\]"),
     (["--data", "d", "--output", "gs://b/run"], "--output must be a local directory"),
     (["--data", "d", "--eval-fraction", "1.5"], "--eval-fraction must be in"),
     (["--data", "d", "--batch-size", "0"], "--batch-size must be >= 1"),
@@ -149,3 +151,47 @@ def test_heap_retention_limit_is_set_on_glibc_and_yields_to_the_user(monkeypatch
     assert limit_heap_retention() is True  # this machine runs glibc
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "131072")
     assert limit_heap_retention() is False
+
+
+def _rso_train(*flags: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "rso_cli.cli", "train", *flags], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PYTHONPATH": ROOT})
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, r"missing\.yaml: cannot read the config file \(No such file or directory\)"),
+    ("data: [a\nlr: 1\n", r"bad\.yaml: not valid YAML at line 2, column 3: expected ',' or ']'"),
+    ("data: x\n  lr: 1\n", r"bad\.yaml: not valid YAML at line 2, column 5: mapping values"),
+])
+def test_config_file_errors_are_one_line(tmp_path, content, message):
+    path = tmp_path / ("missing.yaml" if content is None else "bad.yaml")
+    if content is not None:
+        path.write_text(content)
+    proc = _rso_train("--config", str(path))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("rso train: error: "), proc.stderr
+    assert re.search(message, lines[0]), lines[0]
+
+
+@pytest.mark.parametrize("loss, gamma", [("ipo", "1e-20"), ("sigmoid-norm", "1e30"),
+                                         ("hinge-norm", "1e-5")])
+def test_gamma_outside_the_float32_range_is_refused_at_start(tiny_policy, tmp_path, loss, gamma):
+    proc = _rso_train("--data", str(tmp_path), "--policy", tiny_policy, "--output",
+                      str(tmp_path / "run"), "--loss", loss, "--gamma", gamma)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [proc.stderr.strip()]
+    assert f"--gamma {float(gamma):g} is outside [0.0001, 10000]" in proc.stderr
+    assert "overflows" in proc.stderr
+    assert not os.path.exists(tmp_path / "run")
+
+
+@pytest.mark.parametrize("loss, gamma", [("ipo", 1e-4), ("sigmoid-norm", 1e4),
+                                         ("hinge-norm", 1e4), ("hinge", 1e4)])
+def test_gamma_at_the_ends_of_its_range_trains(tiny_policy, data_dir, tmp_path, loss, gamma):
+    result = train(TrainConfig(data=[data_dir], policy=tiny_policy, output=str(tmp_path / "r"),
+                               loss=loss, gamma=gamma, lr=1e-3, batch_size=4, max_steps=2,
+                               progress=False, tensorboard=False, plots=False))
+    assert result.finished
+    assert all(math.isfinite(loss) for loss in losses(result.output))

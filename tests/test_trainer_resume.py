@@ -2,6 +2,7 @@
 uninterrupted run. The policy gets attention dropout, so the RNG state matters too."""
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import signal
@@ -51,6 +52,23 @@ def config(policy, data, output, **overrides) -> TrainConfig:
     return TrainConfig(**values)
 
 
+class Killed(Exception):
+    """Raised by :func:`killed_after`: leaves the loop without saving, like a killed process."""
+
+
+def killed_after(steps: int):
+    """A ``should_stop`` for a fresh run that "kills" it after step ``steps``: it is asked once
+    after every step, and raising leaves ``train`` without saving the step."""
+    calls = itertools.count(1)
+
+    def should_stop() -> bool:
+        if next(calls) >= steps:
+            raise Killed(steps)
+        return False
+
+    return should_stop
+
+
 def final_params(result) -> dict[str, torch.Tensor]:
     return load_file(os.path.join(result.checkpoint, "model.safetensors"))
 
@@ -62,7 +80,11 @@ def assert_same_params(a: dict, b: dict) -> None:
 
 
 def train_losses(result) -> list[tuple[int, float]]:
-    return [(r["step"], r["loss"]) for r in read_metrics(result.metrics_path)
+    return train_losses_of(result.output)
+
+
+def train_losses_of(output: str) -> list[tuple[int, float]]:
+    return [(r["step"], r["loss"]) for r in read_metrics(os.path.join(output, "metrics.jsonl"))
             if r["split"] == "train"]
 
 
@@ -79,8 +101,10 @@ def test_stop_and_resume_ends_with_the_same_parameters(uninterrupted, dropout_po
                                                        tmp_path, stop_after):
     settings, full = uninterrupted
     out = str(tmp_path / "run")
-    first = train(config(dropout_policy, data_dir, out, **settings), stop_after=stop_after)
-    assert not first.finished and first.steps == stop_after
+    with pytest.raises(Killed):
+        train(config(dropout_policy, data_dir, out, **settings),
+              should_stop=killed_after(stop_after))
+    assert [s for s, _ in train_losses_of(out)] == list(range(1, stop_after + 1))
     # Killed after step 3 (5): the newest checkpoint is step 2 (4), so one step is redone.
     saved = load_trainer_state(list_checkpoints(out)[-1])["state"]
     assert saved["step"] == stop_after - 1
@@ -98,7 +122,8 @@ def test_resume_uses_the_saved_rng_state(uninterrupted, dropout_policy, data_dir
     differ and so do the final parameters."""
     settings, full = uninterrupted
     out = str(tmp_path / "run")
-    train(config(dropout_policy, data_dir, out, **settings), stop_after=3)
+    with pytest.raises(Killed):
+        train(config(dropout_policy, data_dir, out, **settings), should_stop=killed_after(3))
     path = os.path.join(list_checkpoints(out)[-1], "trainer_state.pt")
     state = load_trainer_state(os.path.dirname(path))
     state["rng"]["torch"] = torch.Generator().manual_seed(99).get_state()
@@ -182,3 +207,92 @@ def test_resume_without_checkpoint_starts_fresh_and_keeps_the_newest(dropout_pol
     assert state["state"]["step"] == 5 and state["config"]["batch_size"] == 2
     # 5 steps of 2 micro-batches: epoch 0 (8 batches) done, 2 batches into epoch 1.
     assert (state["state"]["epoch"], state["state"]["batches_in_epoch"]) == (1, 2)
+
+
+def _stopped_after_step_2(policy, data, out, **settings) -> None:
+    """A 4-step run killed after step 2, with checkpoint-00000002 saved."""
+    with pytest.raises(Killed):
+        train(config(policy, data, out, max_steps=4, save_every=2, **settings),
+              should_stop=killed_after(2))
+    assert [os.path.basename(c) for c in list_checkpoints(out)] == ["checkpoint-00000002"]
+
+
+def _final_run_info(result) -> dict:
+    with open(os.path.join(result.checkpoint, "trainer_state.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.parametrize("name, new", [("lr", 3e-3), ("weight_decay", 0.25),
+                                       ("max_grad_norm", 0.01), ("gamma", 0.1), ("loss", "ipo")])
+def test_a_changed_setting_is_refused_or_applied_and_recorded(dropout_policy, data_dir,
+                                                              tmp_path, name, new):
+    out = str(tmp_path / "run")
+    _stopped_after_step_2(dropout_policy, data_dir, out)
+    old = getattr(config(dropout_policy, data_dir, out), name)
+    changed = config(dropout_policy, data_dir, out, max_steps=4, save_every=2, resume=True,
+                     **{name: new})
+    with pytest.raises(ConfigError, match=rf"setting\(s\) {name} differ from the interrupted "
+                                          rf"run's \({name}: {old} -> {new}\).*--allow-change "
+                                          rf"{name} to apply the new values from step 2 on"):
+        train(changed)
+    # Applied from step 3 on; stopped (as by SIGTERM) after step 3, then resumed once more with
+    # the new value, which is now the run's: the final checkpoint still records the change.
+    stopped = train(changed.replace(allow_change=[name.replace("_", "-")]),
+                    should_stop=lambda: True)
+    assert stopped.steps == 3 and not stopped.finished
+    resumed = train(changed)
+    assert resumed.steps == 4 and resumed.finished
+    info = _final_run_info(resumed)
+    assert info["changes"] == [{"step": 2, "setting": name, "from": old, "to": new}]
+    assert info["config"][name] == new
+    # ... and the new value is the one in effect:
+    group = load_trainer_state(resumed.checkpoint)["optimizer"]["param_groups"][0]
+    logged = {s: r for s, r in [(r["step"], r) for r in read_metrics(resumed.metrics_path)
+                                if r["split"] == "train"]}
+    if name == "lr":
+        from trainer.optim import lr_multiplier
+
+        assert group["initial_lr"] == new
+        assert logged[3]["lr"] == pytest.approx(new * lr_multiplier(2, 0, 4, "linear"))
+        assert logged[2]["lr"] == pytest.approx(old * lr_multiplier(1, 0, 4, "linear"))
+    if name == "weight_decay":
+        assert group["weight_decay"] == new
+    if name == "loss":  # ipo with gamma 0.5 starts at (1 / (2 * 0.5)) ** 2 = 1, log 2 before
+        assert logged[2]["loss"] < 0.8 < logged[3]["loss"]
+
+
+def test_fixed_settings_cannot_be_allowed_to_change(dropout_policy, data_dir, tmp_path):
+    with pytest.raises(ConfigError, match="--allow-change: batch_size cannot change"):
+        train(config(dropout_policy, data_dir, str(tmp_path / "r"), resume=True,
+                     allow_change=["batch_size"]))
+    with pytest.raises(ConfigError, match="--allow-change only applies with --resume"):
+        train(config(dropout_policy, data_dir, str(tmp_path / "r"), allow_change=["lr"]))
+
+
+def test_resume_compares_the_data_by_content_not_path(dropout_policy, data_dir, tmp_path):
+    import shutil
+
+    out = str(tmp_path / "run")
+    _stopped_after_step_2(dropout_policy, data_dir, out)
+    # Regenerated with another seed: no pair in common, same layout and file names.
+    other = write_output_dir(str(tmp_path / "regenerated"),
+                             build_pairs(dropout_policy, num_prompts=8, pairs_per_prompt=2,
+                                         seed=1))
+    with pytest.raises(ConfigError, match=r"setting\(s\) data differ .*content [0-9a-f]{12}\) "
+                                          r"-> .*content [0-9a-f]{12}\)"):
+        train(config(dropout_policy, other, out, max_steps=4, save_every=2, resume=True))
+    # The same files under another path: the run continues exactly.
+    moved = shutil.copytree(data_dir, str(tmp_path / "moved"))
+    resumed = train(config(dropout_policy, moved, out, max_steps=4, save_every=2, resume=True))
+    full = train(config(dropout_policy, data_dir, str(tmp_path / "full"), max_steps=4,
+                        save_every=2))
+    assert_same_params(final_params(resumed), final_params(full))
+    info = _final_run_info(resumed)
+    assert info["changes"] == [] and info["config"]["data"] == [moved]
+    # Allowed explicitly, the new data is trained on and the change recorded.
+    out2 = str(tmp_path / "run2")
+    _stopped_after_step_2(dropout_policy, data_dir, out2)
+    switched = train(config(dropout_policy, other, out2, max_steps=4, save_every=2,
+                            resume=True, allow_change=["data"]))
+    (change,) = _final_run_info(switched)["changes"]
+    assert change["setting"] == "data" and change["step"] == 2 and other in change["to"]

@@ -5,7 +5,9 @@ as safetensors, plus the tokenizer) that also holds:
 - ``trainer_state.pt``: optimizer and scheduler state, RNG states (torch CPU and CUDA, Python,
   NumPy) and the data position; written with ``torch.save`` and read with
   ``torch.load(weights_only=True)``, so loading runs no pickled code;
-- ``trainer_state.json``: the same position and the config, for people.
+- ``trainer_state.json``: the same position and the config, for people, plus the content ids
+  of the data (``data_ids``: a resumed run refuses other data) and the settings changed on a
+  resume (``changes``: step, setting, from, to).
 A checkpoint is written to a temporary directory and renamed into place, so a run killed while
 saving leaves the previous checkpoint intact.
 """
@@ -17,7 +19,7 @@ import os
 import random
 import re
 import shutil
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -82,8 +84,10 @@ def latest_checkpoint(output: str) -> Optional[str]:
 
 def save_checkpoint(output: str, model: torch.nn.Module, tokenizer: Any,
                     optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState,
-                    config: dict[str, Any], keep: int = 0) -> str:
-    """Writes ``checkpoint-<step>`` atomically and keeps only the ``keep`` newest (0 = all)."""
+                    config: dict[str, Any], keep: int = 0,
+                    run_info: Optional[dict[str, Any]] = None) -> str:
+    """Writes ``checkpoint-<step>`` atomically and keeps only the ``keep`` newest (0 = all).
+    ``run_info`` (JSON values) goes into ``trainer_state.json`` next to the config."""
     final = checkpoint_dir(output, state.step)
     tmp = final + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -94,8 +98,8 @@ def save_checkpoint(output: str, model: torch.nn.Module, tokenizer: Any,
                 "rng": rng_state(), "state": dataclasses.asdict(state)},
                os.path.join(tmp, STATE_PT))
     with open(os.path.join(tmp, STATE_JSON), "w", encoding="utf-8") as f:
-        json.dump({"state": dataclasses.asdict(state), "config": config}, f, indent=2,
-                  default=str)
+        json.dump({"state": dataclasses.asdict(state), "config": config, **(run_info or {})},
+                  f, indent=2, default=str)
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
     if keep:
@@ -109,6 +113,31 @@ def load_trainer_state(path: str) -> dict[str, Any]:
     return torch.load(os.path.join(path, STATE_PT), map_location="cpu", weights_only=True)
 
 
-def saved_config(path: str) -> dict[str, Any]:
+def saved_run(path: str) -> dict[str, Any]:
+    """A checkpoint's ``trainer_state.json``: ``state``, ``config`` and the run information
+    saved with it (``data_ids``, ``changes``)."""
     with open(os.path.join(path, STATE_JSON), encoding="utf-8") as f:
-        return json.load(f)["config"]
+        return json.load(f)
+
+
+def saved_config(path: str) -> dict[str, Any]:
+    return saved_run(path)["config"]
+
+
+def resume_differences(saved: dict[str, Any], config: dict[str, Any],
+                       data_ids: dict[str, Optional[str]], names: Sequence[str]
+                       ) -> dict[str, tuple[Any, Any]]:
+    """``{setting: (saved value, current value)}`` for each of ``names`` that differs between
+    a checkpoint's :func:`saved_run` and the current ``config``. ``data`` and ``eval_data`` are
+    compared by content id (``data_ids``) when the checkpoint has them, else by path."""
+    saved_ids = saved.get("data_ids") or {}
+    out = {}
+    for name in names:
+        if name in ("data", "eval_data") and name in saved_ids:
+            old, new = saved_ids[name], data_ids.get(name)
+            if old != new:
+                out[name] = (f"{saved['config'].get(name)} (content {str(old)[:12]})",
+                             f"{config[name]} (content {str(new)[:12]})")
+        elif saved["config"].get(name) != config[name]:
+            out[name] = (saved["config"].get(name), config[name])
+    return out

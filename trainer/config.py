@@ -15,12 +15,26 @@ from rso.config import Config, ConfigError, option
 
 LossType = Literal["sigmoid-norm", "hinge-norm", "hinge", "ipo"]
 
-# Settings that decide which pairs land in which optimizer step, and how the loss is computed.
-# A resumed run must keep them, or it would not continue the same run.
-RESUME_INVARIANTS = ("data", "data_format", "eval_fraction", "loss", "gamma", "batch_size",
-                     "grad_accum", "seed", "shuffle_buffer", "bucket_batches", "max_length",
-                     "recompute_reference", "optimizer", "epochs", "max_steps", "scheduler",
-                     "warmup_steps")
+# A resumed run equals an uninterrupted one only with the same settings. These decide which pairs
+# land in which optimizer step, the schedule and the weights' origin: a resumed run must keep them.
+RESUME_FIXED = ("policy", "data_format", "eval_fraction", "batch_size", "grad_accum", "seed",
+                "shuffle_buffer", "bucket_batches", "max_length", "recompute_reference",
+                "optimizer", "epochs", "max_steps", "scheduler", "warmup_steps")
+# These a resumed run may change only when --allow-change names them: the new value applies from
+# the resumed step on (optimizer hyper-parameters are written into the restored optimizer state)
+# and the checkpoint records the change. "data" and "eval_data" compare the files' content (the
+# sha256 of every file, trainer.data.data_id), not their paths.
+RESUME_CHANGEABLE = ("data", "eval_data", "loss", "gamma", "lr", "weight_decay", "adam_beta1",
+                     "adam_beta2", "adam_eps", "max_grad_norm", "precision")
+# Not compared (they do not change what is computed, or only by float rounding): output, device,
+# num_threads, gradient_checkpointing, trust_remote_code, the reference check, checkpoint,
+# evaluation and logging settings.
+
+
+# Loss scales that train in float32 (every loss, tiny policy: tests/test_trainer_cli.py). Far
+# outside, the loss or its gradient overflows (measured: ipo at 1e-20, sigmoid-norm at 1e30
+# give non-finite values for every pair) or rounds to nothing.
+GAMMA_RANGE = (1e-4, 1e4)
 
 
 @dataclasses.dataclass
@@ -88,6 +102,11 @@ class TrainConfig(Config):
     resume: bool = option(False, "continue from the latest checkpoint in --output (starts from "
                           "scratch when there is none)")
     overwrite: bool = option(False, "start from scratch even if --output holds checkpoints")
+    allow_change: list[str] = option([], "with --resume: settings that may differ from the "
+                                     "interrupted run's, comma-separated (" +
+                                     ", ".join(RESUME_CHANGEABLE) + "); applied from the "
+                                     "resumed step on and recorded in the checkpoints. Any "
+                                     "other difference is refused")
     seed: int = option(0, "seeds data order and torch (dropout)")
     log_every: int = option(1, "write metrics every N optimizer steps")
     tensorboard: bool = option(True, "also write TensorBoard event files to OUTPUT/tensorboard")
@@ -111,6 +130,12 @@ class TrainConfig(Config):
             fail(f"policy directory not found: {self.policy}")
         if not (self.gamma > 0 and math.isfinite(self.gamma)):
             fail(f"--gamma must be a positive finite number, got {self.gamma}")
+        low, high = GAMMA_RANGE
+        if not low <= self.gamma <= high:
+            fail(f"--gamma {self.gamma:g} is outside [{low:g}, {high:g}]: gamma scales every "
+                 f"log-prob margin (ipo aims at the margin 1/(2*gamma)), so beyond this range "
+                 f"the float32 loss or its gradient overflows, or vanishes; usual values are "
+                 f"0.01 to 1 (the paper's is 0.05)")
         if not (self.lr >= 0 and math.isfinite(self.lr)):
             fail(f"--lr must be >= 0, got {self.lr}")
         for name in ("batch_size", "grad_accum", "epochs", "shuffle_buffer", "bucket_batches",
@@ -132,5 +157,13 @@ class TrainConfig(Config):
             fail(f"--reference-tolerance must be >= 0, got {self.reference_tolerance}")
         if self.resume and self.overwrite:
             fail("--resume and --overwrite exclude each other")
+        self.allow_change = [n.strip().replace("-", "_") for item in self.allow_change
+                             for n in item.split(",") if n.strip()]
+        unknown = [n for n in self.allow_change if n not in RESUME_CHANGEABLE]
+        if unknown:
+            fail(f"--allow-change: {', '.join(unknown)} cannot change in a resumed run; "
+                 f"allowed: {', '.join(RESUME_CHANGEABLE)}")
+        if self.allow_change and not self.resume:
+            fail("--allow-change only applies with --resume")
         if self.num_threads is not None and self.num_threads < 1:
             fail(f"--num-threads must be >= 1, got {self.num_threads}")

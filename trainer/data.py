@@ -14,18 +14,23 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
+import logging
 import math
+import zlib
 from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 
+from rso import checksums, layout
 from rso import storage as rso_io
-from rso import layout
 from rso.schema import SchemaError, from_example
 from rso.tfrecord import CorruptRecordError, read_records
 
 T = TypeVar("T")
+log = logging.getLogger("rso.trainer")
 
 # The columns the trainer reads (SPEC 5 names).
 COLUMNS = ("prompt_id", "prompt_token_ids", "chosen_token_ids", "rejected_token_ids",
@@ -75,6 +80,10 @@ def _file_format(path: str) -> str:
     raise DataError(f"{path}: not a .parquet, .tfrecord or .tfrecord.gz file")
 
 
+def _basename(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
 def _directory_files(directory: str, data_format: str) -> list[str]:
     if not layout.is_complete(directory):
         raise DataError(f"{directory}: no {layout.SUCCESS} file, so the pipeline run that writes "
@@ -82,25 +91,99 @@ def _directory_files(directory: str, data_format: str) -> list[str]:
     return layout.pair_files(directory, data_format)
 
 
+def _resolve(source: str, data_format: str) -> tuple[list[str], Optional[str]]:
+    """The files of one source, and the pipeline output directory they come from (if any)."""
+    if _GLOB_CHARS & set(source):
+        matches = rso_io.glob(source)
+        if not matches:
+            raise DataError(f"{source}: the pattern matches no file")
+        return [m for m in matches if _file_format(m)], None
+    fs, path = rso_io.filesystem(source)
+    if fs.isdir(path):
+        directory = source.rstrip("/")
+        return _directory_files(directory, data_format), directory
+    if fs.exists(path):
+        _file_format(source)
+        return [source], None
+    raise DataError(f"{source}: no such directory or file")
+
+
 def resolve_files(sources: Sequence[str], data_format: str = "auto") -> list[str]:
     """The data files named by ``sources`` (directories, files or globs), in a stable order."""
-    files: list[str] = []
-    for source in sources:
-        if _GLOB_CHARS & set(source):
-            matches = rso_io.glob(source)
-            if not matches:
-                raise DataError(f"{source}: the pattern matches no file")
-            files.extend(m for m in matches if _file_format(m))
-            continue
-        fs, path = rso_io.filesystem(source)
-        if fs.isdir(path):
-            files.extend(_directory_files(source.rstrip("/"), data_format))
-        elif fs.exists(path):
-            _file_format(source)
-            files.append(source)
-        else:
-            raise DataError(f"{source}: no such directory or file")
+    files = [f for source in sources for f in _resolve(source, data_format)[0]]
     return list(dict.fromkeys(files))
+
+
+# ------------------------------------------------------------------------------ integrity
+@dataclasses.dataclass(frozen=True)
+class DataFile:
+    """A data file with the sha256 and size of its bytes as read now."""
+    path: str
+    sha256: str
+    bytes: int
+
+
+def _manifest_checksums(directory: str) -> Optional[dict[str, checksums.Digest]]:
+    """``files.checksums`` of a pipeline output directory's manifest; None (with a warning)
+    when the manifest has none (written before checksums were recorded)."""
+    path = rso_io.join(directory, layout.MANIFEST)
+    if not rso_io.exists(path):
+        log.warning("%s: no %s, so its files cannot be verified", directory, layout.MANIFEST)
+        return None
+    try:
+        with rso_io.open_file(path, "rb") as f:
+            manifest = json.load(f)
+        listed = manifest.get("files", {}).get(checksums.CHECKSUMS)
+    except (ValueError, AttributeError) as e:
+        raise DataError(f"{path}: not a readable manifest ({e})") from e
+    if listed is None:
+        log.warning("%s records no file checksums (an older pipeline wrote it), so the files "
+                    "of %s cannot be verified", path, directory)
+    return listed
+
+
+def verify_files(sources: Sequence[str], data_format: str = "auto") -> list[DataFile]:
+    """:func:`resolve_files`, with each file's sha256 and size, checked against the manifest.
+
+    Every file of a pipeline output directory must match the ``files.checksums`` entry of its
+    ``manifest.json`` (:mod:`rso.checksums`), and every file of the chosen format the manifest
+    lists must be there; otherwise :class:`DataError` names the file. Files named directly or by
+    a glob are hashed too (for :func:`data_id`) but have nothing to be checked against. Reads
+    every byte once (1 MiB at a time).
+    """
+    found: dict[str, DataFile] = {}
+    for source in sources:
+        files, directory = _resolve(source, data_format)
+        expected = _manifest_checksums(directory) if directory else None
+        if expected is not None:
+            names = {_basename(f) for f in files}
+            formats = {_file_format(f) for f in files}
+            missing = sorted(n for n in expected if n not in names and _file_format(n) in formats)
+            if missing:
+                raise DataError(f"{directory}: {', '.join(missing)} listed in "
+                                f"{layout.MANIFEST} but missing")
+        for path in files:
+            with rso_io.open_file(path, "rb") as f:
+                d = checksums.digest(f)
+            if expected is not None:
+                want = expected.get(_basename(path))
+                if want is None:
+                    raise DataError(f"{path}: not listed in {layout.MANIFEST}; it was not "
+                                    f"written by the run that wrote {directory}")
+                if (d["bytes"], d["sha256"]) != (want["bytes"], want["sha256"]):
+                    raise DataError(
+                        f"{path}: content differs from {layout.MANIFEST} ({d['bytes']} bytes, "
+                        f"sha256 {d['sha256'][:12]}..., recorded {want['bytes']} bytes, sha256 "
+                        f"{want['sha256'][:12]}...): the file is corrupt, truncated or replaced")
+            found.setdefault(path, DataFile(path, d["sha256"], d["bytes"]))
+    return list(found.values())
+
+
+def data_id(files: Sequence[DataFile]) -> str:
+    """Content id of a data set: sha256 over the (base name, size, sha256) of its files in
+    order; the same for a moved or copied directory, different after any change of a byte."""
+    text = json.dumps([[_basename(f.path), f.bytes, f.sha256] for f in files])
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
 # ------------------------------------------------------------------------------ reading
@@ -129,25 +212,54 @@ def validate_pair(record: Mapping, where: str, *, require_reference: bool = True
                 raise DataError(f"{where}: {name} is {value} > 0, not a log-probability")
 
 
-def _raw_records(path: str) -> Iterator[dict]:
-    if _file_format(path) == PARQUET:
+# What a damaged file raises while it is decoded: pyarrow (ArrowException; its ArrowInvalid and
+# OSError for bad pages, checksums, footers), gzip (BadGzipFile is an OSError, EOFError when
+# truncated, zlib.error), protobuf (DecodeError is an Exception: from_example turns it into
+# SchemaError).
+_DAMAGE = (pa.ArrowException, OSError, EOFError, zlib.error)
+
+
+def _parquet_records(path: str) -> Iterator[dict]:
+    """Rows of a Parquet file; page CRCs are verified where the writer stored them
+    (``page_checksum_verification``). Damage is a DataError naming the file and the first row
+    that could not be read."""
+    row = 0
+    try:
         with rso_io.open_file(path, "rb") as f:
-            parquet = pq.ParquetFile(f)
+            parquet = pq.ParquetFile(f, page_checksum_verification=True)
             missing = [c for c in COLUMNS if c not in parquet.schema_arrow.names]
             if missing:
                 raise DataError(f"{path}: row 0: missing column(s) {', '.join(missing)}")
             for batch in parquet.iter_batches(batch_size=1024, columns=list(COLUMNS)):
-                yield from batch.to_pylist()
-        return
+                rows = batch.to_pylist()
+                yield from rows
+                row += len(rows)
+    except _DAMAGE as e:
+        raise DataError(f"{path}: row {row}: unreadable, the Parquet file is corrupt or "
+                        f"truncated ({type(e).__name__}: {_one_line(e)})") from e
+
+
+def _tfrecord_records(path: str) -> Iterator[dict]:
+    """Records of a TFRecord file (record CRCs checked by :func:`rso.tfrecord.read_records`);
+    damage is a DataError naming the file and the record."""
     index = 0
     try:
         for data in read_records(path):
             yield from_example(data, where=f"{path}: row {index}")
             index += 1
-    except SchemaError as e:
+    except (SchemaError, CorruptRecordError) as e:
         raise DataError(str(e)) from e
-    except CorruptRecordError as e:
-        raise DataError(str(e)) from e
+    except _DAMAGE as e:
+        raise DataError(f"{path}: row {index}: unreadable, the TFRecord file is corrupt or "
+                        f"truncated ({type(e).__name__}: {_one_line(e)})") from e
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split())[:300]
+
+
+def _raw_records(path: str) -> Iterator[dict]:
+    return _parquet_records(path) if _file_format(path) == PARQUET else _tfrecord_records(path)
 
 
 def read_pairs(path: str, *, require_reference: bool = True, vocab_size: Optional[int] = None,

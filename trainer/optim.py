@@ -3,6 +3,7 @@ cosine decay)."""
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 
@@ -53,3 +54,31 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig,
         return lr_multiplier(step, cfg.warmup_steps, total_steps, cfg.scheduler)
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, multiplier)
+
+
+def override_saved_hyperparameters(optimizer_state: dict, scheduler_state: dict,
+                                   cfg: TrainConfig, names: Sequence[str],
+                                   total_steps: int) -> None:
+    """Writes ``cfg``'s values of ``names`` (of lr, weight_decay, adam_beta1, adam_beta2,
+    adam_eps) into a checkpoint's optimizer and scheduler state dicts, in place, before they are
+    loaded. Needed because ``Optimizer.load_state_dict`` restores the hyper-parameters saved in
+    ``param_groups`` and ``LambdaLR.load_state_dict`` its ``base_lrs``: without this, a resumed
+    run would silently keep the old values. Settings the optimizer has no use for (Adam's betas
+    and eps under Adafactor) are left alone."""
+    lr = cfg.lr * lr_multiplier(scheduler_state["last_epoch"], cfg.warmup_steps, total_steps,
+                                cfg.scheduler)
+    for group in optimizer_state["param_groups"]:
+        if "lr" in names:
+            group["initial_lr"], group["lr"] = cfg.lr, lr
+        if "weight_decay" in names:
+            group["weight_decay"] = cfg.weight_decay
+        if cfg.optimizer == "adamw":
+            beta1, beta2 = group["betas"]
+            group["betas"] = (cfg.adam_beta1 if "adam_beta1" in names else beta1,
+                              cfg.adam_beta2 if "adam_beta2" in names else beta2)
+            if "adam_eps" in names:
+                group["eps"] = cfg.adam_eps
+    if "lr" in names:
+        groups = len(optimizer_state["param_groups"])
+        scheduler_state["base_lrs"] = [cfg.lr] * groups
+        scheduler_state["_last_lr"] = [lr] * groups

@@ -2,10 +2,13 @@
 
     python -m trainer.train --data OUT_DIR --policy SFT_DIR --output RUN_DIR [--loss sigmoid-norm]
 
-The whole loop is in :func:`train`; the pieces it calls live in small modules next to it:
-config (TrainConfig), data (reading, bucketing), model (loading, one-forward pair log-probs),
-losses (SPEC 6), reference (step-0 gap check, --recompute-reference cache), optim (optimizer,
-schedule), checkpoint (exact resume), metrics (JSONL, TensorBoard, progress bar), plots (PNGs).
+Read top to bottom like nanoGPT's train.py: :func:`setup` (device, model, data, optimizer,
+resume), :func:`pair_loss` (one forward, per-pair losses; shared with :func:`evaluate`),
+:func:`train_step` (one optimizer step), then the loop in :func:`train`. Each stage's details
+live in a module of its own name: config (TrainConfig), data (load: reading, validation,
+bucketing), model (loading, one-forward pair log-probs), losses (SPEC 6), reference (step-0
+gap check, --recompute-reference cache), optim (optimizer, schedule), checkpoint (exact
+resume), metrics (JSONL, TensorBoard, progress bar), plots (PNGs).
 """
 from __future__ import annotations
 
@@ -20,22 +23,24 @@ import signal
 import sys
 import threading
 import time
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
+import yaml
 
 from rso.config import ConfigError
 from rso.hf import resolve_device
 from trainer import checkpoint as ckpt
 from trainer import reference as ref
-from trainer.config import RESUME_INVARIANTS, TrainConfig
-from trainer.data import DataError, Pair, PairSource, in_eval_split, length_filter, resolve_files
+from trainer.config import RESUME_CHANGEABLE, RESUME_FIXED, TrainConfig
+from trainer.data import (DataError, Pair, PairSource, data_id, in_eval_split, length_filter,
+                          verify_files)
 from trainer.losses import preference_loss
 from trainer.memory import limit_heap_retention
 from trainer.metrics import MetricsWriter, PairMetrics, Progress, peak_memory
 from trainer.model import (autocast, load_policy, pad_token_id, pair_logps, reference_logps,
                            resolve_precision)
-from trainer.optim import build_optimizer, build_scheduler
+from trainer.optim import build_optimizer, build_scheduler, override_saved_hyperparameters
 
 log = logging.getLogger("rso.trainer")
 
@@ -53,7 +58,7 @@ class TrainResult:
     train: dict  # metrics of the last logged train step
     eval: dict  # metrics of the last evaluation (empty without eval pairs)
     summary: dict
-    finished: bool  # False when stopped early (``should_stop`` or ``stop_after``)
+    finished: bool  # False when stopped early (``should_stop``)
 
 
 def _step_groups(source: PairSource, cfg: TrainConfig, epoch: int, skip: int
@@ -73,25 +78,14 @@ def _step_groups(source: PairSource, cfg: TrainConfig, epoch: int, skip: int
             raise DataError("no training pairs to read")
 
 
-def _evaluate(model: torch.nn.Module, source: PairSource, cfg: TrainConfig, pad_id: int,
-              device: torch.device, amp: Optional[torch.dtype]) -> dict:
-    metrics = PairMetrics()
-    model.eval()
-    with torch.no_grad():
-        for pairs in source.sequential(cfg.batch_size, cfg.bucket_batches):
-            with autocast(device, amp):
-                chosen, rejected, batch = pair_logps(model, pairs, pad_id, device)
-            ref_chosen, ref_rejected = reference_logps(pairs, device)
-            losses = preference_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.loss,
-                                     cfg.gamma)
-            metrics.add(chosen, rejected, ref_chosen, ref_rejected, losses, cfg.gamma,
-                        batch.num_tokens, batch.input_ids.numel())
-    model.train()
-    return metrics.means()
+def _prepare_output(cfg: TrainConfig, data_ids: dict[str, Optional[str]]
+                    ) -> tuple[Optional[str], list[dict]]:
+    """Creates the output directory; returns the checkpoint to resume from (if any) and the
+    settings changes on record: the interrupted run's, plus those this resume applies.
 
-
-def _prepare_output(cfg: TrainConfig) -> Optional[str]:
-    """Creates the output directory; returns the checkpoint to resume from, if any."""
+    A resume with settings other than the checkpoint's is refused (:class:`ConfigError`),
+    unless every difference is in :data:`RESUME_CHANGEABLE` and named by --allow-change.
+    """
     os.makedirs(cfg.output, exist_ok=True)
     latest = ckpt.latest_checkpoint(cfg.output)
     if cfg.overwrite:
@@ -103,36 +97,50 @@ def _prepare_output(cfg: TrainConfig) -> Optional[str]:
                 shutil.rmtree(path)
             elif os.path.exists(path):
                 os.remove(path)
-        return None
+        return None, []
     if latest and not cfg.resume:
         raise ConfigError(f"{cfg.output} already holds checkpoints ({os.path.basename(latest)});"
                           f" pass --resume to continue that run or --overwrite to start over")
-    if latest:
-        saved = ckpt.saved_config(latest)
-        current = cfg.to_dict()
-        changed = [k for k in RESUME_INVARIANTS if saved.get(k) != current[k]]
-        if changed:
-            raise ConfigError(f"cannot resume {latest}: setting(s) {', '.join(changed)} differ "
-                              f"from the interrupted run's")
-    elif cfg.resume:
-        log.info("--resume: no checkpoint in %s, starting from scratch", cfg.output)
-    return latest
+    if not latest:
+        if cfg.resume:
+            log.info("--resume: no checkpoint in %s, starting from scratch", cfg.output)
+        return None, []
+    saved = ckpt.saved_run(latest)
+    diff = ckpt.resume_differences(saved, cfg.to_dict(), data_ids,
+                                   RESUME_FIXED + RESUME_CHANGEABLE)
+    refused = [k for k in diff if k not in cfg.allow_change]
+    if refused:
+        detail = "; ".join(f"{k}: {diff[k][0]} -> {diff[k][1]}" for k in refused)
+        fixed = [k for k in refused if k in RESUME_FIXED]
+        raise ConfigError(
+            f"cannot resume {latest}: setting(s) {', '.join(refused)} differ from the "
+            f"interrupted run's ({detail}); a resumed run must use the same settings to equal "
+            f"an uninterrupted one. " + (
+                f"{', '.join(fixed)} cannot change in a resumed run" if fixed else
+                f"pass --allow-change {','.join(refused)} to apply the new values from step "
+                f"{saved['state']['step']} on (recorded in the checkpoints)"))
+    step = saved["state"]["step"]
+    applied = [{"step": step, "setting": k, "from": old, "to": new}
+               for k, (old, new) in diff.items()]
+    for change in applied:
+        log.warning("--allow-change: %s changes from %s to %s at step %d", change["setting"],
+                    change["from"], change["to"], step)
+    return latest, saved.get("changes", []) + applied
 
 
-def _sources(cfg: TrainConfig, vocab_size: int) -> tuple[PairSource, list[PairSource]]:
+def _sources(cfg: TrainConfig, vocab_size: int, files: list[str], eval_files: list[str]
+             ) -> tuple[PairSource, list[PairSource]]:
     """The training pairs, and the evaluation sets: the held-out prompts of --data
     (--eval-fraction), then --eval-data."""
     fits = length_filter(cfg.max_length)
-    files = resolve_files(cfg.data, cfg.data_format)
 
     def split(held_out: bool) -> PairSource:
         return PairSource(files, vocab_size=vocab_size, keep=lambda p: fits(p) and (
             in_eval_split(p.prompt_id, cfg.eval_fraction) == held_out))
 
     evals = [split(True)] if cfg.eval_fraction > 0 else []
-    if cfg.eval_data:
-        evals.append(PairSource(resolve_files(cfg.eval_data, cfg.data_format), keep=fits,
-                                vocab_size=vocab_size))
+    if eval_files:
+        evals.append(PairSource(eval_files, keep=fits, vocab_size=vocab_size))
     return split(False), evals
 
 
@@ -172,22 +180,42 @@ def _reference_cache(cfg: TrainConfig, model: torch.nn.Module, sources: list[Pai
     return cache
 
 
-def train(cfg: TrainConfig, *, should_stop: Optional[Callable[[], bool]] = None,
-          stop_after: Optional[int] = None) -> TrainResult:
-    """Runs (or resumes) training as ``cfg`` says.
+@dataclasses.dataclass
+class Run:
+    """What the loop works with, built once by :func:`setup`."""
+    cfg: TrainConfig
+    device: torch.device
+    amp: Optional[torch.dtype]  # bf16 autocast, or None for fp32
+    model: torch.nn.Module
+    tokenizer: Any
+    pad_id: int
+    train_source: PairSource
+    eval_sources: list[PairSource]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    total_steps: int
+    state: ckpt.TrainState  # the data position and counters after the last step
+    resumed_from: Optional[str]  # the checkpoint this run continues, if any
+    run_info: dict  # saved in every checkpoint: data content ids, settings changed on resume
 
-    ``should_stop()`` is asked after every step; when true, a checkpoint is saved and training
-    returns unfinished (``main`` wires it to SIGTERM). ``stop_after=s`` returns after step s
-    without saving, as if the process had been killed there (to test resuming).
-    """
+
+def setup(cfg: TrainConfig) -> Run:
+    """Device, output directory, model, data (read and validated once), optimizer, schedule
+    and, when resuming, the interrupted run's optimizer, schedule, RNG and data position."""
     cfg.validate()
-    started = time.perf_counter()
     limit_heap_retention()
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
     device = resolve_device(cfg.device)
     amp = resolve_precision(cfg.precision, device)
-    resume_from = _prepare_output(cfg)
+
+    # ---- data files: checked against their manifest's sha256 (fails naming the file)
+    files = verify_files(cfg.data, cfg.data_format)
+    eval_files = verify_files(cfg.eval_data, cfg.data_format) if cfg.eval_data else []
+    data_ids = {"data": data_id(files), "eval_data": data_id(eval_files) if eval_files else None}
+
+    # ---- output directory; a resume must keep the settings (or --allow-change them)
+    resume_from, changes = _prepare_output(cfg, data_ids)
     torch.manual_seed(cfg.seed)
 
     # ---- model: the initial policy, or the interrupted run's weights
@@ -196,10 +224,10 @@ def train(cfg: TrainConfig, *, should_stop: Optional[Callable[[], bool]] = None,
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model.train()
     pad_id = pad_token_id(model, tokenizer)
-    vocab_size = model.get_input_embeddings().num_embeddings
 
     # ---- data: every pair is read and validated once up front (fails early, naming the row)
-    train_source, eval_sources = _sources(cfg, vocab_size)
+    train_source, eval_sources = _sources(cfg, model.get_input_embeddings().num_embeddings,
+                                          [f.path for f in files], [f.path for f in eval_files])
     if cfg.recompute_reference:
         cache = _reference_cache(cfg, model, [train_source] + eval_sources, pad_id, device,
                                  resuming=resume_from is not None)
@@ -218,107 +246,154 @@ def train(cfg: TrainConfig, *, should_stop: Optional[Callable[[], bool]] = None,
     state = ckpt.TrainState()
     if resume_from:
         saved = ckpt.load_trainer_state(resume_from)
+        override_saved_hyperparameters(saved["optimizer"], saved["scheduler"], cfg,
+                                       [c["setting"] for c in changes
+                                        if c["step"] == saved["state"]["step"]], total_steps)
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         state = ckpt.TrainState(**saved["state"])
         ckpt.set_rng_state(saved["rng"])
         log.info("resumed from %s: step %d, epoch %d, micro-batch %d", resume_from, state.step,
                  state.epoch, state.batches_in_epoch)
+    return Run(cfg, device, amp, model, tokenizer, pad_id, train_source, eval_sources,
+               optimizer, scheduler, total_steps, state, resume_from,
+               {"data_ids": data_ids, "changes": changes})
 
-    writer = MetricsWriter(cfg.output, cfg.tensorboard, resume_step=state.step if resume_from
-                           else None)
-    progress = Progress(total_steps, state.step, cfg.progress)
-    params = [p for p in model.parameters() if p.requires_grad]
+
+def pair_loss(run: Run, pairs: Sequence[Pair], metrics: PairMetrics) -> torch.Tensor:
+    """One forward pass over a micro-batch: its per-pair losses ([B], SPEC 6), also added to
+    ``metrics``. Shared by training and evaluation."""
+    with autocast(run.device, run.amp):
+        chosen, rejected, batch = pair_logps(run.model, pairs, run.pad_id, run.device)
+    ref_chosen, ref_rejected = reference_logps(pairs, run.device)
+    losses = preference_loss(chosen, rejected, ref_chosen, ref_rejected, run.cfg.loss,
+                             run.cfg.gamma)
+    metrics.add(chosen, rejected, ref_chosen, ref_rejected, losses, run.cfg.gamma,
+                batch.num_tokens, batch.input_ids.numel())
+    return losses
+
+
+def train_step(run: Run, group: Sequence[Sequence[Pair]], step: int
+               ) -> tuple[PairMetrics, float]:
+    """Optimizer step ``step`` (1-based) over the micro-batches ``group``, pairs weighted equally
+    (the mean loss over all pairs of the step): backward per micro-batch, clip the global
+    gradient norm, step the optimizer and the schedule. Returns the step's pair metrics and the
+    gradient norm before clipping. Raises :class:`NonFiniteLossError` naming the pairs."""
+    step_pairs = sum(len(pairs) for pairs in group)
+    metrics = PairMetrics()
+    for pairs in group:
+        losses = pair_loss(run, pairs, metrics)
+        finite = torch.isfinite(losses)
+        if not finite.all():
+            bad = [p for p, ok in zip(pairs, finite.tolist()) if not ok]
+            raise NonFiniteLossError(f"non-finite loss at step {step}; pairs: " + "; ".join(
+                f"prompt_id {p.prompt_id} ({p.where})" for p in bad))
+        (losses.sum() / step_pairs).backward()
+    max_norm = run.cfg.max_grad_norm if run.cfg.max_grad_norm > 0 else math.inf
+    grad_norm = torch.nn.utils.clip_grad_norm_(
+        [p for p in run.model.parameters() if p.requires_grad], max_norm)
+    if not torch.isfinite(grad_norm):
+        raise NonFiniteLossError(f"non-finite gradient norm at step {step}; prompt_ids: " +
+                                 ", ".join(p.prompt_id for pairs in group for p in pairs))
+    run.optimizer.step()
+    run.scheduler.step()
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.device.type == "cuda":
+        torch.cuda.synchronize(run.device)
+    return metrics, float(grad_norm)
+
+
+def evaluate(run: Run) -> dict:
+    """Pair metrics over every evaluation set (pair-weighted), in eval mode, without gradients."""
+    results = []
+    run.model.eval()
+    with torch.no_grad():
+        for source in run.eval_sources:
+            metrics = PairMetrics()
+            for pairs in source.sequential(run.cfg.batch_size, run.cfg.bucket_batches):
+                pair_loss(run, pairs, metrics)
+            results.append(metrics.means())
+    run.model.train()
+    return _merge_eval(results)
+
+
+def save(run: Run, state: ckpt.TrainState) -> str:
+    """Writes the checkpoint of ``state.step`` (see :mod:`trainer.checkpoint`)."""
+    return ckpt.save_checkpoint(run.cfg.output, run.model, run.tokenizer, run.optimizer,
+                                run.scheduler, state, run.cfg.to_dict(),
+                                run.cfg.keep_checkpoints, run.run_info)
+
+
+def train(cfg: TrainConfig, *, should_stop: Optional[Callable[[], bool]] = None
+          ) -> TrainResult:
+    """Runs (or resumes) training as ``cfg`` says.
+
+    ``should_stop()`` is asked after every step but the last; when true, a checkpoint is saved
+    and training returns unfinished (``main`` wires it to SIGTERM). An exception it raises
+    leaves the loop without saving, as if the process had been killed there.
+    """
+    started = time.perf_counter()
+    run = setup(cfg)
+    state, last_checkpoint = run.state, run.resumed_from
+    writer = MetricsWriter(cfg.output, cfg.tensorboard,
+                           resume_step=state.step if run.resumed_from else None)
+    progress = Progress(run.total_steps, state.step, cfg.progress)
     last_train: dict = {}
     last_eval: dict = {}
-    last_checkpoint = resume_from
-    groups = _step_groups(train_source, cfg, state.epoch, state.batches_in_epoch)
+    groups = _step_groups(run.train_source, cfg, state.epoch, state.batches_in_epoch)
     try:
-        while state.step < total_steps:
+        while state.step < run.total_steps:
             t0 = time.perf_counter()
             epoch, first, group = next(groups)
-            if state.step == 0 and not resume_from:
+
+            # ---- before the first step: stored reference log-probs against the initial policy
+            if state.step == 0 and not run.resumed_from:
                 t_check = time.perf_counter()
-                gap = ref.measure_gap(model, group[0], pad_id, device)
+                gap = ref.measure_gap(run.model, group[0], run.pad_id, run.device)
                 writer.log("reference", 0, gap.as_dict())
                 ref.check_reference(gap, cfg.reference_tolerance, cfg.strict_reference)
                 t0 += time.perf_counter() - t_check  # not part of the step's throughput
 
-            # ---- one optimizer step over grad_accum micro-batches, pairs weighted equally
-            step_pairs = sum(len(pairs) for pairs in group)
-            metrics = PairMetrics()
-            lr = scheduler.get_last_lr()[0]
-            for pairs in group:
-                with autocast(device, amp):
-                    chosen, rejected, batch = pair_logps(model, pairs, pad_id, device)
-                ref_chosen, ref_rejected = reference_logps(pairs, device)
-                losses = preference_loss(chosen, rejected, ref_chosen, ref_rejected, cfg.loss,
-                                         cfg.gamma)
-                if not torch.isfinite(losses).all():
-                    bad = [p for p, ok in zip(pairs, torch.isfinite(losses).tolist()) if not ok]
-                    raise NonFiniteLossError(
-                        f"non-finite loss at step {state.step + 1}; pairs: " +
-                        "; ".join(f"prompt_id {p.prompt_id} ({p.where})" for p in bad))
-                (losses.sum() / step_pairs).backward()
-                metrics.add(chosen, rejected, ref_chosen, ref_rejected, losses, cfg.gamma,
-                            batch.num_tokens, batch.input_ids.numel())
-            grad_norm = torch.nn.utils.clip_grad_norm_(
-                params, cfg.max_grad_norm if cfg.max_grad_norm > 0 else math.inf)
-            if not torch.isfinite(grad_norm):
-                raise NonFiniteLossError(
-                    f"non-finite gradient norm at step {state.step + 1}; prompt_ids: " +
-                    ", ".join(p.prompt_id for pairs in group for p in pairs))
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
+            # ---- one optimizer step over grad_accum micro-batches
+            lr = run.scheduler.get_last_lr()[0]
+            metrics, grad_norm = train_step(run, group, state.step + 1)
             elapsed = time.perf_counter() - t0
-
             state = ckpt.TrainState(step=state.step + 1, epoch=epoch,
                                     batches_in_epoch=first + len(group),
-                                    pairs_seen=state.pairs_seen + step_pairs,
+                                    pairs_seen=state.pairs_seen + metrics.pairs,
                                     tokens_seen=state.tokens_seen + metrics.tokens,
                                     train_time_s=state.train_time_s + elapsed)
-            last_train = {**metrics.means(), "grad_norm": float(grad_norm), "lr": lr,
-                          "step_time_s": elapsed, "pairs_per_s": step_pairs / elapsed,
-                          "tokens_per_s": metrics.tokens / elapsed, **peak_memory(device),
+
+            # ---- metrics
+            last_train = {**metrics.means(), "grad_norm": grad_norm, "lr": lr,
+                          "step_time_s": elapsed, "pairs_per_s": metrics.pairs / elapsed,
+                          "tokens_per_s": metrics.tokens / elapsed, **peak_memory(run.device),
                           "epoch": epoch}
             progress.update(last_train)
-            if state.step % cfg.log_every == 0 or state.step == total_steps:
+            done = state.step == run.total_steps
+            if state.step % cfg.log_every == 0 or done:
                 writer.log("train", state.step, last_train)
 
             # ---- evaluation and checkpoints
-            done = state.step == total_steps
-            if eval_sources and (done or (cfg.eval_every and state.step % cfg.eval_every == 0)):
-                last_eval = _merge_eval([_evaluate(model, s, cfg, pad_id, device, amp)
-                                         for s in eval_sources])
+            if run.eval_sources and (done or (cfg.eval_every and
+                                              state.step % cfg.eval_every == 0)):
+                last_eval = evaluate(run)
                 writer.log("eval", state.step, last_eval)
                 progress.write(f"step {state.step}: eval loss {last_eval['loss']:.4f} "
                                f"accuracy {last_eval['accuracy']:.3f}")
             if done or (cfg.save_every and state.step % cfg.save_every == 0):
-                last_checkpoint = ckpt.save_checkpoint(cfg.output, model, tokenizer, optimizer,
-                                                       scheduler, state, cfg.to_dict(),
-                                                       cfg.keep_checkpoints)
+                last_checkpoint = save(run, state)
+
+            # ---- stop early (SIGTERM): save the step just done, return unfinished
             if not done and should_stop is not None and should_stop():
                 if last_checkpoint != ckpt.checkpoint_dir(cfg.output, state.step):
-                    last_checkpoint = ckpt.save_checkpoint(
-                        cfg.output, model, tokenizer, optimizer, scheduler, state,
-                        cfg.to_dict(), cfg.keep_checkpoints)
+                    last_checkpoint = save(run, state)
                 log.warning("stopped at step %d; checkpoint %s; run again with --resume to "
                             "continue", state.step, last_checkpoint)
-                stop_after = state.step
-            if not done and stop_after is not None and state.step >= stop_after:
                 return TrainResult(cfg.output, state.step, last_checkpoint, writer.path,
                                    last_train, last_eval, {}, finished=False)
 
-        summary = {"steps": state.step, "pairs": state.pairs_seen,
-                   "train_time_s": state.train_time_s,
-                   "pairs_per_s": state.pairs_seen / max(state.train_time_s, 1e-9),
-                   "tokens": state.tokens_seen,
-                   "tokens_per_s": state.tokens_seen / max(state.train_time_s, 1e-9),
-                   "wall_time_s": time.perf_counter() - started,
-                   **peak_memory(device), "final_checkpoint": last_checkpoint}
+        summary = _summary(state, time.perf_counter() - started, run.device, last_checkpoint)
         writer.log("summary", state.step, summary)
     finally:
         progress.close()
@@ -333,6 +408,16 @@ def train(cfg: TrainConfig, *, should_stop: Optional[Callable[[], bool]] = None,
                        last_eval, summary, finished=True)
 
 
+def _summary(state: ckpt.TrainState, wall_time_s: float, device: torch.device,
+             final_checkpoint: Optional[str]) -> dict:
+    """The run's ``summary`` metrics record (see :mod:`trainer.metrics`)."""
+    return {"steps": state.step, "pairs": state.pairs_seen, "train_time_s": state.train_time_s,
+            "pairs_per_s": state.pairs_seen / max(state.train_time_s, 1e-9),
+            "tokens": state.tokens_seen,
+            "tokens_per_s": state.tokens_seen / max(state.train_time_s, 1e-9),
+            "wall_time_s": wall_time_s, **peak_memory(device), "final_checkpoint": final_checkpoint}
+
+
 def _merge_eval(results: Sequence[dict]) -> dict:
     """Pair-weighted mean of evaluations over several held-out sources."""
     total = sum(r["pairs"] for r in results)
@@ -340,6 +425,26 @@ def _merge_eval(results: Sequence[dict]) -> dict:
               for k in results[0] if k not in ("pairs", "tokens")}
     merged.update(pairs=total, tokens=sum(r["tokens"] for r in results))
     return merged
+
+
+def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+    """``TrainConfig.parse_args`` for ``rso train``; an unreadable or malformed ``--config``
+    file is a one-line :class:`ConfigError` naming the file (and the YAML line and column)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    path = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None) or next(
+        (b for a, b in zip(args, args[1:]) if a == "--config"), "--config")
+    try:
+        cfg, _ = TrainConfig.parse_args(args, prog="rso train",
+                                        description="Train a policy on RSO/DPO preference pairs.")
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or " ".join(str(e).split())
+        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from e
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file "
+                          f"({e.strerror or type(e).__name__})") from e
+    return cfg
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -353,8 +458,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     previous = (signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
                 if threading.current_thread() is threading.main_thread() else None)
     try:
-        cfg, _ = TrainConfig.parse_args(argv, prog="rso train",
-                                        description="Train a policy on RSO/DPO preference pairs.")
+        cfg = parse_config(argv)
         result = train(cfg, should_stop=stop.is_set)
     except (ConfigError, DataError, ref.ReferenceMismatchError, NonFiniteLossError) as e:
         print(f"rso train: error: {e}", file=sys.stderr)

@@ -1,0 +1,37 @@
+"""Content hashes of the files a run writes, recorded in its manifest and checked by readers.
+
+The pipeline's ``manifest.json`` holds, for every record file it wrote (Parquet and TFRecord)::
+
+    "files": {"checksums": {"pairs-00000-of-00002.parquet": {"sha256": "<hex>", "bytes": 1234},
+                            ...}, ...}
+
+keyed by the file's base name; the hash is over the bytes as stored (a ``.tfrecord.gz`` file is
+hashed compressed). ``rso train`` recomputes it before reading a pipeline output directory, so a
+flipped byte or a truncated file is an error naming the file rather than silently different
+training data (a Parquet data page without page checksums still decodes after most flips).
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import BinaryIO, TypedDict
+
+CHECKSUMS = "checksums"  # the key under the manifest's "files"
+CHUNK_BYTES = 1 << 20
+
+
+class Digest(TypedDict):
+    sha256: str  # lowercase hex
+    bytes: int  # size as stored
+
+
+def digest(f: BinaryIO) -> Digest:
+    """sha256 and size of everything ``f`` yields from its current position, read in 1 MiB
+    chunks (constant memory). ``f`` must return the stored bytes: open compressed files raw."""
+    h = hashlib.sha256()
+    size = 0
+    while True:
+        chunk = f.read(CHUNK_BYTES)
+        if not chunk:
+            return {"sha256": h.hexdigest(), "bytes": size}
+        h.update(chunk)
+        size += len(chunk)
