@@ -25,6 +25,7 @@ from typing import Callable, Iterator, Optional, Sequence
 import torch
 
 from rso.config import ConfigError
+from rso import ownership
 from rso.hf import resolve_device
 from trainer import checkpoint as ckpt
 from trainer import reference as ref
@@ -91,8 +92,11 @@ def _evaluate(model: torch.nn.Module, source: PairSource, cfg: TrainConfig, pad_
 
 
 def _prepare_output(cfg: TrainConfig) -> Optional[str]:
-    """Creates the output directory; returns the checkpoint to resume from, if any."""
+    """Creates the output directory and takes it for this process (``OUTPUT/_LOCK``, released
+    at exit; :class:`rso.ownership.OutputLockedError` if another run owns it); returns the
+    checkpoint to resume from, if any."""
     os.makedirs(cfg.output, exist_ok=True)
+    ownership.hold_until_exit(cfg.output, run_id="rso train")
     latest = ckpt.latest_checkpoint(cfg.output)
     if cfg.overwrite:
         stale = ckpt.list_checkpoints(cfg.output) + [
