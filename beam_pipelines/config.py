@@ -6,6 +6,7 @@ options (``--runner``, ``--direct_num_workers``, ...). Every field is documented
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import hashlib
 import json
 import math
@@ -13,6 +14,7 @@ import os
 from typing import Literal, Optional
 
 from rso.config import Config, ConfigError, option
+from rso.model_id import content_id, model_id
 
 Selection = Literal["rso", "top-k", "random", "best-of-n", "rest"]
 Pairing = Literal["first-round", "tournament", "all-pairs", "best-vs-worst", "best-vs-mean-2std"]
@@ -23,7 +25,7 @@ BetaScale = Literal["none", "std"]  # the unit of --beta (docs/SELECTION.md)
 class RewardModelSpec(Config):
     """One reward model of a weighted sum (SPEC 2)."""
     path: str = option("", "Hugging Face model directory")
-    weight: float = option(1.0, "weight of this model's reward in the sum")
+    weight: float = option(1.0, "weight of this model's reward in the sum", finite=True)
     kind: Literal["pointwise", "pairwise"] = option(
         "pointwise", "pointwise: a sequence classifier with one output; pairwise: a model giving "
         "P(A better than B) for '[CONTEXT] x [RESPONSE A] a [RESPONSE B] b'")
@@ -43,12 +45,12 @@ class RewardModelSpec(Config):
     def __str__(self) -> str:
         return f"{self.path},weight={self.weight:g},kind={self.kind}"
 
+    def _label(self, name: str) -> str:
+        return f"--reward-model {self.path}: {name}"
+
     def validate(self) -> None:
         if not self.path:
             raise ConfigError("a reward model needs a path")
-        if not math.isfinite(self.weight):
-            raise ConfigError(f"reward model {self.path}: weight must be finite, "
-                              f"got {self.weight}")
 
 
 @dataclasses.dataclass
@@ -59,7 +61,7 @@ class GenerateConfig(Config):
     input_format: Literal["auto", "jsonl", "parquet", "hh-rlhf"] = option(
         "auto", "auto: by extension (.parquet) and content (a 'chosen' field means HH-RLHF)")
     max_prompts: Optional[int] = option(None, "keep a deterministic shard of about this many "
-                                        "prompts (chosen by hash of prompt_id and seed)")
+                                        "prompts (chosen by hash of prompt_id and seed)", min=1)
     # ---- generate
     policy: str = option("", "SFT policy: Hugging Face causal LM directory")
     engine: Literal["vllm", "transformers"] = option("vllm", "decoding engine")
@@ -68,118 +70,96 @@ class GenerateConfig(Config):
     rescore: Literal["auto", "on", "off"] = option(
         "auto", "recompute sft_logp of kept responses in float32; auto = on whenever "
         "generation ran in reduced precision")
-    num_candidates: int = option(64, "N: candidates sampled per prompt")
-    max_new_tokens: int = option(128, "longest response, in tokens")
-    temperature: float = option(1.0, "sampling temperature (1.0 = pi_sft, as SPEC 1 requires)")
-    top_p: float = option(1.0, "nucleus sampling (1.0 = off)")
-    top_k: int = option(0, "top-k sampling (0 = off)")
-    max_model_len: Optional[int] = option(None, "context length; default: the model's")
-    batch_size: int = option(8, "prompts per engine call")
+    num_candidates: int = option(64, "N: candidates sampled per prompt", min=1)
+    max_new_tokens: int = option(128, "longest response, in tokens", min=1)
+    temperature: float = option(1.0, "sampling temperature (1.0 = pi_sft, as SPEC 1 requires)",
+                                gt=0, finite=True)
+    top_p: float = option(1.0, "nucleus sampling (1.0 = off)", gt=0, max=1)
+    top_k: int = option(0, "top-k sampling (0 = off)", min=0)
+    max_model_len: Optional[int] = option(
+        None, "context length; default: the model's (a prompt needs 1 position and its response "
+        "at least 1)", min=2)
+    batch_size: int = option(8, "prompts per engine call", min=1)
     enforce_eager: bool = option(False, "vLLM: skip graph compilation (faster start, slower "
                                  "decoding)")
     trust_remote_code: bool = option(False, "let model repositories run their own code")
     vllm_gpu_memory_utilization: Optional[float] = option(
         None, "vLLM: fraction of accelerator memory the engine may use; default 0.9 on GPU, "
-        "0.3 on CPU (there it only bounds vLLM's start-up memory check)")
+        "0.3 on CPU (there it only bounds vLLM's start-up memory check)", gt=0, max=1)
     vllm_cpu_kv_cache_gib: Optional[int] = option(
         None, "vLLM on CPU: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE); default: that "
-        "environment variable, else 1")
-    rescore_batch_size: int = option(16, "sequences per float32 re-scoring forward pass")
+        "environment variable, else 1", min=1)
+    rescore_batch_size: int = option(16, "sequences per float32 re-scoring forward pass", min=1)
     # ---- reward
     reward_model: list[RewardModelSpec] = option(
         [], "reward model, repeatable: PATH[,weight=W][,kind=pointwise|pairwise]")
-    reward_batch_size: int = option(16, "sequences per reward forward pass")
+    reward_batch_size: int = option(16, "sequences per reward forward pass", min=1)
     reward_prompts_per_batch: int = option(
         4, "prompts per reward RunInference batch; all their candidates are sorted by token "
-        "length and scored in forward passes of --reward-batch-size sequences")
+        "length and scored in forward passes of --reward-batch-size sequences", min=1)
     reward_max_length: Optional[int] = option(
         None, "longest reward-model input in tokens (capped at the model's own limit); longer "
-        "inputs lose their oldest context tokens, counted as reward_truncated")
+        "inputs lose their oldest context tokens, counted as reward_truncated", min=2)
     pairwise_debias: Literal["both-orders", "random-flip"] = option(
         "both-orders", "pairwise reward models' position bias: both-orders scores (y, b) and "
         "(b, y) and averages (2 forwards per candidate); random-flip scores one order chosen by "
         "a coin seeded from (seed, prompt_id)")
     # ---- select and pair
     selection: Selection = option("rso", "rso | top-k | random | best-of-n | rest (SPEC 3)")
-    num_samples: int = option(8, "k: responses kept per prompt")
-    beta: float = option(0.5, "rejection-sampling temperature (0 = top-k, inf = random)")
+    num_samples: int = option(8, "k: responses kept per prompt (a pairing needs k >= 2)", min=1)
+    beta: float = option(0.5, "rejection-sampling temperature (0 = top-k, inf = random)", min=0)
     beta_scale: BetaScale = option(
         "none", "unit of --beta: none = reward units (for a calibrated log-odds reward); std = "
         "the prompt's candidate-reward standard deviation, beta_eff = beta * std (for a reward "
         "model whose outputs are not log-odds; see docs/SELECTION.md)")
     rest_threshold: float = option(0.7, "rest: keep responses whose min-max normalised reward "
-                                   "exceeds this")
+                                   "exceeds this", min=0, lt=1)
     dedup: bool = option(True, "collapse candidates with identical token ids before selection")
-    pairing: Pairing = option("first-round", "first-round | tournament | all-pairs (SPEC 4) | best-vs-worst | best-vs-mean-2std (docs/GLOSSARY.md)")
-    tie_margin: float = option(0.0, "drop pairs whose rewards differ by no more than this")
+    pairing: Pairing = option("first-round", "first-round | tournament | all-pairs (SPEC 4) | "
+                              "best-vs-worst | best-vs-mean-2std (docs/GLOSSARY.md)")
+    tie_margin: float = option(0.0, "drop pairs whose rewards differ by no more than this",
+                               min=0, finite=True)
     # ---- run
     seed: int = option(0, "run seed; with prompt_id it seeds every random choice")
     run_id: Optional[str] = option(None, "id written into every record; default: a hash of "
-                                   "this config")
-    overwrite: bool = option(False, "replace an existing complete output directory")
+                                   "the input's content, the models' content ids and the "
+                                   "settings (not of paths)")
+    overwrite: bool = option(False, "replace an existing complete output directory, once the "
+                             "new run is complete (a failed run leaves the old one)")
 
     def validate(self) -> None:
+        """Cross-field and filesystem checks (the per-field ones ran at construction): raises
+        ConfigError for a configuration that would fail every prompt or cannot start."""
         def fail(msg: str) -> None:
             raise ConfigError(msg)
 
-        if not self.input:
-            fail("--input is required")
-        if not self.output:
-            fail("--output is required")
-        if not self.policy:
-            fail("--policy is required")
+        for name, flag in (("input", "--input"), ("output", "--output"), ("policy", "--policy")):
+            if not getattr(self, name):
+                fail(f"{flag} is required")
         if not self.reward_model:
             fail("at least one --reward-model is required")
-        for path in [self.policy] + [r.path for r in self.reward_model]:
-            if "://" not in path and not os.path.isdir(path):
-                fail(f"model directory not found: {path}")
-        if self.num_candidates < 1:
-            fail(f"--num-candidates must be >= 1, got {self.num_candidates}")
-        if self.num_samples < 1:
-            fail(f"--num-samples must be >= 1, got {self.num_samples}")
+        for spec in self.reward_model:
+            spec.validate()
         if self.selection != "rest" and self.num_samples > self.num_candidates:
             fail(f"--num-samples ({self.num_samples}) cannot exceed --num-candidates "
                  f"({self.num_candidates})")
-        if math.isnan(self.beta) or self.beta < 0:
-            fail(f"--beta must be >= 0 (0 = top-k, inf = random), got {self.beta}")
-        if self.max_new_tokens < 1:
-            fail(f"--max-new-tokens must be >= 1, got {self.max_new_tokens}")
-        if self.temperature <= 0:
-            fail(f"--temperature must be > 0 (the proposal must be a distribution), "
-                 f"got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            fail(f"--top-p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            fail(f"--top-k must be >= 0, got {self.top_k}")
-        if not 0 <= self.rest_threshold < 1:
-            fail(f"--rest-threshold must be in [0, 1), got {self.rest_threshold}")
-        if self.tie_margin < 0:
-            fail(f"--tie-margin must be >= 0, got {self.tie_margin}")
-        if self.max_prompts is not None and self.max_prompts < 1:
-            fail(f"--max-prompts must be >= 1, got {self.max_prompts}")
+        kept = min(self.num_samples, self.num_candidates)
+        if self.selection != "best-of-n" and kept < 2:
+            fail(f"--num-samples {self.num_samples} with --num-candidates "
+                 f"{self.num_candidates} keeps at most {kept} response per prompt, so "
+                 f"--pairing {self.pairing} can form no pair; keep >= 2 or use --selection "
+                 f"best-of-n")
+        check_model_dir(self.policy, "--policy", tokenizer=True)
         for spec in self.reward_model:
-            spec.validate()
-        for name in ("batch_size", "reward_batch_size", "reward_prompts_per_batch",
-                     "rescore_batch_size"):
-            if getattr(self, name) < 1:
-                fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        if self.reward_max_length is not None and self.reward_max_length < 2:
-            fail(f"--reward-max-length must be >= 2, got {self.reward_max_length}")
-        if self.vllm_gpu_memory_utilization is not None and not (
-                0 < self.vllm_gpu_memory_utilization <= 1):
-            fail(f"--vllm-gpu-memory-utilization must be in (0, 1], "
-                 f"got {self.vllm_gpu_memory_utilization}")
-        if self.vllm_cpu_kv_cache_gib is not None and self.vllm_cpu_kv_cache_gib < 1:
-            fail(f"--vllm-cpu-kv-cache-gib must be >= 1, got {self.vllm_cpu_kv_cache_gib}")
-        self._validate_selection_scale()
+            check_model_dir(spec.path, "--reward-model")
+        if self.max_model_len is not None and "://" not in self.policy:
+            from beam_pipelines.render import context_length
 
-    # ---- selection scale checks (docs/SELECTION.md)
-    def _validate_selection_scale(self) -> None:
-        from beam_pipelines.sampling import BETA_SCALES
-
-        if self.beta_scale not in BETA_SCALES:
-            raise ConfigError(f"--beta-scale must be one of {', '.join(BETA_SCALES)}, "
-                              f"got {self.beta_scale!r}")
+            limit = context_length(self.policy, None, self.trust_remote_code)
+            if self.max_model_len > limit:
+                fail(f"--max-model-len {self.max_model_len} exceeds the policy's context "
+                     f"length ({limit})")
+        check_input(self.input, self.input_format)
 
     # ---- derived values
     @property
@@ -208,11 +188,85 @@ class GenerateConfig(Config):
         return {"top-k": 0.0, "random": math.inf}.get(self.selection, self.beta)
 
     def resolved_run_id(self) -> str:
-        """The given run_id, else a hash of everything that shapes the records (not where they
-        are written: the same run written elsewhere has the same id)."""
+        """The given run_id, else ``run-<12 hex>``: a hash of what shapes the records, by
+        content: the input's :func:`rso.model_id.content_id`, the models'
+        :func:`rso.model_id.model_id` and every other setting. Paths do not count (relative or
+        absolute, or a copy elsewhere, give the same id; new weights at the same path do not),
+        nor where the output goes."""
         if self.run_id:
             return self.run_id
         data = {k: v for k, v in self.to_dict().items()
-                if k not in ("output", "overwrite", "run_id")}
+                if k not in ("output", "overwrite", "run_id", "input", "policy", "reward_model")}
+        data["input"] = content_id(self.input)
+        data["policy"] = _content_part(model_id(self.policy))
+        data["reward_model"] = [[_content_part(model_id(r.path)), r.weight, r.kind]
+                                for r in self.reward_model]
         digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode())
         return "run-" + digest.hexdigest()[:12]
+
+
+def _content_part(model: str) -> str:
+    """``sha256:...`` of a model id ``name@sha256:...`` (the directory's name does not count)."""
+    return model.rsplit("@", 1)[-1]
+
+
+# Files a Hugging Face model directory must hold: its config, and weights in one of these forms.
+_WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json",
+                    "*.pt", "*.gguf")
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_dir(path: str, flag: str, tokenizer: bool = False) -> None:
+    """ConfigError unless the local directory ``path`` looks like a loadable Hugging Face model
+    (config.json, weights, and with ``tokenizer`` a tokenizer). Remote paths are left to the
+    engine. This is what ``from_pretrained`` would otherwise fail on mid-pipeline."""
+    if "://" in path:
+        return
+    if not os.path.isdir(path):
+        raise ConfigError(f"{flag}: model directory not found: {path}")
+    names = set(os.listdir(path))
+    missing = []
+    if "config.json" not in names:
+        missing.append("config.json")
+    if not any(fnmatch.filter(names, p) for p in _WEIGHT_PATTERNS):
+        missing.append("weights (*.safetensors or *.bin)")
+    if tokenizer and not names & set(_TOKENIZER_FILES):
+        missing.append("a tokenizer (tokenizer.json or tokenizer_config.json)")
+    if missing:
+        raise ConfigError(f"{flag} {path} is not a Hugging Face model directory: it has no "
+                          f"{', '.join(missing)}")
+
+
+PARQUET_MAGIC = b"PAR1"
+_MAX_FILES_SNIFFED = 64  # bounds start-up time on inputs of many shards on an object store
+
+
+def check_input(pattern: str, input_format: str) -> list[str]:
+    """The files ``--input`` matches, checked at start (ConfigError): it matches at least one
+    file and no directory, and each file's first bytes agree with ``input_format`` (Parquet
+    files begin with ``PAR1``; JSONL, gzip-decompressed, does not). Sniffs at most the first
+    64 files."""
+    from apache_beam.io.filesystems import FileSystems
+
+    from beam_pipelines import read
+
+    if "://" not in pattern and os.path.isdir(pattern):
+        raise ConfigError(f"--input {pattern} is a directory; give a file or a glob such as "
+                          f"{os.path.join(pattern, '*.jsonl')}")
+    files = [f for f in read.check_input(pattern) if "://" in f or not os.path.isdir(f)]
+    if not files:
+        raise ConfigError(f"--input {pattern} matches only directories; give files")
+    parquet = read.resolve_format(files, input_format, pattern) == "parquet"
+    for path in files[:_MAX_FILES_SNIFFED]:
+        try:
+            with FileSystems.open(path) as f:  # decompresses .gz by extension
+                head = f.read(len(PARQUET_MAGIC))
+        except Exception as e:  # noqa: BLE001 - corrupt gzip, permissions, ...
+            raise ConfigError(f"--input {path}: cannot read it: {e}") from None
+        if parquet and head != PARQUET_MAGIC:
+            raise ConfigError(f"--input {path} is not a Parquet file (it does not begin with "
+                              f"PAR1); set --input-format to jsonl, hh-rlhf or auto")
+        if not parquet and head == PARQUET_MAGIC:
+            raise ConfigError(f"--input {path} is a Parquet file but --input-format is "
+                              f"{input_format}; use parquet or auto")
+    return files

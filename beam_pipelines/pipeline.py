@@ -7,10 +7,12 @@ setting (see ``config.py``) is a Beam pipeline option (``--runner``, ``--project
 """
 from __future__ import annotations
 
+import argparse
 import json
 import logging
 import sys
 import time
+import uuid
 from typing import Sequence
 
 import apache_beam as beam
@@ -27,9 +29,13 @@ from beam_pipelines.rescore import RescoreCandidates
 from beam_pipelines.reward import ScoreRewards
 from beam_pipelines.records import ToRecords
 from beam_pipelines.selection import SUMMARY, SelectAndPair
+from beam_pipelines.staging import commit, discard, recover, staging_dir
 from beam_pipelines.write import WriteOutputs, prepare_output
 from rso import layout, schema
-from rso.storage import exists, join, open_file
+from rso.config import ConfigError
+from rso.layout import is_complete
+from rso.ownership import OutputLock, OutputLockedError
+from rso.storage import join, open_file
 
 log = logging.getLogger("rso.generate")
 
@@ -41,8 +47,11 @@ def model_ids(config: GenerateConfig) -> dict[str, str]:
     return {"policy": model_id(config.policy), "reward": "+".join(rewards)}
 
 
-def build_pipeline(pipeline: beam.Pipeline, config: GenerateConfig) -> beam.PCollection:
-    """Adds every stage to ``pipeline``; returns the PCollection holding the _SUCCESS path."""
+def build_pipeline(pipeline: beam.Pipeline, config: GenerateConfig,
+                   write_to: str | None = None) -> beam.PCollection:
+    """Adds every stage to ``pipeline``; returns the PCollection holding the _SUCCESS path.
+    ``write_to``: where the output directory is written (default ``config.output``; ``run``
+    passes a staging directory)."""
     config.validate()
     run_id = config.resolved_run_id()
     ids = model_ids(config)
@@ -73,36 +82,61 @@ def build_pipeline(pipeline: beam.Pipeline, config: GenerateConfig) -> beam.PCol
         "summaries": selected[SUMMARY],
         "counts": counts,
     } | "Write" >> WriteOutputs(
-        config.output, config.to_dict(), run_id, manifest.package_versions(), ids,
+        write_to or config.output, config.to_dict(), run_id, manifest.package_versions(), ids,
         columns=schema.SFT_COLUMNS if best_of_n else schema.COLUMNS,
         prefix=layout.SFT_PREFIX if best_of_n else layout.PAIRS_PREFIX)
 
 
 def run(config: GenerateConfig, beam_args: Sequence[str] = ()) -> dict:
     """Builds and runs the pipeline, waits for it; returns the manifest it wrote (empty when
-    no job ran, e.g. ``--template_location`` only stages a Dataflow template)."""
+    no job ran, e.g. ``--template_location`` only stages a Dataflow template).
+
+    Guarantees (README "Outputs"): every check runs, and the whole graph is built, before
+    anything is written; the run then owns ``config.output`` (``_LOCK``, :mod:`rso.ownership`;
+    :class:`OutputLockedError` if another run does), writes into a staging directory inside it
+    and replaces the previous run only once its own output is complete
+    (:mod:`beam_pipelines.staging`): a run that fails leaves the previous output as it was.
+    Raises ConfigError (e.g. :class:`OutputExistsError`) before any work.
+    """
     beam_args = list(beam_args)
     if not any(a == "--runner" or a.startswith("--runner=") for a in beam_args):
         # The in-process portable runner that Beam's DirectRunner uses when it cannot start
         # Prism (which it would first try to download): same semantics, no network.
         beam_args.append("--runner=FnApiRunner")
-    prepare_output(config.output, config.overwrite)
-    start = time.time()
-    log.info("run %s: %s -> %s (policy %s, engine %s)", config.resolved_run_id(), config.input,
-             config.output, config.policy, config.engine)
+    output = config.output
+    run_id = config.resolved_run_id()
+    template = any(a.split("=", 1)[0] == "--template_location" for a in beam_args)
+    if is_complete(output) and not config.overwrite:
+        prepare_output(output)  # raises OutputExistsError with the message users see
+    # A staged template runs later, without this launcher: it writes OUTPUT directly.
+    staging = None if template else staging_dir(output, f"{run_id}-{uuid.uuid4().hex[:8]}")
     pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
-    build_pipeline(pipeline, config)
-    result = pipeline.run()
-    result.wait_until_finish()
-    if not getattr(result, "has_job", True):
+    build_pipeline(pipeline, config, write_to=staging)  # every construction-time check
+    if template:
+        pipeline.run().wait_until_finish()
         log.info("no job was run (template or graph only)")
         return {}
-    _log_counters(result)
-    manifest_path = join(config.output, layout.MANIFEST)
-    if not exists(manifest_path):
-        raise RuntimeError(f"the pipeline finished ({result.state}) without writing "
-                           f"{manifest_path}")
-    with open_file(manifest_path, "r") as f:
+    start = time.time()
+    with OutputLock.acquire(output, run_id):
+        recover(output, keep=staging)
+        if is_complete(output) and not config.overwrite:
+            prepare_output(output)  # a run that finished while this one was starting
+        log.info("run %s: %s -> %s (policy %s, engine %s)", run_id, config.input, output,
+                 config.policy, config.engine)
+        try:
+            result = pipeline.run()
+            result.wait_until_finish()
+            if not getattr(result, "has_job", True):
+                log.info("no job was run (template or graph only)")
+                return {}
+            _log_counters(result)
+            if not is_complete(staging):
+                raise RuntimeError(f"the pipeline finished ({result.state}) without writing "
+                                   f"{join(staging, layout.SUCCESS)}; {output} is unchanged")
+            commit(staging, output)
+        finally:
+            discard(staging)
+    with open_file(join(output, layout.MANIFEST), "r") as f:
         written = json.load(f)
     log.info("done in %.0f s: %s", time.time() - start,
              json.dumps(written.get("counters", {}), sort_keys=True))
@@ -122,11 +156,41 @@ def _log_counters(result: beam.runners.runner.PipelineResult) -> None:
     log.info("beam counters: %s", json.dumps(totals, sort_keys=True))
 
 
+def beam_option_parser() -> argparse.ArgumentParser:
+    """A parser of every flag Beam knows: each registered ``PipelineOptions`` subclass adds its
+    own, as ``PipelineOptions.get_all_options`` does (apache_beam/options/pipeline_options.py)."""
+    from apache_beam.options.pipeline_options import _BeamArgumentParser
+
+    parser = _BeamArgumentParser(allow_abbrev=False)
+    seen: dict[str, type] = {}
+    stack = list(PipelineOptions.__subclasses__())
+    while stack:
+        cls = stack.pop(0)
+        seen.setdefault(f"{cls.__module__}.{cls.__qualname__}", cls)
+        stack.extend(cls.__subclasses__())
+    for cls in seen.values():
+        try:
+            cls._add_argparse_args(parser)  # noqa: SLF001 - Beam's own registration hook
+        except argparse.ArgumentError:  # a class registered twice (Beam issue 18197)
+            pass
+    return parser
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    config, beam_args = GenerateConfig.parse_args(
-        argv, prog="rso generate", description=__doc__, allow_unknown=True)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    run(config, beam_args)
+    """``rso generate``: 0 when done; 2 for a configuration that cannot run (one line on
+    stderr, nothing written); 75 when another run owns --output."""
+    prog = "rso generate"
+    try:
+        config, beam_args = GenerateConfig.parse_args(
+            argv, prog=prog, description=__doc__, passthrough=beam_option_parser())
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+        run(config, beam_args)
+    except OutputLockedError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 75  # EX_TEMPFAIL, as deploy/nightly/refresh.sh uses for its own lock
+    except ConfigError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
     print(f"wrote {config.output}")
     return 0
 

@@ -161,12 +161,7 @@ class ReadPrompts(beam.PTransform):
     def __init__(self, input: str, input_format: str = "auto", max_prompts: int | None = None,
                  seed: int = 0):
         super().__init__()
-        if max_prompts is not None and max_prompts < 1:
-            raise ConfigError(f"--max-prompts must be >= 1, got {max_prompts}")
         self._input = input
-        if input_format not in P.KINDS:
-            raise ConfigError(f"--input-format must be one of {', '.join(P.KINDS)}, "
-                              f"got {input_format!r}")
         self._kind = input_format
         self._max_prompts = max_prompts
         self._seed = seed

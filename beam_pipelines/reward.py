@@ -374,10 +374,7 @@ class ScoreRewards(beam.PTransform):
 
     def __init__(self, specs: Sequence[RewardModelSpec], config: GenerateConfig):
         super().__init__()
-        if not specs:
-            raise ConfigError("at least one reward model is required")
         for spec in specs:
-            spec.validate()
             check_reward_model(spec, config.trust_remote_code)
         self._specs = list(specs)
         self._config = config

@@ -9,8 +9,9 @@
     OUTPUT/reward_distribution.png, chosen_vs_rejected.png, acceptance.png
     OUTPUT/_SUCCESS                           empty; exists only when all of the above do
 
-A reader ignores a directory without ``_SUCCESS``. Call :func:`prepare_output` when the pipeline
-is built, then apply :class:`WriteOutputs`.
+A reader ignores a directory without ``_SUCCESS``. ``rso generate`` applies :class:`WriteOutputs`
+to a staging directory inside OUTPUT and moves the complete run into OUTPUT afterwards
+(:mod:`beam_pipelines.staging`), so a failed run never destroys the previous one.
 """
 from __future__ import annotations
 
@@ -45,15 +46,17 @@ def join(base: str, name: str) -> str:
     return FileSystems.join(base, name)
 
 
-def prepare_output(output: str, overwrite: bool = False) -> list[str]:
-    """Makes ``output`` ready for a run, at pipeline construction; returns the paths removed.
+def prepare_output(output: str, overwrite: bool = False,
+                   keep: Iterable[str] = ()) -> list[str]:
+    """Deletes a previous run's files from ``output``; returns the paths removed.
 
     A complete output (with ``_SUCCESS``) is refused with :class:`OutputExistsError` unless
     ``overwrite``; then, or when a previous run stopped before ``_SUCCESS``, the files a run writes
-    (:data:`OUTPUT_PATTERNS`, ``_SUCCESS`` first) are deleted. Other files are left alone.
+    (:data:`OUTPUT_PATTERNS` and Beam's temp folders, ``_SUCCESS`` first) are deleted, except
+    those named in ``keep``. Other files (a user's notes, ``_LOCK``, ``_staging-*``) are left
+    alone. ``rso generate`` calls this only when committing a complete new run
+    (:func:`beam_pipelines.staging.commit`), never before a run.
     """
-    if not output:
-        raise ConfigError("--output is required")
     if is_complete(output) and not overwrite:
         raise OutputExistsError(
             f"--output {output} already holds a complete run ({SUCCESS} exists); pass "
@@ -63,8 +66,10 @@ def prepare_output(output: str, overwrite: bool = False) -> list[str]:
     if FileSystems.exists(success):
         FileSystems.delete([success])
         removed.append(success)
+    keep = set(keep)
     patterns = [join(output, p) for p in OUTPUT_PATTERNS]
-    stale = sorted({m.path for r in FileSystems.match(patterns) for m in r.metadata_list})
+    stale = sorted({m.path for r in FileSystems.match(patterns) for m in r.metadata_list
+                    if _basename(m.path) not in keep})
     if FileSystems.get_scheme(output) is None:  # local: Beam's match lists no folders
         stale += sorted(glob.glob(os.path.join(glob.escape(output), layout.BEAM_TEMP)))
     if stale:
@@ -184,8 +189,6 @@ class WriteOutputs(beam.PTransform):
                  columns: tuple[schema.Column, ...] = schema.COLUMNS, prefix: str = layout.PAIRS_PREFIX,
                  num_shards: int = 0):
         super().__init__()
-        if not output:
-            raise ConfigError("--output is required")
         self._output, self._config, self._run_id = output, config_dict, run_id
         self._versions, self._models = versions, models
         self._columns, self._prefix, self._num_shards = tuple(columns), prefix, num_shards

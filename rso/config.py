@@ -3,14 +3,20 @@
 A config is a dataclass whose fields carry their help text (``option(default, "help")``). It is
 built from an optional YAML file and command-line flags, flags winning; unknown keys and unknown
 flags are errors (except where a caller passes them on, as `rso generate` does to Beam).
-``validate()`` checks values once, at start, and raises :class:`ConfigError` with one clear
-message.
+Checks are declared once, on the fields (``option(..., min=1)``, ``finite=True``, ``choices``,
+or a ``Literal`` type) and run whenever a config is constructed (``__post_init__``, as vLLM's
+``SamplingParams.__post_init__`` does), so an instance with an out-of-range value cannot exist.
+``validate()`` adds the cross-field and filesystem checks, once, at start. Both raise
+:class:`ConfigError` with one clear line; :meth:`Config.parse_args` prints such errors (and
+argparse's) as one line ``PROG: error: ...`` and exits 2.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import difflib
 import math
+import sys
 import types
 import typing
 from typing import Any, Literal, Sequence, TypeVar, Union, get_args, get_origin
@@ -25,9 +31,18 @@ class ConfigError(ValueError):
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | None = None,
-           short: str | None = None) -> Any:
-    """A config field with its help text. Mutable defaults (lists) are copied per instance."""
-    metadata = {"help": help, "flag": flag, "short": short}
+           short: str | None = None, choices: Sequence[Any] | None = None,
+           min: float | None = None, max: float | None = None, gt: float | None = None,
+           lt: float | None = None, finite: bool = False) -> Any:
+    """A config field with its help text and its checks. Mutable defaults are copied per instance.
+
+    Checks (run by ``Config.__post_init__`` on every construction; ``None`` is always allowed
+    for an ``Optional`` field): ``choices`` (also implied by a ``Literal`` type), ``min``/``max``
+    (inclusive bounds), ``gt``/``lt`` (exclusive bounds), ``finite`` (no NaN or infinity; NaN
+    also fails every bound, since it compares false with everything).
+    """
+    metadata = {"help": help, "flag": flag, "short": short, "choices": choices, "min": min,
+                "max": max, "gt": gt, "lt": lt, "finite": finite}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
@@ -94,9 +109,65 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
     return value
 
 
+def check_field(label: str, tp: Any, meta: Any, value: Any) -> None:
+    """Raises ConfigError if ``value`` breaks the checks :func:`option` declared (see there)."""
+    inner, optional = _strip_optional(tp)
+    if value is None:
+        return
+    choices = meta.get("choices") or (get_args(inner) if get_origin(inner) is Literal else None)
+    if choices is not None:
+        items = value if isinstance(value, (list, tuple)) else [value]
+        for item in items:
+            if item not in choices:
+                raise ConfigError(f"{label}: {item!r} is not one of "
+                                  f"{', '.join(map(str, choices))}")
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return
+    lo, hi, gt, lt = (meta.get(k) for k in ("min", "max", "gt", "lt"))
+    nan = isinstance(value, float) and math.isnan(value)
+    if meta.get("finite") and not math.isfinite(value):
+        raise ConfigError(f"{label} must be finite, got {value}")
+    if (lo is not None and (nan or value < lo)) or (hi is not None and (nan or value > hi)) or (
+            gt is not None and (nan or value <= gt)) or (lt is not None and (nan or value >= lt)):
+        bounds = [f">= {lo:g}" if lo is not None else "", f"> {gt:g}" if gt is not None else "",
+                  f"<= {hi:g}" if hi is not None else "", f"< {lt:g}" if lt is not None else ""]
+        raise ConfigError(f"{label} must be {' and '.join(b for b in bounds if b)}, got {value}")
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse, but an error is one line ``PROG: error: MESSAGE`` (exit 2), not the usage."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def unknown_flag_error(tokens: Sequence[str], known: Sequence[str]) -> str | None:
+    """One line naming the flags in ``tokens`` (leftovers of argparse) with a "did you mean"
+    from ``known``; values are never echoed (a secret given by mistake stays out of logs)."""
+    flags = [t.split("=", 1)[0] for t in tokens if t.startswith("-") and t != "--"]
+    if not flags:
+        return (f"{len(tokens)} unexpected argument(s) without a flag (values are not shown)"
+                if tokens else None)
+    parts = []
+    for flag in flags:
+        near = difflib.get_close_matches(flag, known, n=1, cutoff=0.6) or \
+            difflib.get_close_matches(flag.replace("_", "-"), known, n=1, cutoff=0.6)
+        parts.append(f"{flag} (did you mean {near[0]}?)" if near else flag)
+    return f"unknown flag(s): {', '.join(parts)}"
+
+
 @dataclasses.dataclass
 class Config:
     """Base class: subclasses are dataclasses whose fields are declared with :func:`option`."""
+
+    def __post_init__(self) -> None:
+        for name, (f, tp) in self._fields().items():
+            check_field(self._label(name), tp, f.metadata, getattr(self, name))
+
+    @classmethod
+    def _label(cls, name: str) -> str:
+        """How an error names a field: its flag."""
+        return "--" + name.replace("_", "-")
 
     @classmethod
     def _fields(cls) -> dict[str, tuple[dataclasses.Field, Any]]:
@@ -128,8 +199,16 @@ class Config:
     def from_yaml(cls: type[C], path: str) -> C:
         from rso.storage import open_file
 
-        with open_file(path, "r") as f:
-            data = yaml.safe_load(f) or {}
+        try:
+            with open_file(path, "r") as f:
+                data = yaml.safe_load(f) or {}
+        except FileNotFoundError:
+            raise ConfigError(f"--config {path}: no such file") from None
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            problem = getattr(e, "problem", None) or type(e).__name__
+            raise ConfigError(f"--config {path}:{where}: not valid YAML ({problem})") from None
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a config file must be a YAML mapping")
         return cls.from_dict(data)
@@ -165,18 +244,39 @@ class Config:
 
     @classmethod
     def parse_args(cls: type[C], argv: Sequence[str] | None = None, *, prog: str | None = None,
-                   description: str | None = None, allow_unknown: bool = False
-                   ) -> tuple[C, list[str]]:
-        """``--config FILE.yaml`` then flags. Returns the validated config and leftover flags
-        (only when ``allow_unknown``; otherwise an unknown flag is an error)."""
-        parser = argparse.ArgumentParser(prog=prog, description=description,
-                                         allow_abbrev=False)
+                   description: str | None = None, allow_unknown: bool = False,
+                   passthrough: argparse.ArgumentParser | None = None,
+                   exit_on_error: bool = False) -> tuple[C, list[str]]:
+        """``--config FILE.yaml`` then flags. Returns the validated config and the leftover
+        flags, which must all be known to ``passthrough`` (a parser of the flags the caller
+        passes on, e.g. Beam's pipeline options), or, with ``allow_unknown``, may be anything.
+        Any other flag is an error naming it (never its value) with a "did you mean".
+
+        Raises ConfigError, or with ``exit_on_error`` prints it as one line
+        ``PROG: error: ...`` and exits 2 (argparse's own errors always do that).
+        """
+        parser = ArgumentParser(prog=prog, description=description, allow_abbrev=False)
         parser.add_argument("--config", default=None, help="YAML file; flags override it")
         cls.add_arguments(parser)
-        if allow_unknown:
+        try:
             ns, rest = parser.parse_known_args(argv)
-        else:
-            ns, rest = parser.parse_args(argv), []
+            if not allow_unknown:
+                unknown = rest
+                if passthrough is not None:
+                    _, unknown = passthrough.parse_known_args(rest)
+                known = [o for p in (parser, passthrough) if p is not None
+                         for o in p._option_string_actions]  # argparse has no public list
+                message = unknown_flag_error(unknown, known)
+                if message:
+                    raise ConfigError(message)
+            return cls._from_namespace(ns), list(rest)
+        except ConfigError as e:
+            if not exit_on_error:
+                raise
+            parser.error(str(e))
+
+    @classmethod
+    def _from_namespace(cls: type[C], ns: argparse.Namespace) -> C:
         data: dict[str, Any] = {}
         if ns.config:
             data = cls.from_yaml(ns.config).to_dict()
@@ -191,7 +291,7 @@ class Config:
             data[name] = value
         cfg = cls.from_dict(data)
         cfg.validate()
-        return cfg, list(rest)
+        return cfg
 
 
 def _splittable(list_tp: Any) -> bool:

@@ -308,6 +308,32 @@ def test_retention_keeps_the_newest_complete_runs_and_never_newer_work(tmp_path)
         P.prune(root, keep=0)
 
 
+def test_relative_root_publishes_an_absolute_latest(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    run = _complete_run(str(tmp_path / "nightly"), "2025-03-01")
+    assert P.main(["publish", "nightly", "2025-03-01"]) == 0
+    with open(tmp_path / "nightly" / P.LATEST) as f:
+        assert f.read() == run + "\n" and os.path.isabs(run)
+    monkeypatch.chdir("/")  # another directory reads the same pointer
+    assert P.latest_complete(str(tmp_path / "nightly")) == run
+    # A relative pointer left by an older publish still resolves inside ROOT.
+    with open(tmp_path / "nightly" / P.LATEST, "w") as f:
+        f.write("nightly/2025-03-01\n")
+    assert P.read_latest(str(tmp_path / "nightly")) == run
+
+
+def test_latest_that_is_not_a_date_fails_loudly_until_forced(tmp_path, capsys):
+    root = str(tmp_path)
+    run = _complete_run(root, "2025-03-02")
+    hotfix = _complete_run(root, "hotfix")
+    P.write_atomic(os.path.join(root, P.LATEST), hotfix + "\n")
+    assert P.main(["publish", root, "2025-03-02"]) == 1
+    assert "whose last part is not a date" in capsys.readouterr().err
+    assert P.read_latest(root) == hotfix
+    assert P.main(["publish", root, "2025-03-02", "--force"]) == 0
+    assert P.read_latest(root) == run
+
+
 @pytest.mark.parametrize("name", ["2025-1-01", "latest", "2025-02-30", "../2025-01-01"])
 def test_run_names_must_be_dates(tmp_path, name):
     with pytest.raises(P.PublishError, match="not a date"):

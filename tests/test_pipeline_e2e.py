@@ -224,10 +224,11 @@ def test_same_seed_writes_identical_pairs(vllm_run, tiny_policy, poisoned_rm, in
     assert first == second
 
 
-def test_existing_complete_output_is_refused(transformers_run, tiny_policy, poisoned_rm, inputs):
-    with pytest.raises(Exception, match="complete"):
-        generate(_args(inputs, transformers_run, tiny_policy, poisoned_rm, "--engine",
-                       "transformers"))
+def test_existing_complete_output_is_refused(transformers_run, tiny_policy, poisoned_rm, inputs,
+                                            capsys):
+    assert generate(_args(inputs, transformers_run, tiny_policy, poisoned_rm, "--engine",
+                          "transformers")) == 2
+    assert "already holds a complete run" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -179,7 +179,10 @@ def test_bad_configuration_fails_at_construction(tmp_path):
     pq.write_table(pa.table({"prompt": ["y"]}), str(tmp_path / "b.parquet"))
     with pytest.raises(ConfigError, match="both Parquet and other files"):
         beam.Pipeline(options=PipelineOptions(RUNNER)) | ReadPrompts(str(tmp_path / "*"))
+    # Value checks are declared once, on the config fields (not repeated in ReadPrompts).
+    from beam_pipelines.config import GenerateConfig
+
     with pytest.raises(ConfigError, match="input-format"):
-        ReadPrompts(DATA, input_format="csv")
+        GenerateConfig(input_format="csv")
     with pytest.raises(ConfigError, match="max-prompts"):
-        ReadPrompts(DATA, max_prompts=0)
+        GenerateConfig(max_prompts=0)

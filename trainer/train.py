@@ -29,6 +29,7 @@ import torch
 import yaml
 
 from rso.config import ConfigError
+from rso import ownership
 from rso.hf import resolve_device
 from trainer import checkpoint as ckpt
 from trainer import reference as ref
@@ -85,8 +86,12 @@ def _prepare_output(cfg: TrainConfig, data_ids: dict[str, Optional[str]]
 
     A resume with settings other than the checkpoint's is refused (:class:`ConfigError`),
     unless every difference is in :data:`RESUME_CHANGEABLE` and named by --allow-change.
+
+    Takes the directory for this process (``OUTPUT/_LOCK``, released at exit;
+    :class:`rso.ownership.OutputLockedError` if another run owns it).
     """
     os.makedirs(cfg.output, exist_ok=True)
+    ownership.hold_until_exit(cfg.output, run_id="rso train")
     latest = ckpt.latest_checkpoint(cfg.output)
     if cfg.overwrite:
         stale = ckpt.list_checkpoints(cfg.output) + [

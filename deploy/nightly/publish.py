@@ -4,12 +4,16 @@ Layout under a root (local path or ``gs://``)::
 
     ROOT/2025-01-01/ ... _SUCCESS        one `rso generate` output directory per night
     ROOT/2025-01-02/ ...                 (no _SUCCESS: failed or still running, never published)
-    ROOT/LATEST                          one line: the full path of the newest published run
+    ROOT/LATEST                          one line: the absolute path of the newest published run
 
 Rules:
 
 - ``LATEST`` moves only to a run whose ``_SUCCESS`` exists (the pipeline writes it last), and only
-  forward (run names are ISO dates, so name order is date order) unless ``force``.
+  forward (run names are ISO dates, so name order is date order) unless ``force``. A ``LATEST``
+  whose last part is not a date cannot be ordered: publishing fails (exit 1) until ``--force``
+  replaces it.
+- ``LATEST`` holds an absolute path or URL (a relative ROOT is made absolute first), so it reads
+  the same from any directory; an old relative ``LATEST`` is read as ``ROOT/<its last part>``.
 - ``LATEST`` is replaced atomically: a reader sees the old or the new pointer, never a partial
   one. Locally the text goes to a temporary file in the same directory, then ``os.replace``; on
   GCS a single-request object upload is atomic by itself (the object appears when the upload
@@ -77,6 +81,14 @@ def _local(path: str) -> bool:
     return "://" not in path or path.startswith("file://")
 
 
+def absolute_root(root: str) -> str:
+    """``root`` as an absolute local path (``file://`` dropped) or the URL unchanged."""
+    if not _local(root):
+        return root.rstrip("/")
+    path = root[len("file://"):] if root.startswith("file://") else root
+    return os.path.abspath(path)
+
+
 def write_atomic(path: str, text: str) -> None:
     """Replaces the file at ``path`` with ``text`` so that readers never see a partial file."""
     data = text.encode("utf-8")
@@ -107,6 +119,10 @@ def read_latest(root: str) -> Optional[str]:
         return None
     with rso_io.open_file(pointer, "rb") as f:
         text = f.read().decode("utf-8").strip()
+    if text and _local(text) and not os.path.isabs(text):
+        # Written by an older publish with a relative ROOT: relative to a directory unknown
+        # here, but a run always lies in ROOT.
+        text = rso_io.join(absolute_root(root), _name_of(text))
     return text or None
 
 
@@ -156,16 +172,22 @@ def publish(root: str, name: str, keep: Optional[int] = None, force: bool = Fals
             ) -> PublishResult:
     """Points ``ROOT/LATEST`` at ``ROOT/name`` if that run is complete; then applies retention.
 
-    Raises :class:`PublishError` (LATEST untouched) if the run has no ``_SUCCESS``. A run older
+    Raises :class:`PublishError` (LATEST untouched) if the run has no ``_SUCCESS``, or if the
+    current LATEST's last part is not a date (it cannot be ordered) unless ``force``. A run older
     than the current LATEST leaves LATEST where it is unless ``force`` (a backfill must not hide a
-    newer night).
+    newer night). ``root`` may be relative: LATEST always holds an absolute path.
     """
+    root = absolute_root(root)
     path = run_path(root, name)
     if not is_complete(path):
         raise PublishError(f"{path} has no {SUCCESS}: the run failed or is still running; "
                            f"{LATEST} stays where it was")
     current = read_latest(root)
     moved = False
+    if current is not None and not RUN_NAME.match(_name_of(current)) and not force:
+        raise PublishError(f"{rso_io.join(root, LATEST)} names {current}, whose last part is "
+                           f"not a date YYYY-MM-DD, so it cannot be ordered against {name}; "
+                           f"fix it, or pass --force to point it at {name}")
     if current == path:
         pass
     elif current is not None and _name_of(current) > name and not force:

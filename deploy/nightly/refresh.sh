@@ -15,7 +15,8 @@
 #   PYTHON          interpreter with this package installed (default: python)
 # Plus whatever RUNNER_SCRIPT needs (PROJECT, REGION, BUCKET, IMAGE, CONFIG, ...).
 # Exit status: 0 when LATEST names a complete run of RUN_DATE (or a newer one); non-zero when the
-# run failed or left no _SUCCESS (LATEST untouched); 75 when another refresh holds the lock.
+# run failed or left no _SUCCESS (LATEST untouched); 75 when another refresh holds the lock (or
+# the pipeline found another run owning OUTPUT: `rso generate` exits 75 then).
 # A rerun on the same date skips the pipeline if that run is already complete.
 set -euo pipefail
 
@@ -26,6 +27,11 @@ RUN_DATE="${RUN_DATE:-$(date -u +%F)}"
 RUNNER_SCRIPT="${RUNNER_SCRIPT:-$REPO/deploy/dataflow/run.sh}"
 LOCK_FILE="${LOCK_FILE-${TMPDIR:-/tmp}/rso-refresh.lock}"
 OUTPUT_ROOT="${OUTPUT_ROOT%/}"
+if [[ "$OUTPUT_ROOT" != *://* ]]; then
+  # A local root is made absolute: the runner may change directory, and LATEST must name a
+  # path that reads the same from anywhere.
+  OUTPUT_ROOT="$(realpath -m -- "$OUTPUT_ROOT")"
+fi
 
 publish() {
   PYTHONPATH="$REPO${PYTHONPATH:+:$PYTHONPATH}" "$PYTHON" -m deploy.nightly.publish "$@"

@@ -1,0 +1,133 @@
+"""Staging and commit: a run writes into ``OUTPUT/_staging-<token>/`` and only a complete
+staging directory replaces what ``OUTPUT`` holds, so a failed run never destroys a good one.
+
+This is Hadoop's FileOutputCommitter pattern (task output under ``OUTPUT/_temporary``, moved
+into place on commit, then ``_SUCCESS``), with ``_SUCCESS`` as the only commit point readers
+rely on (SPEC 5: a reader ignores a directory without it):
+
+1. The pipeline writes the whole SPEC 5 directory, ``_SUCCESS`` last, into the staging
+   directory (names beginning with ``_`` are not run files: readers' globs never match them).
+2. :func:`commit` (only once the staging directory has ``_SUCCESS``): deletes
+   ``OUTPUT/_SUCCESS`` (from here readers ignore OUTPUT), deletes the old run's files that the
+   new run does not replace, moves the new files in (a rename locally; copy + delete on GCS),
+   ``manifest.json`` then ``_SUCCESS`` last, and removes the staging directory.
+3. A crash during 2 leaves a complete staging directory and an OUTPUT without ``_SUCCESS``;
+   :func:`recover` (run by the next owner of OUTPUT) finishes the commit, because every step of
+   :func:`commit` can be repeated. An incomplete staging directory is a failed run's leftover
+   and is deleted.
+
+Callers hold the directory's lock (:mod:`rso.ownership`) around all of this. Works on every
+filesystem Beam's ``FileSystems`` knows (local, gs://).
+"""
+from __future__ import annotations
+
+import glob
+import json
+import logging
+import os
+
+from apache_beam.io.filesystems import FileSystems
+
+from beam_pipelines.plots import PLOT_NAMES
+from beam_pipelines.write import prepare_output
+from rso.layout import MANIFEST, SUCCESS
+
+STAGING_PREFIX = "_staging-"
+log = logging.getLogger("rso.generate")
+
+
+def staging_dir(output: str, token: str) -> str:
+    """Where a run identified by ``token`` writes before its commit."""
+    return FileSystems.join(output, STAGING_PREFIX + token)
+
+
+def _name(path: str) -> str:
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
+def _exists(path: str) -> bool:
+    return FileSystems.exists(path)
+
+
+def _files(directory: str) -> list[str]:
+    """Files directly inside ``directory`` (not in its subfolders)."""
+    pattern = FileSystems.join(directory, "*")
+    found = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
+    if FileSystems.get_scheme(directory) is None:
+        found = [f for f in found if os.path.isfile(f)]
+    return sorted(found)
+
+
+def staging_dirs(output: str) -> list[str]:
+    """The staging directories inside ``output``."""
+    base = output.rstrip("/")
+    if FileSystems.get_scheme(output) is None:
+        return sorted(d for d in glob.glob(os.path.join(glob.escape(base), STAGING_PREFIX + "*"))
+                      if os.path.isdir(d))
+    # An object store lists objects, not folders: take the first part below OUTPUT.
+    objects = FileSystems.match([f"{base}/{STAGING_PREFIX}**"])[0].metadata_list
+    return sorted({f"{base}/{m.path[len(base) + 1:].split('/', 1)[0]}" for m in objects})
+
+
+def discard(staging: str) -> None:
+    """Deletes a staging directory and everything in it (no error if it is gone)."""
+    if FileSystems.get_scheme(staging) is None:
+        if os.path.isdir(staging):
+            FileSystems.delete([staging])
+        return
+    objects = [m.path for m in FileSystems.match([FileSystems.join(staging, "**")])[0]
+               .metadata_list]
+    if objects:
+        FileSystems.delete(objects)
+
+
+def _new_names(staging: str, output: str) -> set[str]:
+    """The file names of the run being committed, from its manifest (in the staging directory,
+    or already moved into OUTPUT by an interrupted commit)."""
+    source = FileSystems.join(staging, MANIFEST)
+    if not _exists(source):
+        source = FileSystems.join(output, MANIFEST)
+    with FileSystems.open(source) as f:
+        files = json.loads(f.read().decode("utf-8")).get("files", {})
+    return {MANIFEST, *PLOT_NAMES, *(n for names in files.values() for n in names)}
+
+
+def commit(staging: str, output: str) -> None:
+    """Replaces OUTPUT's run with the complete run in ``staging`` (steps 2 of the module doc).
+
+    Raises RuntimeError if ``staging`` has no ``_SUCCESS``. Files in OUTPUT that are not run
+    files (a user's notes, ``_LOCK``, other staging directories) are left alone.
+    """
+    if not _exists(FileSystems.join(staging, SUCCESS)):
+        raise RuntimeError(f"{staging} has no {SUCCESS}: the run is not complete, nothing was "
+                           f"replaced")
+    new = _new_names(staging, output)
+    # _SUCCESS first, then the old run's files: a stale shard would be read as part of this run.
+    removed = prepare_output(output, overwrite=True, keep=new)
+    if removed:
+        log.info("replacing the previous run in %s (%d files)", output, len(removed))
+    moves = [f for f in _files(staging) if _name(f) not in (MANIFEST, SUCCESS)]
+    moves += [FileSystems.join(staging, MANIFEST), FileSystems.join(staging, SUCCESS)]
+    for src in moves:
+        if _exists(src):
+            dst = FileSystems.join(output, _name(src))
+            if FileSystems.get_scheme(output) is None and os.path.exists(dst):
+                os.replace(src, dst)  # FileSystems.rename refuses an existing destination
+            else:
+                FileSystems.rename([src], [dst])
+    discard(staging)
+
+
+def recover(output: str, keep: str | None = None) -> None:
+    """Finishes a commit that a crash interrupted (a complete staging directory while OUTPUT
+    has no ``_SUCCESS``) and deletes failed runs' staging directories, except ``keep``."""
+    for staging in staging_dirs(output):
+        if staging.rstrip("/") == (keep or "").rstrip("/"):
+            continue
+        if _exists(FileSystems.join(staging, SUCCESS)) and not _exists(
+                FileSystems.join(output, SUCCESS)):
+            log.warning("%s: finishing the commit of %s, which was interrupted", output, staging)
+            commit(staging, output)
+        else:
+            log.info("%s: deleting %s, left by a run that did not finish", output, staging)
+            discard(staging)

@@ -1,0 +1,246 @@
+"""Outputs are never lost and have one owner: validation before any write, staging + commit,
+the ``_LOCK`` of a directory (local and gs://), recovery of interrupted commits and stale locks.
+Real pipeline runs (transformers engine, tiny models, FnApiRunner), real files, a GCS emulator."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+from apache_beam.io.filesystems import FileSystems
+
+from beam_pipelines import staging as S
+from beam_pipelines.pipeline import main as generate
+from rso import ownership, storage
+from rso.layout import SUCCESS, is_complete
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PROMPTS = [{"prompt_id": f"p{i}", "prompt": f"Question number {i}?"} for i in range(4)]
+SMALL = ["--engine", "transformers", "--num-candidates", "4", "--num-samples", "2",
+         "--max-new-tokens", "6", "--seed", "3"]
+
+
+def _args(inputs, out, policy, rm, *extra):
+    return ["--input", inputs, "--output", out, "--policy", policy, "--reward-model", rm,
+            *SMALL, *extra]
+
+
+@pytest.fixture(scope="module")
+def prompts_file(tmp_path_factory) -> str:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    path.write_text("".join(json.dumps(p) + "\n" for p in PROMPTS))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def complete_run(tmp_path_factory, prompts_file, tiny_policy, tiny_reward_model) -> str:
+    out = str(tmp_path_factory.mktemp("first") / "out")
+    assert generate(_args(prompts_file, out, tiny_policy, tiny_reward_model)) == 0
+    return out
+
+
+def _snapshot(directory: str) -> dict[str, bytes]:
+    snap = {}
+    for root, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(root, name)
+            with open(path, "rb") as f:
+                snap[os.path.relpath(path, directory)] = f.read()
+    return snap
+
+
+def _manifest(out: str) -> dict:
+    with storage.open_file(storage.join(out, "manifest.json"), "r") as f:
+        return json.load(f)
+
+
+def test_a_complete_run_leaves_no_lock_and_no_staging(complete_run):
+    names = sorted(os.listdir(complete_run))
+    assert SUCCESS in names and "manifest.json" in names
+    assert not [n for n in names if n.startswith("_") and n != SUCCESS], names
+    assert _manifest(complete_run)["config"]["output"] == complete_run
+
+
+def test_a_failed_overwrite_keeps_the_previous_run(complete_run, tmp_path, prompts_file,
+                                                    tiny_policy, tiny_reward_model, capsys):
+    out = str(tmp_path / "out")
+    shutil.copytree(complete_run, out)
+    with open(os.path.join(out, "notes.txt"), "w") as f:
+        f.write("a user's file")
+    before = _snapshot(out)
+
+    # A mistyped --input glob: refused before anything is touched.
+    assert generate(_args(str(tmp_path / "prompt*.jsonl"), out, tiny_policy, tiny_reward_model,
+                          "--overwrite")) == 2
+    assert "matches no file" in capsys.readouterr().err
+    assert _snapshot(out) == before
+
+    # Weights that pass the start-up checks but fail to load: the pipeline itself fails.
+    broken = str(tmp_path / "broken_policy")
+    shutil.copytree(tiny_policy, broken)
+    with open(os.path.join(broken, "model.safetensors"), "r+b") as f:
+        f.truncate(100)
+    with pytest.raises(Exception):
+        generate(_args(prompts_file, out, broken, tiny_reward_model, "--overwrite"))
+    assert _snapshot(out) == before  # no staging directory, no lock, the old run as it was
+
+    # A good overwrite replaces the run only once it is complete; the user's file stays.
+    old_id = _manifest(out)["run_id"]
+    assert generate(_args(prompts_file, out, tiny_policy, tiny_reward_model, "--overwrite",
+                          "--seed", "4")) == 0
+    manifest = _manifest(out)
+    assert manifest["run_id"] != old_id and is_complete(out)
+    listed = {n for names in manifest["files"].values() for n in names}
+    on_disk = {n for n in os.listdir(out) if n not in ("notes.txt", SUCCESS, "manifest.json")}
+    assert on_disk == listed  # nothing of the old run is left beside the new one
+    with open(os.path.join(out, "notes.txt")) as f:
+        assert f.read() == "a user's file"
+
+
+def test_a_second_run_into_an_owned_output_fails_and_does_not_mix(
+        tmp_path, prompts_file, tiny_policy, tiny_reward_model, capsys):
+    out = str(tmp_path / "out")
+    first = subprocess.Popen(
+        [sys.executable, "-m", "rso_cli.cli", "generate",
+         *_args(prompts_file, out, tiny_policy, tiny_reward_model, "--run-id", "first")],
+        cwd=REPO, env={**os.environ, "PYTHONPATH": REPO}, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True)
+    lock = os.path.join(out, ownership.LOCK)
+    deadline = time.time() + 300
+    while not os.path.exists(lock) and first.poll() is None and time.time() < deadline:
+        time.sleep(0.2)
+    assert os.path.exists(lock), first.communicate()[1][-3000:]
+    code = generate(_args(prompts_file, out, tiny_policy, tiny_reward_model, "--run-id",
+                          "second", "--overwrite"))
+    err = capsys.readouterr().err
+    assert code == 75
+    assert f"is owned by run first (host {socket.gethostname()}, pid {first.pid}," in err
+    assert "python -m rso.ownership break" in err
+    _, stderr = first.communicate(timeout=600)
+    assert first.returncode == 0, stderr[-3000:]
+    manifest = _manifest(out)
+    assert manifest["run_id"] == "first" and not os.path.exists(lock)
+    assert not [n for n in os.listdir(out) if n.startswith(S.STAGING_PREFIX)]
+
+
+def _fake_run(directory: str, run_id: str, shards: int) -> None:
+    """A complete SPEC 5 directory as the pipeline writes it (manifest lists the files)."""
+    names = [f"pairs-{i:05d}-of-{shards:05d}.parquet" for i in range(shards)]
+    for name in names:
+        with FileSystems.create(FileSystems.join(directory, name)) as f:
+            f.write(run_id.encode())
+    with FileSystems.create(FileSystems.join(directory, "manifest.json")) as f:
+        f.write(json.dumps({"run_id": run_id, "files": {"parquet": names}}).encode())
+    with FileSystems.create(FileSystems.join(directory, SUCCESS)) as f:
+        f.write(b"")
+
+
+def _read(path: str) -> bytes:
+    with FileSystems.open(path) as f:
+        return f.read()
+
+
+@pytest.fixture(params=["local", "gcs"])
+def root(request, tmp_path):
+    if request.param == "local":
+        return str(tmp_path)
+    return f"{request.getfixturevalue('gcs_bucket')}/{tmp_path.name}"
+
+
+def test_commit_replaces_the_run_and_an_interrupted_commit_is_finished(root):
+    out = f"{root}/out"
+    _fake_run(out, "old", shards=3)
+    staging = S.staging_dir(out, "tok")
+    _fake_run(staging, "new", shards=2)
+    S.commit(staging, out)
+    assert _manifest(out)["run_id"] == "new" and is_complete(out)
+    assert _read(f"{out}/pairs-00001-of-00002.parquet") == b"new"
+    assert not FileSystems.exists(f"{out}/pairs-00002-of-00003.parquet")  # old shard gone
+    assert S.staging_dirs(out) == []
+
+    # A crash mid-commit: _SUCCESS deleted and one shard moved, the rest still staged.
+    staging = S.staging_dir(out, "tok2")
+    _fake_run(staging, "newer", shards=2)
+    FileSystems.delete([f"{out}/{SUCCESS}"])
+    FileSystems.delete([f"{out}/pairs-00000-of-00002.parquet"])
+    FileSystems.rename([f"{staging}/pairs-00000-of-00002.parquet"],
+                       [f"{out}/pairs-00000-of-00002.parquet"])
+    failed = S.staging_dir(out, "failed")
+    with FileSystems.create(f"{failed}/pairs-00000-of-00001.parquet") as f:
+        f.write(b"partial")  # a run that died before its _SUCCESS
+    assert not is_complete(out)
+    S.recover(out)
+    assert is_complete(out) and _manifest(out)["run_id"] == "newer"
+    assert [_read(f"{out}/pairs-0000{i}-of-00002.parquet") for i in range(2)] == [b"newer"] * 2
+    assert S.staging_dirs(out) == []
+
+    # A staging directory without _SUCCESS is never committed.
+    _fake_run(failed, "x", shards=1)
+    FileSystems.delete([f"{failed}/{SUCCESS}"])
+    with pytest.raises(RuntimeError, match="not complete"):
+        S.commit(failed, out)
+    assert _manifest(out)["run_id"] == "newer"
+
+
+def test_lock_is_exclusive_names_its_owner_and_is_released(root):
+    out = f"{root}/owned"
+    with ownership.OutputLock.acquire(out, "run-a") as lock:
+        assert ownership.read_owner(out) == lock.owner
+        with pytest.raises(ownership.OutputLockedError, match="owned by run run-a") as err:
+            ownership.OutputLock.acquire(out, "run-b")
+        assert err.value.owner.pid == os.getpid()
+    assert ownership.read_owner(out) is None
+    second = ownership.OutputLock.acquire(out, "run-b")
+    ownership.OutputLock(out, ownership.Owner.new("intruder")).release()  # not its lock
+    assert ownership.read_owner(out).run_id == "run-b"
+    second.release()
+    assert not storage.exists(ownership.lock_path(out))
+
+
+def _lock_of(out: str, pid: int, host: str | None = None) -> None:
+    owner = ownership.Owner.new("killed")
+    owner = ownership.Owner(**{**owner.__dict__, "pid": pid, "host": host or owner.host})
+    storage.makedirs(out)
+    with storage.open_file(ownership.lock_path(out), "wb") as f:
+        f.write(json.dumps(owner.__dict__).encode())
+
+
+def test_stale_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path):
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    out = str(tmp_path / "out")
+    _lock_of(out, dead.pid)
+    with ownership.OutputLock.acquire(out, "next") as lock:
+        assert ownership.read_owner(out).token == lock.owner.token
+    # On another host nothing can be known: the error says how to recover, and that works.
+    _lock_of(out, 1, host="elsewhere")
+    with pytest.raises(ownership.OutputLockedError, match="host elsewhere.*if it is no longer "
+                                                          "running, delete"):
+        ownership.OutputLock.acquire(out, "next")
+    assert ownership.main(["break", out]) == 0
+    ownership.OutputLock.acquire(out, "next").release()
+
+
+def test_rso_train_into_an_owned_output_fails(tmp_path, tiny_policy, capsys):
+    from trainer.train import main as train_main
+    from tests.pair_data import build_pairs, write_output_dir
+
+    data = str(tmp_path / "pairs")
+    write_output_dir(data, build_pairs(tiny_policy, num_prompts=2))
+    out = str(tmp_path / "train")
+    holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        _lock_of(out, holder.pid)
+        code = train_main(["--policy", tiny_policy, "--data", data, "--output", out,
+                           "--max-steps", "1", "--batch-size", "2", "--no-plots"])
+        err = capsys.readouterr().err
+        assert code == 2 and "is owned by run killed" in err and f"pid {holder.pid}" in err
+        assert os.listdir(out) == [ownership.LOCK]  # nothing written
+    finally:
+        holder.kill()
+        holder.wait()
