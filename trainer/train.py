@@ -26,7 +26,6 @@ import time
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
-import yaml
 
 from rso.config import ConfigError
 from rso import ownership
@@ -434,21 +433,9 @@ def _merge_eval(results: Sequence[dict]) -> dict:
 
 def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     """``TrainConfig.parse_args`` for ``rso train``; an unreadable or malformed ``--config``
-    file is a one-line :class:`ConfigError` naming the file (and the YAML line and column)."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    path = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None) or next(
-        (b for a, b in zip(args, args[1:]) if a == "--config"), "--config")
-    try:
-        cfg, _ = TrainConfig.parse_args(args, prog="rso train",
-                                        description="Train a policy on RSO/DPO preference pairs.")
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(e, "problem", None) or " ".join(str(e).split())
-        raise ConfigError(f"{path}: not valid YAML{where}: {problem}") from e
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the config file "
-                          f"({e.strerror or type(e).__name__})") from e
+    file is a one-line :class:`ConfigError` (raised by ``rso.config.Config.from_yaml``)."""
+    cfg, _ = TrainConfig.parse_args(argv, prog="rso train",
+                                    description="Train a policy on RSO/DPO preference pairs.")
     return cfg
 
 
