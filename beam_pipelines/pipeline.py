@@ -1,6 +1,9 @@
 """`rso generate`: the RSO data pipeline, composed from one PTransform per stage.
 
-    read -> render -> generate -> reward -> select+pair -> [re-score in fp32] -> write
+    read -> render -> generate -> reward -> select+pair -> [re-score in fp32] -> records -> write
+
+Every stage returns a :class:`~beam_pipelines.stage.StageOutput` ``(main, dead_letters,
+side)``; the dead letters of all stages are flattened and written with the pairs.
 
 Runs unchanged on the DirectRunner, Dataflow and Flink: every flag that is not a pipeline
 setting (see ``config.py``) is a Beam pipeline option (``--runner``, ``--project``, ...).
@@ -18,9 +21,7 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_pipelines import manifest
 from beam_pipelines.config import GenerateConfig
-from beam_pipelines.dead_letters import DEAD_LETTER
 from beam_pipelines.generate import GenerateCandidates, warn_if_not_pi_sft
-from rso.model_id import model_id
 from beam_pipelines.read import ReadPrompts
 from beam_pipelines.render import RenderPrompts
 from beam_pipelines.rescore import RescoreCandidates
@@ -29,6 +30,7 @@ from beam_pipelines.records import ToRecords
 from beam_pipelines.selection import SUMMARY, SelectAndPair
 from beam_pipelines.write import WriteOutputs, prepare_output
 from rso import layout, schema
+from rso.model_id import model_id
 from rso.storage import exists, join, open_file
 
 log = logging.getLogger("rso.generate")
@@ -48,25 +50,25 @@ def build_pipeline(pipeline: beam.Pipeline, config: GenerateConfig) -> beam.PCol
     ids = model_ids(config)
     warn_if_not_pi_sft(config)
 
-    prompts, read_dead = pipeline | "Read" >> ReadPrompts(
+    read = pipeline | "Read" >> ReadPrompts(
         config.input, config.input_format, config.max_prompts, config.seed)
-    rendered = prompts | "Render" >> RenderPrompts(config)
-    generated = rendered.rendered | "Generate" >> GenerateCandidates(config)
-    scored = generated.candidates | "Reward" >> ScoreRewards(config.reward_model, config)
+    rendered = read.main | "Render" >> RenderPrompts(config)
+    generated = rendered.main | "Generate" >> GenerateCandidates(config)
+    scored = generated.main | "Reward" >> ScoreRewards(config.reward_model, config)
     selected = scored.main | "Select" >> SelectAndPair(config)
-    kept = selected.selected
-    dead = [read_dead, rendered[DEAD_LETTER], generated[DEAD_LETTER], scored.dead_letter]
+    stages = [read, rendered, generated, scored, selected]
+    kept = selected.main
     if config.rescore_in_fp32:
-        rescored = kept | "Rescore" >> RescoreCandidates(config)
-        kept = rescored.candidates
-        dead.append(rescored[DEAD_LETTER])
+        stages.append(kept | "Rescore" >> RescoreCandidates(config))
+        kept = stages[-1].main
     records = kept | "ToRecords" >> ToRecords(config, run_id, ids["policy"], ids["reward"])
+    stages.append(records)
 
     best_of_n = config.selection == "best-of-n"
     return {
-        "pairs": records,
-        "dead_letters": tuple(dead) | "DeadLetters" >> beam.Flatten(),
-        "summaries": selected[SUMMARY],
+        "pairs": records.main,
+        "dead_letters": tuple(s.dead_letters for s in stages) | "DeadLetters" >> beam.Flatten(),
+        "summaries": selected.side[SUMMARY],
     } | "Write" >> WriteOutputs(
         config.output, config.to_dict(), run_id, manifest.package_versions(), ids,
         columns=schema.SFT_COLUMNS if best_of_n else schema.COLUMNS,

@@ -25,7 +25,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_pipelines import manifest as M
 from beam_pipelines.plots import PLOT_NAMES, render_plots
-from beam_pipelines.dead_letters import DEAD_LETTER, dead_letter
+from beam_pipelines.stage import StageParDo, dead_letter
 from rso import layout, schema
 from rso.layout import MANIFEST, SUCCESS, is_complete
 from rso.config import ConfigError
@@ -195,10 +195,9 @@ class WriteOutputs(beam.PTransform):
             return inputs[name] if name in inputs else p | f"No{name}" >> beam.Create([])
 
         columns, out = self._columns, self._output
-        checked = get("pairs") | "Validate" >> beam.ParDo(_Validate(columns)).with_outputs(
-            DEAD_LETTER, main="records")
-        records = checked.records
-        dead = (get("dead_letters"), checked[DEAD_LETTER]) | "AllDeadLetters" >> beam.Flatten()
+        checked = get("pairs") | "Validate" >> StageParDo(STAGE, _Validate(columns))
+        records = checked.main
+        dead = (get("dead_letters"), checked.dead_letters) | "AllDeadLetters" >> beam.Flatten()
         summaries = get("summaries")
 
         record_files = records | "WriteParquet" >> beam.io.WriteToParquet(

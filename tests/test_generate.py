@@ -15,13 +15,14 @@ import torch
 from apache_beam.metrics.metric import MetricsFilter
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from beam_pipelines import generate
+from beam_pipelines import generate, generate_vllm, handlers
 from beam_pipelines.config import GenerateConfig
-from beam_pipelines.generate import (GenerateCandidates, TransformersGenerationHandler,
-                                     VLLMGenerationHandler, get_vllm_engine,
-                                     make_generation_handler, response_text, truncate_at_eos)
+from beam_pipelines.generate import (GenerateCandidates, make_generation_handler, response_text,
+                                     truncate_at_eos)
+from beam_pipelines.generate_hf import TransformersGenerationHandler
+from beam_pipelines.generate_vllm import VLLMGenerationHandler, get_vllm_engine
 from beam_pipelines.elements import Candidate, Failure, PromptCandidates, RenderedPrompt
-from beam_pipelines.render import DEAD_LETTER, render_prompt
+from beam_pipelines.render import render_prompt
 from beam_pipelines.rescore import RescoreCandidates
 from beam_pipelines.seeding import prompt_seed
 from tests.test_render import Collect
@@ -95,7 +96,7 @@ def vllm_model(vllm_config):
     handler = VLLMGenerationHandler(vllm_config)
     model = handler.load_model()
     yield model
-    generate.clear_vllm_engines()
+    generate_vllm.clear_vllm_engines()
 
 
 def run(handler, batch, model) -> list:
@@ -208,8 +209,8 @@ def test_vllm_failing_prompt_does_not_fail_its_batch(vllm_config, vllm_model, pr
 def test_generate_candidates_on_the_direct_runner(vllm_config, vllm_model, prompts):
     p = beam.Pipeline(runner="DirectRunner")
     out = p | beam.Create(prompts + [bad_prompt()]) | GenerateCandidates(vllm_config)
-    _ = out.candidates | "CollectCandidates" >> beam.ParDo(Collect("gen"))
-    _ = out[DEAD_LETTER] | "CollectDead" >> beam.ParDo(Collect("gen_dead"))
+    _ = out.main | "CollectCandidates" >> beam.ParDo(Collect("gen"))
+    _ = out.dead_letters | "CollectDead" >> beam.ParDo(Collect("gen_dead"))
     result = p.run()
     result.wait_until_finish()
 
@@ -280,8 +281,8 @@ def test_rescore_bf16_candidates_to_fp32(policy, prompts, tok, fp32_model):
     p = beam.Pipeline(runner="DirectRunner")
     out = (p | beam.Create([(pc.prompt.prompt_id, pc) for pc in bf16 + [broken]])
            | RescoreCandidates(config))
-    _ = out.candidates | "CollectRescored" >> beam.ParDo(Collect("rescored"))
-    _ = out[DEAD_LETTER] | "CollectDead" >> beam.ParDo(Collect("rescore_dead"))
+    _ = out.main | "CollectRescored" >> beam.ParDo(Collect("rescored"))
+    _ = out.dead_letters | "CollectDead" >> beam.ParDo(Collect("rescore_dead"))
     p.run().wait_until_finish()
 
     rescored = dict(Collect.sink["rescored"])
@@ -292,7 +293,7 @@ def test_rescore_bf16_candidates_to_fp32(policy, prompts, tok, fp32_model):
         assert [c.sft_logp for c in new.candidates] == pytest.approx(
             expected[pc.prompt.prompt_id], abs=1e-4)
     [dead] = Collect.sink["rescore_dead"]
-    assert (dead.prompt_id, dead.reason) == ("broken", "rescore_failed")
+    assert (dead.stage, dead.prompt_id, dead.reason) == ("rescore", "broken", "rescore_failed")
 
 
 def test_vllm_big_batch_matches_prompts_alone(vllm_config, vllm_model, tok, caplog):
@@ -304,10 +305,11 @@ def test_vllm_big_batch_matches_prompts_alone(vllm_config, vllm_model, tok, capl
                                                      for j in range(200)), None, 255)
              for i in range(12)]
     handler = VLLMGenerationHandler(vllm_config)
-    with caplog.at_level(logging.WARNING, logger=generate.__name__):
+    with caplog.at_level(logging.WARNING):
         together = run(handler, batch, vllm_model)
     # The batch ran as one engine call: no engine error, no one-by-one retry.
-    assert not [r for r in caplog.records if r.name == generate.__name__]
+    assert not [r for r in caplog.records
+                if r.name in (generate_vllm.__name__, handlers.__name__)]
     assert not [r for r in together if isinstance(r, Failure)]
     alone = [run(handler, [p], vllm_model)[0] for p in batch[:3]]
     assert [signature(r) for r in together[:3]] == [signature(r) for r in alone]

@@ -37,7 +37,8 @@ def read(tmp_path, input_pattern: str, **kwargs):
     """Runs ReadPrompts; returns (prompts, dead letters as dicts, counters by name)."""
     out = tmp_path / f"collected-{len(list(tmp_path.glob('collected-*')))}"
     with beam.Pipeline(options=PipelineOptions(RUNNER)) as p:
-        prompts, dead = p | ReadPrompts(input_pattern, **kwargs)
+        read_out = p | ReadPrompts(input_pattern, **kwargs)
+        prompts, dead = read_out.main, read_out.dead_letters
         _ = (prompts | "P" >> beam.Map(lambda x: json.dumps(P.as_dict(x)))
              | "WP" >> beam.io.WriteToText(str(out / "prompts")))
         _ = (dead | "D" >> beam.Map(lambda d: d.to_json())

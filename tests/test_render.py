@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 from rso.transcript import hh_transcript
 from beam_pipelines.config import GenerateConfig
 from beam_pipelines.elements import DeadLetter, PromptInput, RenderedPrompt
-from beam_pipelines.render import (DEAD_LETTER, PromptError, RenderPrompts, context_length,
+from beam_pipelines.render import (PromptError, RenderPrompts, context_length,
                                    max_prompt_tokens, new_token_budget,
                                    render_prompt)
 
@@ -122,8 +122,8 @@ def test_render_prompts_transform_routes_failures_to_dead_letters(tiny_policy):
     config = GenerateConfig(policy=tiny_policy)
     p = beam.Pipeline(runner="DirectRunner")
     out = p | beam.Create(inputs) | RenderPrompts(config)
-    _ = out.rendered | "CollectRendered" >> _collect("rendered")
-    _ = out[DEAD_LETTER] | "CollectDead" >> _collect("dead")
+    _ = out.main | "CollectRendered" >> _collect("rendered")
+    _ = out.dead_letters | "CollectDead" >> _collect("dead")
     result = p.run()
     result.wait_until_finish()
 

@@ -14,9 +14,10 @@ from apache_beam.testing.util import assert_that
 from rso.transcript import hh_transcript
 from beam_pipelines.config import GenerateConfig, RewardModelSpec
 from beam_pipelines.elements import Candidate, PromptCandidates, RenderedPrompt
-from beam_pipelines.reward import (PairwiseRewardHandler, PointwiseRewardHandler, ScoreRewards,
-                                   check_reward_model, pairwise_text,
-                                   truncate_left)
+from beam_pipelines.pairwise import pairwise_text
+from beam_pipelines.reward import ScoreRewards
+from beam_pipelines.reward_handlers import (PairwiseRewardHandler, PointwiseRewardHandler,
+                                            check_reward_model, truncate_left)
 from beam_pipelines.seeding import prompt_rng
 from rso.config import ConfigError
 from tests.tiny_models import _llama_config, build_tokenizer
@@ -297,7 +298,7 @@ def run_pipeline(elements, transform):
     p = beam.Pipeline()
     out = p | beam.Create([(pc.prompt.prompt_id, pc) for pc in elements]) | transform
     assert_that(out.main, functools.partial(_capture, "main"), label="main")
-    assert_that(out.dead_letter, functools.partial(_capture, "dead"), label="dead")
+    assert_that(out.dead_letters, functools.partial(_capture, "dead"), label="dead")
     result = p.run()
     result.wait_until_finish()
     counters: dict[str, int] = {}  # summed over the steps that report each name
