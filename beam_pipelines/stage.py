@@ -99,8 +99,8 @@ def describe_element(element: Any) -> tuple[str | None, Any]:
     return pid, element
 
 
-def error_to_dead_letter(stage: str, describe: Describe,
-                         bad: tuple[Any, tuple[type, str, list[str]]]) -> DeadLetter:
+def error_to_dead_letter(bad: tuple[Any, tuple[type, str, list[str]]], stage: str,
+                         describe: Describe) -> DeadLetter:
     """Beam's exception-handling output ``(element, (type, repr, traceback))`` -> a
     ``DeadLetter(stage, "unexpected_error", "<Type>: <message>")``, counted."""
     element, (exc_type, exc_repr, trace) = bad
@@ -133,9 +133,11 @@ class StageParDo(beam.PTransform):
         self._describe = describe
 
     def expand(self, pcoll: beam.PCollection) -> StageOutput:
+        tags = (DEAD_LETTER, *self._side_tags)
         out = pcoll | "Process" >> beam.ParDo(self._fn, *self._args, **self._kwargs) \
+            .with_output_types(Any, **{t: Any for t in tags}) \
             .with_exception_handling(main_tag=MAIN, dead_letter_tag=ERROR) \
-            .with_outputs(DEAD_LETTER, *self._side_tags, main=MAIN)
+            .with_outputs(*tags, main=MAIN)
         errors = out[ERROR] | "ErrorsToDeadLetters" >> beam.Map(
             error_to_dead_letter, self._stage, self._describe)
         dead = (out[DEAD_LETTER], errors) | "DeadLetters" >> beam.Flatten()

@@ -162,6 +162,23 @@ def test_pointwise_equals_direct_forward_and_ignores_batch_composition(tiny_rewa
             assert rs2 == pytest.approx(rs, abs=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["pointwise", "pairwise"])
+def test_rewards_are_bit_identical_alone_and_in_any_batch(kind, tiny_reward_model,
+                                                          pairwise_models):
+    """Issue 8 item 5: a prompt's rewards must not depend on which other prompts share its
+    Beam batch (bundle timing); compared with ==, not approx."""
+    path = tiny_reward_model if kind == "pointwise" else pairwise_models[2]
+    cfg = config(reward_batch_size=3, seed=3)
+    handler = (PointwiseRewardHandler if kind == "pointwise" else PairwiseRewardHandler)(
+        RewardModelSpec(path=path, kind=kind), cfg)
+    loaded = handler.load_model()
+    alone = [rewards_of(handler, [pc], loaded)[0] for pc in PROMPTS]
+    together = rewards_of(handler, PROMPTS, loaded)
+    shuffled = rewards_of(handler, [PROMPTS[2], PROMPTS[0], PROMPTS[1]], loaded)
+    assert together == alone
+    assert shuffled == [alone[2], alone[0], alone[1]]
+
+
 def test_pointwise_truncates_the_oldest_context_and_keeps_the_response(tiny_reward_model):
     handler = PointwiseRewardHandler(RewardModelSpec(path=tiny_reward_model),
                                      config(reward_max_length=12))
