@@ -28,6 +28,7 @@ from beam_pipelines.rescore import RescoreCandidates
 from beam_pipelines.reward import ScoreRewards
 from beam_pipelines.records import ToRecords
 from beam_pipelines.selection import SUMMARY, SelectAndPair
+from beam_pipelines.stage import NAMESPACE
 from beam_pipelines.write import WriteOutputs, prepare_output
 from rso import layout, schema
 from rso.model_id import model_id
@@ -54,7 +55,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: GenerateConfig) -> beam.PCol
         config.input, config.input_format, config.max_prompts, config.seed)
     rendered = read.main | "Render" >> RenderPrompts(config)
     generated = rendered.main | "Generate" >> GenerateCandidates(config)
-    scored = generated.main | "Reward" >> ScoreRewards(config.reward_model, config)
+    scored = generated.main | "Reward" >> ScoreRewards(config)
     selected = scored.main | "Select" >> SelectAndPair(config)
     stages = [read, rendered, generated, scored, selected]
     kept = selected.main
@@ -114,7 +115,7 @@ def _log_counters(result: beam.runners.runner.PipelineResult) -> None:
         return
     totals: dict[str, int] = {}
     for c in counters:
-        if c.key.metric.namespace.startswith("rso"):
+        if c.key.metric.namespace.startswith(NAMESPACE):
             totals[c.key.metric.name] = totals.get(c.key.metric.name, 0) + c.committed
     log.info("beam counters: %s", json.dumps(totals, sort_keys=True))
 

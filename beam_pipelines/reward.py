@@ -74,11 +74,15 @@ class ScoreRewards(beam.PTransform):
       ``input = {prompt, candidates}``; the prompt is dropped; ``unexpected_error`` for any
       other exception.
     Counters (namespace "rso"): dead_letter_non_finite_reward, dead_letter_reward_failed,
-    reward_truncated, reward_response_truncated. Wrong model configs (num_labels) fail here, at construction.
+    reward_truncated, reward_response_truncated, prompts_scored_<i> (model i).
+    Wrong model configs (num_labels) fail here, at construction. ``specs`` defaults to
+    ``config.reward_model``.
     """
 
-    def __init__(self, specs: Sequence[RewardModelSpec], config: GenerateConfig):
+    def __init__(self, config: GenerateConfig,
+                 specs: Sequence[RewardModelSpec] | None = None):
         super().__init__()
+        specs = config.reward_model if specs is None else specs
         if not specs:
             raise ConfigError("at least one reward model is required")
         for spec in specs:

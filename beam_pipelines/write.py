@@ -157,7 +157,9 @@ class WriteOutputs(beam.PTransform):
     - ``pairs``: record dicts with exactly the ``columns`` (default ``rso.schema.COLUMNS``; pass
       ``rso.schema.SFT_COLUMNS`` and ``prefix="sft"`` for best-of-n). A record that fails
       ``rso.schema.validate_record``, has extra keys or a non-finite float (other than ``beta``)
-      becomes a dead letter ``(stage="write", reason="invalid_record")``.
+      becomes a dead letter ``(stage="write", reason="invalid_record")``; any other exception
+      while one record is checked, ``(stage="write", reason="unexpected_error")``
+      (:class:`beam_pipelines.stage.StageParDo`).
     - ``dead_letters``: :class:`DeadLetter` from every stage (flattened here with the write
       stage's own).
     - ``summaries``: one :class:`PromptSummary` per prompt that reached selection.

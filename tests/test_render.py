@@ -155,3 +155,23 @@ def test_every_render_failure_reason_is_documented():
 
     raised = set(re.findall(r'PromptError\("([a-z_]+)"', open(render.__file__).read()))
     assert raised and raised <= set(prompts.REASONS)
+
+
+def test_lone_surrogate_is_an_unexpected_error_dead_letter_that_can_be_written(tiny_policy):
+    """Valid JSON can hold a lone UTF-16 surrogate; the tokenizer raises TypeError on it."""
+    import json
+
+    inputs = [PromptInput("s1", prompt="broken \ud83d emoji"), PromptInput("ok", prompt="hi")]
+    p = beam.Pipeline(runner="DirectRunner")
+    out = p | beam.Create(inputs) | RenderPrompts(GenerateConfig(policy=tiny_policy))
+    _ = out.main | "CollectRendered" >> _collect("rendered_s")
+    _ = out.dead_letters | "CollectDead" >> _collect("dead_s")
+    p.run().wait_until_finish()
+
+    assert [r.prompt_id for r in Collect.sink["rendered_s"]] == ["ok"]
+    [dead] = Collect.sink["dead_s"]
+    assert (dead.stage, dead.reason, dead.prompt_id) == ("render", "unexpected_error", "s1")
+    assert dead.detail.startswith("TypeError: ")
+    line = dead.to_json()
+    line.encode("utf-8")  # writable as UTF-8
+    assert json.loads(line)["input"]["prompt"] == "broken \ud83d emoji"

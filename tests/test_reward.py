@@ -219,13 +219,13 @@ def test_missing_pad_token_pads_with_eos(tmp_path):
 def test_wrong_number_of_outputs_fails_at_start(pairwise_models, tiny_reward_model):
     two = pairwise_models[2]
     with pytest.raises(ConfigError, match="num_labels"):
-        ScoreRewards([RewardModelSpec(path=tiny_reward_model),
-                      RewardModelSpec(path=two, kind="pointwise")], config())
+        ScoreRewards(config(), [RewardModelSpec(path=tiny_reward_model),
+                                RewardModelSpec(path=two, kind="pointwise")])
     with pytest.raises(ConfigError, match="num_labels"):
         PointwiseRewardHandler(RewardModelSpec(path=two), config()).load_model()
     check_reward_model(RewardModelSpec(path=two, kind="pairwise"))  # fine for pairwise
     with pytest.raises(ConfigError, match="weight"):
-        ScoreRewards([RewardModelSpec(path=tiny_reward_model, weight=math.inf)], config())
+        ScoreRewards(config(), [RewardModelSpec(path=tiny_reward_model, weight=math.inf)])
 
 
 # ------------------------------------------------------------------------------ pairwise
@@ -340,7 +340,7 @@ def test_score_rewards_weighted_sum_and_truncation_counter(tiny_reward_model, pa
         assert [handler._plan(pc, loaded).truncated for pc in elements] == \
             [0, 0, 0, len(handler._plan(long_pc, loaded).sequences)]
 
-    main, dead, counters = run_pipeline(elements, ScoreRewards(specs, cfg))
+    main, dead, counters = run_pipeline(elements, ScoreRewards(cfg, specs))
     assert dead == []
     assert sorted(main) == sorted(pc.prompt.prompt_id for pc in elements)
     for pc, a, b in zip(elements, r1, r2):
@@ -366,7 +366,7 @@ def test_non_finite_rewards_and_failures_become_dead_letters(tiny_reward_model,
     expected = rewards_of(clean, [ok1, ok2], clean.load_model())
 
     main, dead, counters = run_pipeline(
-        [ok1, bad, ok2], ScoreRewards([RewardModelSpec(path=adversarial_model)], cfg))
+        [ok1, bad, ok2], ScoreRewards(cfg, [RewardModelSpec(path=adversarial_model)]))
 
     assert sorted(main) == ["ok1", "ok2"]
     assert [c.text for c in main["ok1"].candidates] == ["two is four", "four"]
