@@ -10,6 +10,12 @@ The stored text is :func:`beam_pipelines.generate.response_text` of the stored i
 ``CompletionOutput.text``: vLLM's incremental detokenizer holds back a multi-byte character
 that the end of the response cuts (the text misses it), so its text can disagree with the ids.
 See :mod:`beam_pipelines.generate` for why Beam's ``VLLMCompletionsModelHandler`` is not used.
+
+Batch composition: vLLM schedules all requests of an engine call together, so the rounding of
+``cumulative_logprob`` may depend on which prompts share the call (the sampled ids do not: each
+request has its own seeded generator, tested). The stored reference log-probs do not: with
+``--rescore auto`` (the default for vLLM's bf16) or ``on`` they are recomputed per prompt in
+float32 (:mod:`beam_pipelines.rescore`), and rewards are computed per prompt.
 """
 from __future__ import annotations
 

@@ -420,3 +420,27 @@ def test_vllm_and_transformers_store_the_decoding_of_multibyte_ids(byte_policy):
         tok.decode(list(p.prompt_token_ids) + list(c.token_ids), skip_special_tokens=True)[
             len(tok.decode(list(p.prompt_token_ids), skip_special_tokens=True)):]
         for c in pc.candidates]
+
+
+def test_handlers_size_batches_from_token_counts_and_retry_one_by_one(policy, prompts):
+    """get_num_bytes counts token ids (Beam's default pickles every batch); a failing batch
+    is retried one element at a time and only the failing element is a Failure."""
+    handler = TransformersGenerationHandler(make_config(policy, engine="transformers"))
+    assert handler.get_num_bytes(prompts) == handlers.BYTES_PER_TOKEN * sum(
+        len(p.prompt_token_ids) for p in prompts)
+    pcs = [PromptCandidates(p, [Candidate("x", (1, 2, 3), "length", 0.0)]) for p in prompts]
+    assert handler.get_num_bytes(pcs) == handlers.BYTES_PER_TOKEN * sum(
+        len(p.prompt_token_ids) + 3 for p in prompts)
+
+    calls = []
+
+    def fn(items):
+        calls.append(list(items))
+        if 2 in items:
+            raise KeyError(2)
+        return [10 * i for i in items]
+
+    results = handlers.run_with_retry([1, 2, 3], fn, "test_failed", "model: ")
+    assert results[0] == 10 and results[2] == 30
+    assert results[1] == Failure("test_failed", "model: KeyError: 2")
+    assert calls == [[1, 2, 3], [1], [2], [3]]
