@@ -61,7 +61,7 @@ class TransformersGenerationHandler(GenerationHandler):
                                                    c.trust_remote_code))
 
     def infer(self, prompts: Sequence[RenderedPrompt], model: Loaded
-                  ) -> list[PromptCandidates]:
+              ) -> list[PromptCandidates]:
         return [self._generate_one(p, model) for p in prompts]
 
     def _generate_one(self, prompt: RenderedPrompt, m: Loaded) -> PromptCandidates:

@@ -138,7 +138,7 @@ class VLLMGenerationHandler(GenerationHandler):
         return Loaded(llm=llm, tokenizer=llm.get_tokenizer())
 
     def infer(self, prompts: Sequence[RenderedPrompt], model: Loaded
-                  ) -> list[PromptCandidates]:
+              ) -> list[PromptCandidates]:
         from vllm.inputs import TokensPrompt
 
         try:
@@ -149,8 +149,6 @@ class VLLMGenerationHandler(GenerationHandler):
         except Exception:
             abort_unfinished(model.llm)
             raise
-        if len(outputs) != len(prompts):
-            raise RuntimeError(f"vLLM returned {len(outputs)} results for {len(prompts)} prompts")
         return [PromptCandidates(p, [vllm_candidate(c, model.tokenizer, p.prompt_token_ids)
                                      for c in out.outputs])
                 for p, out in zip(prompts, outputs)]

@@ -298,11 +298,11 @@ class ReadPrompts(beam.PTransform):
                    | "Match" >> fileio.MatchFiles(self._input)
                    | "SpreadFiles" >> beam.Reshuffle())
         if resolve_format(files, self._kind, self._input) == "parquet":
-            raw = matched | "ReadParquetFiles" >> _ReadFiles(_ReadParquetFile())
+            raw = matched | "ReadParquet" >> _ReadFiles(_ReadParquetFile())
             parsed = raw.main | "ParseRows" >> StageParDo(STAGE, _ParseRow(self._kind),
                                                          describe=_describe_row)
         else:
-            raw = matched | "ReadTextFiles" >> _ReadFiles(_ReadTextFile())
+            raw = matched | "ReadLines" >> _ReadFiles(_ReadTextFile())
             parsed = raw.main | "ParseLines" >> StageParDo(STAGE, _ParseLine(self._kind),
                                                           describe=_describe_line)
         deduped = (parsed.main
