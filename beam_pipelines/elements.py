@@ -64,15 +64,19 @@ class PromptCandidates:
 @dataclasses.dataclass(frozen=True)
 class DeadLetter:
     """Something dropped, with why. Written to dead_letter-*.jsonl and counted per reason."""
-    stage: str  # read | render | generate | reward | select | pair
+    stage: str  # read | render | generate | reward | select | rescore | records | write
     reason: str  # short machine-readable code, e.g. "invalid_json", "prompt_too_long"
-    detail: str  # human-readable explanation
+    detail: str  # human-readable explanation ("<ExceptionType>: <message>" for exceptions)
     prompt_id: str | None = None
     input: Any = None  # the offending input (a line, a candidate...), JSON-serialisable
 
     def to_json(self) -> str:
-        return json.dumps(dataclasses.asdict(self), ensure_ascii=False, default=repr,
+        """One JSON line; non-ASCII kept, but a lone UTF-16 surrogate (valid in a JSON string,
+        not encodable as UTF-8) is written as its ``\\uXXXX`` escape, so any input can be
+        written (``json.loads`` gives it back)."""
+        text = json.dumps(dataclasses.asdict(self), ensure_ascii=False, default=repr,
                           sort_keys=True)
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -1,6 +1,9 @@
 """`rso generate`: the RSO data pipeline, composed from one PTransform per stage.
 
-    read -> render -> generate -> reward -> select+pair -> [re-score in fp32] -> write
+    read -> render -> generate -> reward -> select+pair -> [re-score in fp32] -> records -> write
+
+Every stage returns a :class:`~beam_pipelines.stage.StageOutput` ``(main, dead_letters,
+side)``; the dead letters of all stages are flattened and written with the pairs.
 
 Runs unchanged on the DirectRunner, Dataflow and Flink: every flag that is not a pipeline
 setting (see ``config.py``) is a Beam pipeline option (``--runner``, ``--project``, ...).
@@ -20,20 +23,20 @@ from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_pipelines import manifest
 from beam_pipelines.config import GenerateConfig
-from beam_pipelines.dead_letters import DEAD_LETTER
 from beam_pipelines.generate import GenerateCandidates, warn_if_not_pi_sft
-from rso.model_id import model_id
-from beam_pipelines.read import ReadPrompts
+from beam_pipelines.read import COUNTS, ReadPrompts
 from beam_pipelines.render import RenderPrompts
 from beam_pipelines.rescore import RescoreCandidates
 from beam_pipelines.reward import ScoreRewards
 from beam_pipelines.records import ToRecords
 from beam_pipelines.selection import SUMMARY, SelectAndPair
+from beam_pipelines.stage import NAMESPACE
 from beam_pipelines.staging import commit, discard, recover, staging_dir
 from beam_pipelines.write import WriteOutputs, prepare_output
 from rso import layout, schema
 from rso.config import ConfigError
 from rso.layout import is_complete
+from rso.model_id import model_id
 from rso.ownership import OutputLock, OutputLockedError
 from rso.storage import join, open_file
 
@@ -57,29 +60,29 @@ def build_pipeline(pipeline: beam.Pipeline, config: GenerateConfig,
     ids = model_ids(config)
     warn_if_not_pi_sft(config)
 
-    prompts, read_dead, counts = pipeline | "Read" >> ReadPrompts(
+    read = pipeline | "Read" >> ReadPrompts(
         config.input, config.input_format, config.max_prompts, config.seed)
-    rendered = prompts | "Render" >> RenderPrompts(config)
-    generated = rendered.rendered | "Generate" >> GenerateCandidates(config)
-    scored = generated.candidates | "Reward" >> ScoreRewards(config.reward_model, config)
+    rendered = read.main | "Render" >> RenderPrompts(config)
+    generated = rendered.main | "Generate" >> GenerateCandidates(config)
+    scored = generated.main | "Reward" >> ScoreRewards(config)
     selected = scored.main | "Select" >> SelectAndPair(config)
-    kept = selected.selected
-    dead = [read_dead, rendered[DEAD_LETTER], generated[DEAD_LETTER], scored.dead_letter]
+    stages = [read, rendered, generated, scored, selected]
+    kept = selected.main
     if config.rescore_in_fp32:
-        rescored = kept | "Rescore" >> RescoreCandidates(config)
-        kept = rescored.candidates
-        dead.append(rescored[DEAD_LETTER])
+        stages.append(kept | "Rescore" >> RescoreCandidates(config))
+        kept = stages[-1].main
     records = kept | "ToRecords" >> ToRecords(config, run_id, ids["policy"], ids["reward"])
-    counts = (counts,
-              generated.candidates | manifest.CountAs(
+    stages.append(records)
+    counts = (read.side[COUNTS],
+              generated.main | manifest.CountAs(
                   "candidates_generated", lambda kv: len(kv[1].candidates)),
-              records | manifest.CountAs("records_built")) | "Counts" >> beam.Flatten()
+              records.main | manifest.CountAs("records_built")) | "Counts" >> beam.Flatten()
 
     best_of_n = config.selection == "best-of-n"
     return {
-        "pairs": records,
-        "dead_letters": tuple(dead) | "DeadLetters" >> beam.Flatten(),
-        "summaries": selected[SUMMARY],
+        "pairs": records.main,
+        "dead_letters": tuple(s.dead_letters for s in stages) | "DeadLetters" >> beam.Flatten(),
+        "summaries": selected.side[SUMMARY],
         "counts": counts,
     } | "Write" >> WriteOutputs(
         write_to or config.output, config.to_dict(), run_id, manifest.package_versions(), ids,
@@ -151,7 +154,7 @@ def _log_counters(result: beam.runners.runner.PipelineResult) -> None:
         return
     totals: dict[str, int] = {}
     for c in counters:
-        if c.key.metric.namespace.startswith("rso"):
+        if c.key.metric.namespace.startswith(NAMESPACE):
             totals[c.key.metric.name] = totals.get(c.key.metric.name, 0) + c.committed
     log.info("beam counters: %s", json.dumps(totals, sort_keys=True))
 

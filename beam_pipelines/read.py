@@ -1,38 +1,52 @@
 """The pipeline's read stage: input files -> deduplicated, optionally sharded PromptInputs.
 
-``ReadPrompts`` reads JSONL (plain or .gz, any mix of the record forms of
+``ReadPrompts`` reads JSONL (plain, .gz or .bz2, any mix of the record forms of
 :mod:`beam_pipelines.prompts`, HH-RLHF included) or Parquet, from a local path, a glob or gs://.
 Lines are read as bytes, so bad UTF-8 becomes a dead letter instead of failing the run.
+
+Files are matched at run time (``fileio.MatchFiles``), spread over workers
+(``Reshuffle``) and read by our own DoFns, one file per element, streaming:
+
+- JSONL: :func:`read_lines` decompresses with Python's own ``gzip``/``bz2`` and splits lines as
+  it goes (Beam's ``ReadFromText`` stops silently at the cut of a truncated ``.gz`` file, so it
+  is not used).
+- Parquet: :func:`read_row_groups` opens the file with pyarrow and reads one row group at a
+  time.
+
+A truncated or corrupt input file is a DEAD LETTER, not a start-up error (decided so: the other
+files and the records before the damage are good, and the dead letter and its counter make the
+loss visible in the manifest; checking every file at start-up would mean reading every file
+twice). Reason ``corrupt_input_file``, ``input = {"file", "line" | "row_group", ...}``: the
+records before the damage are kept; for JSONL the dead letter names the first line that could
+not be read and the decompressed byte offset where reading stopped; for Parquet a file that
+cannot be opened is one dead letter, and each row group that cannot be read is one (the other
+row groups are still read). Any other exception while one line or row is parsed (e.g. a
+``RecursionError`` for JSON nested thousands deep) is an ``unexpected_error`` dead letter of
+the stage contract (:mod:`beam_pipelines.stage`).
 """
 from __future__ import annotations
 
+import bz2
 import functools
-from typing import Iterable, NamedTuple
+import gzip
+from typing import Any, BinaryIO, Iterable, Iterator
 
 import apache_beam as beam
-from apache_beam.coders import BytesCoder
+from apache_beam.io import fileio
+from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipelines import prompts as P
-from beam_pipelines.manifest import CountAs
-from beam_pipelines.dead_letters import DEAD_LETTER, count, dead_letter
 from beam_pipelines.elements import PromptInput
+from beam_pipelines.manifest import CountAs
 from beam_pipelines.seeding import prompt_seed
+from beam_pipelines.stage import (DEAD_LETTER, MAIN, StageOutput, StageParDo, count,
+                                  dead_letter, error_detail)
 from rso.config import ConfigError
 
 STAGE = "read"
-BLANK = "blank"  # tagged output of skipped blank lines (counted in the manifest)
-
-
-class ReadResult(NamedTuple):
-    """What :class:`ReadPrompts` returns: unpack it or use the attributes."""
-    prompts: beam.PCollection  # PCollection[PromptInput], one per distinct prompt_id
-    dead_letters: beam.PCollection  # PCollection[DeadLetter], stage "read"
-    # PCollection[(name, n)] for the manifest's accounting: input_records, blank_lines,
-    # prompts_not_in_shard, prompts_read
-    counts: beam.PCollection
-
-
+COUNTS = "counts"  # side output: (name, n) pairs for the manifest's accounting
+CORRUPT_INPUT_FILE = "corrupt_input_file"
 PARQUET_SUFFIXES = (".parquet", ".parq")
 
 
@@ -64,23 +78,126 @@ def check_input(input_pattern: str) -> list[str]:
     return files
 
 
+class CorruptFileError(Exception):
+    """An input file that cannot be read further; ``position`` says where (JSON-able)."""
+
+    def __init__(self, path: str, position: dict[str, Any], cause: BaseException):
+        super().__init__(f"{path}: {error_detail(cause)} at {position}")
+        self.path, self.position, self.cause = path, position, cause
+
+
+def _open_decompressed(path: str) -> BinaryIO:
+    raw = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+    kind = CompressionTypes.detect_compression_type(path)
+    if kind == CompressionTypes.GZIP:
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    if kind == CompressionTypes.BZIP2:
+        return bz2.BZ2File(raw, mode="rb")
+    if kind == CompressionTypes.UNCOMPRESSED:
+        return raw
+    raw.close()  # other codecs (zstd, deflate, lzma): Beam's own decompressor
+    return FileSystems.open(path, compression_type=kind)
+
+
+def _strip_eol(line: bytes) -> bytes:
+    """The line without its ``\\n`` or ``\\r\\n`` (what Beam's ReadFromText strips)."""
+    if line.endswith(b"\r\n"):
+        return line[:-2]
+    return line[:-1] if line.endswith(b"\n") else line
+
+
+def read_lines(path: str) -> Iterator[tuple[int, bytes]]:
+    """``(line number from 1, line without its end of line)`` for each line of a JSONL file,
+    decompressed by its suffix (.gz, .bz2, ...), streaming. Raises :class:`CorruptFileError`
+    (position ``{"line": first line not read, "byte_offset": decompressed bytes read}``) when
+    the file is truncated or corrupt, after yielding every line before the damage."""
+    line_no, offset = 0, 0
+    try:
+        with _open_decompressed(path) as f:
+            for line in f:
+                line_no += 1
+                offset += len(line)
+                yield line_no, _strip_eol(line)
+    except Exception as e:  # noqa: BLE001 - EOFError, BadGzipFile, zlib.error, OSError...
+        raise CorruptFileError(path, {"line": line_no + 1, "byte_offset": offset}, e) from e
+
+
+class _ReadTextFile(beam.DoFn):
+    """File metadata -> ``(path, line number, raw line bytes)``; a truncated or corrupt file
+    -> the lines before the damage, then one ``corrupt_input_file`` dead letter."""
+
+    def process(self, file: Any) -> Iterable:
+        count("input_files")
+        try:
+            yield from ((file.path, n, line) for n, line in read_lines(file.path))
+        except CorruptFileError as e:
+            yield dead_letter(STAGE, CORRUPT_INPUT_FILE, str(e), None,
+                              {"file": e.path, **e.position})
+
+
+class _ReadParquetFile(beam.DoFn):
+    """File metadata -> ``(path, row dict)``, one row group at a time; a file that cannot be
+    opened, or each row group that cannot be read, -> a ``corrupt_input_file`` dead letter."""
+
+    def process(self, file: Any) -> Iterable:
+        import pyarrow.parquet as pq
+
+        count("input_files")
+        path = file.path
+        try:
+            f = FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED)
+            pf = pq.ParquetFile(f)
+        except Exception as e:  # noqa: BLE001 - ArrowInvalid, OSError...
+            yield dead_letter(STAGE, CORRUPT_INPUT_FILE, f"{path}: cannot open it as Parquet: "
+                              f"{error_detail(e)}", None, {"file": path, "row_group": None})
+            return
+        with f:
+            for i in range(pf.metadata.num_row_groups):
+                try:
+                    rows = pf.read_row_group(i).to_pylist()
+                except Exception as e:  # noqa: BLE001 - one bad row group, not the rest
+                    yield dead_letter(STAGE, CORRUPT_INPUT_FILE, f"{path}: row group {i} of "
+                                      f"{pf.metadata.num_row_groups}: {error_detail(e)}", None,
+                                      {"file": path, "row_group": i})
+                    continue
+                yield from ((path, row) for row in rows)
+
+
+class _ReadFiles(beam.PTransform):
+    """A file-reading DoFn as a stage, WITHOUT ``with_exception_handling`` (it would buffer a
+    whole file's records; the DoFn catches its own errors, see the module docstring)."""
+
+    def __init__(self, fn: beam.DoFn):
+        super().__init__()
+        self._fn = fn
+
+    def expand(self, files: beam.PCollection) -> StageOutput:
+        out = files | "Read" >> beam.ParDo(self._fn).with_outputs(DEAD_LETTER, main=MAIN)
+        return StageOutput(out[MAIN], out[DEAD_LETTER])
+
+
 class _ParseLine(beam.DoFn):
-    """(file name, raw line bytes) -> PromptInput, or a dead letter with the escaped line."""
+    """(file name, line number, raw line bytes) -> PromptInput, or a dead letter with the
+    escaped line."""
 
     def __init__(self, kind: str):
         self._kind = kind
 
-    def process(self, element: tuple[str, bytes]) -> Iterable:
-        source, line = element
+    def process(self, element: tuple[str, int, bytes]) -> Iterable:
+        source, line_no, line = element
         count("input_records")
         if P.is_blank(line):
             count("blank_lines")
-            yield beam.pvalue.TaggedOutput(BLANK, source)
             return
         try:
             yield P.parse_json_line(line, source, self._kind)
         except P.PromptError as e:
-            yield dead_letter(STAGE, e.reason, f"{source}: {e.detail}", None, P.escape_line(line))
+            yield dead_letter(STAGE, e.reason, f"{source}:{line_no}: {e.detail}", None,
+                              P.escape_line(line))
+
+
+def _describe_line(element: tuple[str, int, bytes]) -> tuple[None, str]:
+    return None, P.escape_line(element[2])
 
 
 class _ParseRow(beam.DoFn):
@@ -96,6 +213,14 @@ class _ParseRow(beam.DoFn):
             yield P.parse_row(row, source, self._kind)
         except P.PromptError as e:
             yield dead_letter(STAGE, e.reason, f"{source}: {e.detail}", None, row)
+
+
+def _describe_row(element: tuple[str, dict]) -> tuple[None, dict]:
+    return None, element[1]
+
+
+def _key_by_id(p: PromptInput) -> tuple[str, PromptInput]:
+    return p.prompt_id, p
 
 
 def _survivor_key(p: PromptInput) -> tuple[str, str]:
@@ -130,21 +255,25 @@ def _count_left_out(max_prompts: int, num_distinct: int) -> tuple[str, int]:
     return "prompts_not_in_shard", left_out
 
 
+def _is_blank_line(element: tuple[str, int, bytes]) -> bool:
+    return P.is_blank(element[2])
+
+
 def _emit_counted(p: PromptInput) -> PromptInput:
     count("prompts_read")
     return p
 
 
 class ReadPrompts(beam.PTransform):
-    """Reads prompts; returns :class:`ReadResult` ``(prompts, dead_letters, counts)``.
+    """Reads prompts; returns :class:`StageOutput` ``(main: PromptInput, one per distinct
+    prompt_id, dead_letters: DeadLetter(stage="read"))``.
 
-    Apply it to the pipeline: ``prompts, dead, counts = p | ReadPrompts(cfg.input,
-    cfg.input_format, cfg.max_prompts, cfg.seed)``. ``counts`` (``(name, n)`` pairs) lets the
-    manifest check ``input_records = prompts_read + dead letters + blank_lines +
-    prompts_not_in_shard``.
+    Apply it to the pipeline: ``read = p | ReadPrompts(cfg.input, cfg.input_format,
+    cfg.max_prompts, cfg.seed)``; ``read.main``, ``read.dead_letters``.
 
-    - ``input``: a local path, glob or gs:// path; ``.gz`` files are decompressed.
-      A pattern matching no file raises :class:`ConfigError` when the pipeline is built.
+    - ``input``: a local path, glob or gs:// path; ``.gz``/``.bz2`` files are decompressed.
+      A pattern matching no file raises :class:`ConfigError` when the pipeline is built; a
+      truncated or corrupt file is a ``corrupt_input_file`` dead letter (module docstring).
     - ``input_format``: ``auto`` (Parquet if every matched file ends in ``.parquet``, else
       JSONL of any record form; a mix of both is a ConfigError), ``jsonl``, ``parquet``, or
       ``hh-rlhf`` (JSONL whose records must hold the ``chosen`` dialogue).
@@ -154,50 +283,59 @@ class ReadPrompts(beam.PTransform):
       smallest ``prompt_seed(seed, prompt_id, "shard")``: the same input and seed give the same
       prompts. Prompts left out are not dead letters (counter ``rso/prompts_not_in_shard``).
 
-    Counters (namespace ``rso``): ``input_records``, ``blank_lines``, ``prompts_read`` (prompts
-    output), ``dead_letter_<reason>`` for each dead letter.
+    ``side[COUNTS]``: ``(name, n)`` pairs (``input_records``, ``blank_lines``,
+    ``prompts_not_in_shard``, ``prompts_read``) for the manifest's accounting, which checks
+    ``input_records = prompts_read + read dead letters + blank_lines + prompts_not_in_shard``.
+
+    Counters (namespace ``rso``): ``input_files``, ``input_records``, ``blank_lines``,
+    ``prompts_read`` (prompts output), ``dead_letter_<reason>`` for each dead letter.
     """
 
     def __init__(self, input: str, input_format: str = "auto", max_prompts: int | None = None,
                  seed: int = 0):
         super().__init__()
-        self._input = input
+        self._input = input  # checked when the config is built (GenerateConfig)
         self._kind = input_format
         self._max_prompts = max_prompts
         self._seed = seed
 
-    def expand(self, pbegin: beam.pvalue.PBegin) -> ReadResult:
+    def expand(self, pbegin: beam.pvalue.PBegin) -> StageOutput:
         files = check_input(self._input)
-        if resolve_format(files, self._kind, self._input) == "parquet":
-            records = (pbegin
-                       | "Pattern" >> beam.Create([self._input])
-                       | "ReadParquet" >> beam.io.ReadAllFromParquet(with_filename=True))
-            parse, label = _ParseRow(self._kind), "ParseRows"
+        matched = (pbegin
+                   | "Match" >> fileio.MatchFiles(self._input)
+                   | "SpreadFiles" >> beam.Reshuffle())
+        parquet = resolve_format(files, self._kind, self._input) == "parquet"
+        if parquet:
+            raw = matched | "ReadParquet" >> _ReadFiles(_ReadParquetFile())
+            parsed = raw.main | "ParseRows" >> StageParDo(STAGE, _ParseRow(self._kind),
+                                                         describe=_describe_row)
         else:
-            records = pbegin | "ReadLines" >> beam.io.ReadFromTextWithFilename(
-                self._input, coder=BytesCoder())
-            parse, label = _ParseLine(self._kind), "ParseLines"
-        parsed = records | label >> beam.ParDo(parse).with_outputs(DEAD_LETTER, BLANK,
-                                                                   main="prompts")
-        deduped = (parsed.prompts
-                   | "KeyById" >> beam.Map(lambda p: (p.prompt_id, p))
+            raw = matched | "ReadLines" >> _ReadFiles(_ReadTextFile())
+            parsed = raw.main | "ParseLines" >> StageParDo(STAGE, _ParseLine(self._kind),
+                                                          describe=_describe_line)
+        deduped = (parsed.main
+                   | "KeyById" >> beam.Map(_key_by_id)
                    | "GroupById" >> beam.GroupByKey()
-                   | "KeepOnePerId" >> beam.ParDo(_KeepOnePerId()).with_outputs(
-                       DEAD_LETTER, main="prompts"))
-        kept = deduped.prompts
-        counts = [records | CountAs("input_records"), parsed[BLANK] | CountAs("blank_lines")]
+                   | "KeepOnePerId" >> StageParDo(STAGE, _KeepOnePerId()))
+        kept = deduped.main
+        counts = [raw.main | "CountInput" >> CountAs("input_records")]
+        if not parquet:
+            counts.append(raw.main
+                          | "BlankLines" >> beam.Filter(_is_blank_line)
+                          | "CountBlank" >> CountAs("blank_lines"))
         if self._max_prompts is not None:
             kept = (kept
                     | "Shard" >> beam.combiners.Top.Of(
                         self._max_prompts, key=functools.partial(shard_key, self._seed),
                         reverse=True)
                     | "Unlist" >> beam.FlatMap(lambda ps: ps))
-            counts.append(deduped.prompts
+            counts.append(deduped.main
                           | "CountDistinct" >> beam.combiners.Count.Globally()
                           | "CountLeftOut" >> beam.Map(functools.partial(
                               _count_left_out, self._max_prompts)))
         prompts = kept | "CountRead" >> beam.Map(_emit_counted)
-        counts.append(prompts | CountAs("prompts_read"))
-        dead = ((parsed[DEAD_LETTER], deduped[DEAD_LETTER])
+        counts.append(prompts | "CountPrompts" >> CountAs("prompts_read"))
+        dead = ((raw.dead_letters, parsed.dead_letters, deduped.dead_letters)
                 | "DeadLetters" >> beam.Flatten())
-        return ReadResult(prompts, dead, tuple(counts) | "Counts" >> beam.Flatten())
+        return StageOutput(prompts, dead,
+                           {COUNTS: tuple(counts) | "Counts" >> beam.Flatten()})

@@ -12,6 +12,9 @@ import apache_beam as beam
 
 from beam_pipelines.config import GenerateConfig
 from beam_pipelines.elements import Candidate, PromptCandidates
+from beam_pipelines.stage import StageOutput, StageParDo
+
+STAGE = "records"
 
 
 def pair_records(group: PromptCandidates, config: GenerateConfig, run_id: str, policy_model: str, reward_model: str) -> list[dict[str, Any]]:
@@ -53,21 +56,27 @@ def sft_records(group: PromptCandidates, config: GenerateConfig, run_id: str,
     } for c in group.candidates]
 
 
+class _ToRecordsFn(beam.DoFn):
+    def __init__(self, config: GenerateConfig, run_id: str, policy_model: str,
+                 reward_model: str):
+        self.config, self.run_id = config, run_id
+        self.policy_model, self.reward_model = policy_model, reward_model
+
+    def process(self, element: tuple[str, PromptCandidates]) -> list[dict[str, Any]]:
+        _, group = element
+        make = sft_records if self.config.selection == "best-of-n" else pair_records
+        return make(group, self.config, self.run_id, self.policy_model, self.reward_model)
+
+
 class ToRecords(beam.PTransform):
-    """Selected groups -> SPEC 5 pair records (or SFT records for best-of-n)."""
+    """Selected groups -> :class:`StageOutput`: ``main`` SPEC 5 pair records (or SFT records
+    for best-of-n), ``dead_letters`` (``unexpected_error`` for a group that could not become
+    records: none of its records is written)."""
 
     def __init__(self, config: GenerateConfig, run_id: str, policy_model: str,
                  reward_model: str):
         super().__init__()
-        self.config, self.run_id = config, run_id
-        self.policy_model, self.reward_model = policy_model, reward_model
+        self._fn = _ToRecordsFn(config, run_id, policy_model, reward_model)
 
-    def expand(self, selected):
-        cfg = self.config
-
-        def to_records(element):
-            _, group = element
-            make = sft_records if cfg.selection == "best-of-n" else pair_records
-            return make(group, cfg, self.run_id, self.policy_model, self.reward_model)
-
-        return selected | "ToRecords" >> beam.FlatMap(to_records)
+    def expand(self, selected: beam.PCollection) -> StageOutput:
+        return selected | "ToRecords" >> StageParDo(STAGE, self._fn)

@@ -31,11 +31,10 @@ import dataclasses
 from typing import Any, Iterable, Sequence
 
 import apache_beam as beam
-from apache_beam.metrics import Metrics
 
 from beam_pipelines.config import GenerateConfig
 from beam_pipelines.prompts import PromptError  # (reason, detail): the read stage's error too
-from beam_pipelines.dead_letters import DEAD_LETTER, count, dead_letter
+from beam_pipelines.stage import StageOutput, StageParDo, count, dead_letter
 from beam_pipelines.elements import PromptInput, RenderedPrompt
 from rso.transcript import hh_transcript
 
@@ -156,6 +155,9 @@ def render_prompt(tokenizer: Any, prompt_id: str, prompt: str | None,
                           messages=messages)
 
 
+STAGE = "render"
+
+
 class RenderPromptsFn(beam.DoFn):
     """PromptInput -> RenderedPrompt; failures -> tagged ``dead_letter`` DeadLetter(stage=render).
 
@@ -168,7 +170,6 @@ class RenderPromptsFn(beam.DoFn):
         self._policy = policy
         self._max_model_len = max_model_len
         self._trust_remote_code = trust_remote_code
-        self._rendered = Metrics.counter("rso", "prompts_rendered")
 
     def setup(self) -> None:
         from transformers import AutoTokenizer
@@ -183,22 +184,22 @@ class RenderPromptsFn(beam.DoFn):
             rendered = render_prompt(self._tokenizer, element.prompt_id, element.prompt,
                                      element.messages, self._max_prompt_tokens)
         except PromptError as e:
-            yield dead_letter("render", e.reason, e.detail, element.prompt_id,
+            yield dead_letter(STAGE, e.reason, e.detail, element.prompt_id,
                               dataclasses.asdict(element))
             return
-        self._rendered.inc()
+        count("prompts_rendered")
         yield rendered
 
 
 class RenderPrompts(beam.PTransform):
-    """PCollection[PromptInput] -> ``DoOutputsTuple``: ``.rendered`` (main, RenderedPrompt) and
-    ``.dead_letter`` (DeadLetter). Use as ``out = prompts | RenderPrompts(config)``;
-    ``out.rendered``, ``out[DEAD_LETTER]``."""
+    """PCollection[PromptInput] -> :class:`StageOutput`: ``main`` (RenderedPrompt) and
+    ``dead_letters`` (DeadLetter(stage="render"): the reasons of :func:`render_prompt`, or
+    ``unexpected_error`` for any other exception, e.g. a ``TypeError`` from the tokenizer on a
+    prompt holding a lone UTF-16 surrogate). Use as ``out = prompts | RenderPrompts(config)``."""
 
     def __init__(self, config: GenerateConfig):
         super().__init__()
         self._fn = RenderPromptsFn(config.policy, config.max_model_len, config.trust_remote_code)
 
-    def expand(self, prompts):
-        return prompts | "Render" >> beam.ParDo(self._fn).with_outputs(DEAD_LETTER,
-                                                                       main="rendered")
+    def expand(self, prompts: beam.PCollection) -> StageOutput:
+        return prompts | "Render" >> StageParDo(STAGE, self._fn)

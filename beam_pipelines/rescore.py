@@ -8,57 +8,66 @@ is replaced by
 
 computed by ``rso.logprobs.sequence_logps``: the very function the trainer uses, on the same
 stored token ids, so stored and trainer-side reference log-probs agree by construction.
-Candidates of all prompts in a Beam batch are sorted by length and scored in forward passes of
-``config.rescore_batch_size`` sequences (left padding with explicit positions: values do not
-depend on the batch they fall in beyond float rounding).
+Each prompt's candidates are scored on their own: sorted by length (stable) and cut into
+forward passes of ``config.rescore_batch_size`` sequences, never mixed with another prompt's.
+So every forward pass, padding included, is a function of the prompt alone and the values are
+bit-identical whatever other prompts share the Beam batch (float rounding depends on the padded
+shape, so mixing prompts made values depend on bundle timing).
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Sequence
+from typing import Any, Sequence
 
 import apache_beam as beam
-from apache_beam.ml.inference.base import (KeyedModelHandler, ModelHandler, PredictionResult,
-                                           RunInference)
 
 from beam_pipelines.config import GenerateConfig
-from beam_pipelines.dead_letters import DEAD_LETTER, SplitFailures
-from beam_pipelines.generate import Loaded, describe_prompt, run_with_retry
 from beam_pipelines.elements import PromptCandidates
+from beam_pipelines.generate import describe_prompt
+from beam_pipelines.handlers import InferStage, Loaded, RetryingHandler
+from beam_pipelines.stage import StageOutput
 
+STAGE = "rescore"
 RESCORE_FAILED = "rescore_failed"
 
 
 def rescore(model: Any, pad_id: int, items: Sequence[PromptCandidates], batch_size: int
             ) -> list[PromptCandidates]:
-    """Copies of ``items`` whose candidates' sft_logp are float32 sequence log-probs."""
+    """Copies of ``items`` whose candidates' sft_logp are float32 sequence log-probs, each
+    prompt scored on its own (:func:`rescore_one`)."""
+    return [rescore_one(model, pad_id, pc, batch_size) for pc in items]
+
+
+def rescore_one(model: Any, pad_id: int, pc: PromptCandidates, batch_size: int
+                ) -> PromptCandidates:
+    """``pc`` with each candidate's sft_logp replaced by its float32 sequence log-prob; the
+    candidates are sorted by length and scored ``batch_size`` at a time (module docstring)."""
     import torch
 
     from rso.logprobs import sequence_logps
 
-    flat = [(i, j) for i, pc in enumerate(items) for j in range(len(pc.candidates))]
-    flat.sort(key=lambda ij: len(items[ij[0]].prompt.prompt_token_ids)
-              + len(items[ij[0]].candidates[ij[1]].token_ids))
-    logps: dict[tuple[int, int], float] = {}
+    order = sorted(range(len(pc.candidates)), key=lambda j: len(pc.candidates[j].token_ids))
+    logps: dict[int, float] = {}
     with torch.inference_mode():
-        for start in range(0, len(flat), batch_size):
-            chunk = flat[start:start + batch_size]
-            values = sequence_logps(
-                model, [items[i].prompt.prompt_token_ids for i, _ in chunk],
-                [items[i].candidates[j].token_ids for i, j in chunk], pad_id)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            values = sequence_logps(model, [pc.prompt.prompt_token_ids] * len(chunk),
+                                    [pc.candidates[j].token_ids for j in chunk], pad_id)
             logps.update(zip(chunk, values.tolist()))
-    return [dataclasses.replace(pc, candidates=[
-        dataclasses.replace(c, sft_logp=float(logps[i, j])) for j, c in enumerate(pc.candidates)])
-        for i, pc in enumerate(items)]
+    return dataclasses.replace(pc, candidates=[
+        dataclasses.replace(c, sft_logp=float(logps[j])) for j, c in enumerate(pc.candidates)])
 
 
-class Fp32RescoreHandler(ModelHandler):
+class Fp32RescoreHandler(RetryingHandler):
     """ModelHandler[PromptCandidates, PromptCandidates | Failure]: the policy in float32
     (transformers, eval mode); see the module docstring. A batch that raises is retried one
     prompt at a time; a prompt that still fails becomes ``Failure("rescore_failed")``."""
 
+    stage = STAGE
+    failure_reason = RESCORE_FAILED
+
     def __init__(self, config: GenerateConfig):
-        super().__init__(min_batch_size=config.batch_size, max_batch_size=config.batch_size)
+        super().__init__(config.batch_size, config.batch_size, config.policy)
         self._config = config
 
     def load_model(self) -> Loaded:
@@ -69,29 +78,23 @@ class Fp32RescoreHandler(ModelHandler):
         model = hf.load_causal_lm(c.policy, "float32", "auto", c.trust_remote_code)
         return Loaded(model=model, pad=hf.pad_token_id(tokenizer, model))
 
-    def run_inference(self, batch: Sequence[PromptCandidates], model: Loaded,
-                      inference_args: dict | None = None) -> Iterable[PredictionResult]:
-        fn = lambda items: rescore(model.model, model.pad, items,  # noqa: E731
-                                   self._config.rescore_batch_size)
-        results = run_with_retry(list(batch), fn, RESCORE_FAILED)
-        return [PredictionResult(pc, r, self._config.policy) for pc, r in zip(batch, results)]
+    def infer(self, batch: Sequence[PromptCandidates], model: Loaded) -> list[PromptCandidates]:
+        return rescore(model.model, model.pad, batch, self._config.rescore_batch_size)
 
-    def get_metrics_namespace(self) -> str:
-        return "rso_rescore"
+
+def _describe_candidates(pc: PromptCandidates) -> dict:
+    return describe_prompt(pc.prompt)
 
 
 class RescoreCandidates(beam.PTransform):
-    """PCollection[(prompt_id, PromptCandidates)] -> ``DoOutputsTuple``: ``.candidates`` (main,
-    same shape, sft_logp re-scored in float32) and ``.dead_letter``
-    (DeadLetter(stage="generate", reason="rescore_failed")). Counter: ``prompts_rescored``."""
+    """PCollection[(prompt_id, PromptCandidates)] -> :class:`StageOutput`: ``main`` (same
+    shape, sft_logp re-scored in float32) and ``dead_letters`` (DeadLetter(stage="rescore",
+    reason="rescore_failed" or "unexpected_error")). Counter: ``prompts_rescored``."""
 
     def __init__(self, config: GenerateConfig):
         super().__init__()
         self._handler = Fp32RescoreHandler(config)
 
-    def expand(self, keyed_candidates):
-        return (keyed_candidates
-                | "RescoreFp32" >> RunInference(KeyedModelHandler(self._handler))
-                | "SplitFailures" >> beam.ParDo(SplitFailures(
-                    "generate", "prompts_rescored", lambda pc: describe_prompt(pc.prompt)))
-                .with_outputs(DEAD_LETTER, main="candidates"))
+    def expand(self, keyed_candidates: beam.PCollection) -> StageOutput:
+        return keyed_candidates | "RescoreFp32" >> InferStage(
+            STAGE, self._handler, "prompts_rescored", _describe_candidates)

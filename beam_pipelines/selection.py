@@ -17,7 +17,9 @@ from beam_pipelines import pairing, sampling
 from beam_pipelines.config import GenerateConfig
 from beam_pipelines.elements import PromptCandidates, PromptSummary
 from beam_pipelines.seeding import prompt_rng
+from beam_pipelines.stage import NAMESPACE, StageOutput, StageParDo
 
+STAGE = "select"
 SUMMARY = "summary"
 
 
@@ -58,16 +60,16 @@ def select_and_pair(group: PromptCandidates, config: GenerateConfig
 class _SelectAndPairFn(beam.DoFn):
     def __init__(self, config: GenerateConfig):
         self.config = config
-        self.prompts = Metrics.counter("rso", "prompts_selected")
-        self.underfilled = Metrics.counter("rso", "prompts_underfilled")
-        self.accepted = Metrics.counter("rso", "candidates_accepted")
-        self.duplicates = Metrics.counter("rso", "candidates_duplicate")
-        self.ties = Metrics.counter("rso", "pairs_tie_dropped")
-        self.acceptance = Metrics.distribution("rso", "accepted_per_prompt")
+        self.prompts = Metrics.counter(NAMESPACE, "prompts_selected")
+        self.underfilled = Metrics.counter(NAMESPACE, "prompts_underfilled")
+        self.accepted = Metrics.counter(NAMESPACE, "candidates_accepted")
+        self.duplicates = Metrics.counter(NAMESPACE, "candidates_duplicate")
+        self.ties = Metrics.counter(NAMESPACE, "pairs_tie_dropped")
+        self.acceptance = Metrics.distribution(NAMESPACE, "accepted_per_prompt")
 
     def process(self, element: tuple[str, PromptCandidates]) -> Iterator[Any]:
         prompt_id, group = element
-        selected, summary = select_and_pair(group, self.config)
+        selected, summary = select_and_pair(group, self.config)  # raises: unexpected_error
         self.prompts.inc()
         self.underfilled.inc(int(summary.underfilled))
         self.accepted.inc(summary.num_accepted)
@@ -80,13 +82,15 @@ class _SelectAndPairFn(beam.DoFn):
 
 
 class SelectAndPair(beam.PTransform):
-    """(prompt_id, PromptCandidates with rewards) -> main: (prompt_id, PromptCandidates holding
-    the kept responses and their pairs); ``summary``: one PromptSummary per prompt."""
+    """(prompt_id, PromptCandidates with rewards) -> :class:`StageOutput`: ``main``
+    (prompt_id, PromptCandidates holding the kept responses and their pairs), ``dead_letters``
+    (``unexpected_error`` for a prompt whose selection raised), ``side[SUMMARY]``: one
+    PromptSummary per prompt selected."""
 
     def __init__(self, config: GenerateConfig):
         super().__init__()
         self.config = config
 
-    def expand(self, groups):
-        return groups | "SelectAndPair" >> beam.ParDo(_SelectAndPairFn(self.config)).with_outputs(
-            SUMMARY, main="selected")
+    def expand(self, groups: beam.PCollection) -> StageOutput:
+        return groups | "SelectAndPair" >> StageParDo(STAGE, _SelectAndPairFn(self.config),
+                                                      side_tags=(SUMMARY,))

@@ -26,7 +26,7 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_pipelines import manifest as M
 from beam_pipelines.plots import PLOT_NAMES, render_plots
-from beam_pipelines.dead_letters import DEAD_LETTER, dead_letter
+from beam_pipelines.stage import StageParDo, dead_letter
 from rso import layout, schema
 from rso.layout import MANIFEST, SUCCESS, is_complete
 from rso.checksums import CHECKSUMS, digest as checksum_digest
@@ -169,7 +169,9 @@ class WriteOutputs(beam.PTransform):
     - ``pairs``: record dicts with exactly the ``columns`` (default ``rso.schema.COLUMNS``; pass
       ``rso.schema.SFT_COLUMNS`` and ``prefix="sft"`` for best-of-n). A record that fails
       ``rso.schema.validate_record``, has extra keys or a non-finite float (other than ``beta``)
-      becomes a dead letter ``(stage="write", reason="invalid_record")``.
+      becomes a dead letter ``(stage="write", reason="invalid_record")``; any other exception
+      while one record is checked, ``(stage="write", reason="unexpected_error")``
+      (:class:`beam_pipelines.stage.StageParDo`).
     - ``dead_letters``: :class:`DeadLetter` from every stage (flattened here with the write
       stage's own).
     - ``summaries``: one :class:`PromptSummary` per prompt that reached selection.
@@ -207,10 +209,9 @@ class WriteOutputs(beam.PTransform):
             return inputs[name] if name in inputs else p | f"No{name}" >> beam.Create([])
 
         columns, out = self._columns, self._output
-        checked = get("pairs") | "Validate" >> beam.ParDo(_Validate(columns)).with_outputs(
-            DEAD_LETTER, main="records")
-        records = checked.records
-        dead = (get("dead_letters"), checked[DEAD_LETTER]) | "AllDeadLetters" >> beam.Flatten()
+        checked = get("pairs") | "Validate" >> StageParDo(STAGE, _Validate(columns))
+        records = checked.main
+        dead = (get("dead_letters"), checked.dead_letters) | "AllDeadLetters" >> beam.Flatten()
         summaries = get("summaries")
 
         record_files = records | "WriteParquet" >> beam.io.WriteToParquet(

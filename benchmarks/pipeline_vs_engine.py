@@ -37,7 +37,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     args = ap.parse_args()
 
-    from beam_pipelines import generate as G
+    from beam_pipelines import generate_vllm as G
     from beam_pipelines.config import GenerateConfig, RewardModelSpec
     from beam_pipelines.pipeline import main as run_pipeline
     from beam_pipelines.prompts import parse_json_line

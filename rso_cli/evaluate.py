@@ -131,7 +131,7 @@ def pairwise_margins(pairs: Sequence[tuple[dict, dict]], config, messages: Mappi
     two candidates against one of them as baseline, so ``r_policy - r_baseline`` is that margin
     whichever it picks. Raises RuntimeError if the judge fails on a prompt."""
     from beam_pipelines.elements import Candidate, Failure, PromptCandidates, RenderedPrompt
-    from beam_pipelines.reward import PairwiseRewardHandler
+    from beam_pipelines.reward_handlers import PairwiseRewardHandler
 
     handler = PairwiseRewardHandler(config.reward_model[0], config.replace(
         pairwise_debias="both-orders"))

@@ -434,7 +434,7 @@ def test_dataflow_job_graph_is_built_and_staged_offline(tmp_path, gcs_bucket, pr
     assert options["pipelineUrl"].startswith(f"{gcs_bucket}/dataflow/staging/rso-graph-test.")
     names = {t.unique_name for t in graph.components.transforms.values()}
     for stage in ["Read/ReadLines", "Read/ParseLines", "Render", "Generate",
-                  "Generate/Generate/BeamML_RunInference", "Reward", "Select/SelectAndPair",
+                  "Generate/Generate/Infer/BeamML_RunInference", "Reward", "Select/SelectAndPair",
                   "ToRecords", "Write/WriteParquet", "Write/WriteTFRecord",
                   "Write/WriteDeadLetters", "Write/Finish"]:
         assert stage in names, sorted(n for n in names if n.count("/") < 2)

@@ -15,13 +15,14 @@ import torch
 from apache_beam.metrics.metric import MetricsFilter
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from beam_pipelines import generate
+from beam_pipelines import generate, generate_vllm, handlers
 from beam_pipelines.config import GenerateConfig
-from beam_pipelines.generate import (GenerateCandidates, TransformersGenerationHandler,
-                                     VLLMGenerationHandler, get_vllm_engine,
-                                     make_generation_handler, response_text, truncate_at_eos)
+from beam_pipelines.generate import (GenerateCandidates, make_generation_handler, response_text,
+                                     truncate_at_eos)
+from beam_pipelines.generate_hf import TransformersGenerationHandler
+from beam_pipelines.generate_vllm import VLLMGenerationHandler, get_vllm_engine
 from beam_pipelines.elements import Candidate, Failure, PromptCandidates, RenderedPrompt
-from beam_pipelines.render import DEAD_LETTER, render_prompt
+from beam_pipelines.render import render_prompt
 from beam_pipelines.rescore import RescoreCandidates
 from beam_pipelines.seeding import prompt_seed
 from tests.test_render import Collect
@@ -95,7 +96,7 @@ def vllm_model(vllm_config):
     handler = VLLMGenerationHandler(vllm_config)
     model = handler.load_model()
     yield model
-    generate.clear_vllm_engines()
+    generate_vllm.clear_vllm_engines()
 
 
 def run(handler, batch, model) -> list:
@@ -208,8 +209,8 @@ def test_vllm_failing_prompt_does_not_fail_its_batch(vllm_config, vllm_model, pr
 def test_generate_candidates_on_the_direct_runner(vllm_config, vllm_model, prompts):
     p = beam.Pipeline(runner="DirectRunner")
     out = p | beam.Create(prompts + [bad_prompt()]) | GenerateCandidates(vllm_config)
-    _ = out.candidates | "CollectCandidates" >> beam.ParDo(Collect("gen"))
-    _ = out[DEAD_LETTER] | "CollectDead" >> beam.ParDo(Collect("gen_dead"))
+    _ = out.main | "CollectCandidates" >> beam.ParDo(Collect("gen"))
+    _ = out.dead_letters | "CollectDead" >> beam.ParDo(Collect("gen_dead"))
     result = p.run()
     result.wait_until_finish()
 
@@ -280,8 +281,8 @@ def test_rescore_bf16_candidates_to_fp32(policy, prompts, tok, fp32_model):
     p = beam.Pipeline(runner="DirectRunner")
     out = (p | beam.Create([(pc.prompt.prompt_id, pc) for pc in bf16 + [broken]])
            | RescoreCandidates(config))
-    _ = out.candidates | "CollectRescored" >> beam.ParDo(Collect("rescored"))
-    _ = out[DEAD_LETTER] | "CollectDead" >> beam.ParDo(Collect("rescore_dead"))
+    _ = out.main | "CollectRescored" >> beam.ParDo(Collect("rescored"))
+    _ = out.dead_letters | "CollectDead" >> beam.ParDo(Collect("rescore_dead"))
     p.run().wait_until_finish()
 
     rescored = dict(Collect.sink["rescored"])
@@ -292,7 +293,7 @@ def test_rescore_bf16_candidates_to_fp32(policy, prompts, tok, fp32_model):
         assert [c.sft_logp for c in new.candidates] == pytest.approx(
             expected[pc.prompt.prompt_id], abs=1e-4)
     [dead] = Collect.sink["rescore_dead"]
-    assert (dead.prompt_id, dead.reason) == ("broken", "rescore_failed")
+    assert (dead.stage, dead.prompt_id, dead.reason) == ("rescore", "broken", "rescore_failed")
 
 
 def test_vllm_big_batch_matches_prompts_alone(vllm_config, vllm_model, tok, caplog):
@@ -304,10 +305,142 @@ def test_vllm_big_batch_matches_prompts_alone(vllm_config, vllm_model, tok, capl
                                                      for j in range(200)), None, 255)
              for i in range(12)]
     handler = VLLMGenerationHandler(vllm_config)
-    with caplog.at_level(logging.WARNING, logger=generate.__name__):
+    with caplog.at_level(logging.WARNING):
         together = run(handler, batch, vllm_model)
     # The batch ran as one engine call: no engine error, no one-by-one retry.
-    assert not [r for r in caplog.records if r.name == generate.__name__]
+    assert not [r for r in caplog.records
+                if r.name in (generate_vllm.__name__, handlers.__name__)]
     assert not [r for r in together if isinstance(r, Failure)]
     alone = [run(handler, [p], vllm_model)[0] for p in batch[:3]]
     assert [signature(r) for r in together[:3]] == [signature(r) for r in alone]
+
+
+def test_rescore_is_bit_identical_alone_and_in_any_batch(hf_handler, prompts, fp32_model, tok):
+    """Issue 8 item 5: a prompt's float32 log-probs do not depend on the other prompts of
+    its Beam batch (==, not approx)."""
+    from beam_pipelines.rescore import rescore
+
+    handler, model = hf_handler
+    generated = run(handler, prompts, model)
+    together = rescore(fp32_model, tok.pad_token_id, generated, 4)
+    shuffled = rescore(fp32_model, tok.pad_token_id, generated[::-1], 4)[::-1]
+    for i, pc in enumerate(generated):
+        [alone] = rescore(fp32_model, tok.pad_token_id, [pc], 4)
+        assert [c.sft_logp for c in together[i].candidates] == \
+            [c.sft_logp for c in alone.candidates] == [c.sft_logp for c in shuffled[i].candidates]
+
+
+# ----------------------------------------------------------------------------- multi-byte text
+EMOJI = "\U0001F642"  # 4 UTF-8 bytes
+
+
+def build_byte_tokenizer(out_dir: str):
+    """A byte-level BPE tokenizer (GPT-2 style) with few merges: an emoji is several tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<pad>", "<s>", "</s>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator(["hello world, how are you?", "fine thanks"] * 5, trainer=trainer)
+    hf = PreTrainedTokenizerFast(tokenizer_object=tk, pad_token="<pad>", bos_token="<s>",
+                                 eos_token="</s>")
+    hf.save_pretrained(out_dir)
+    return hf
+
+
+@pytest.fixture(scope="module")
+def byte_policy(tmp_path_factory) -> str:
+    """A 2-layer Llama over the byte-level tokenizer: random samples are mostly broken UTF-8."""
+    from transformers import LlamaForCausalLM
+
+    from tests.tiny_models import _llama_config
+
+    out = str(tmp_path_factory.mktemp("byte_policy"))
+    tok = build_byte_tokenizer(out)
+    torch.manual_seed(0)
+    cfg = _llama_config(tok, max_position_embeddings=64)
+    cfg.vocab_size = 320  # >= len(tok); a multiple of 64 for vLLM's kernels
+    LlamaForCausalLM(cfg).save_pretrained(out, safe_serialization=True)
+    return out
+
+
+def test_vllm_candidate_text_is_the_decoding_of_the_ids():
+    """vLLM's incremental detokenizer holds back a character cut by the end of the response:
+    its CompletionOutput.text misses it. The stored text is the tokenizer's decoding."""
+    from vllm.outputs import CompletionOutput
+
+    from beam_pipelines.generate_vllm import vllm_candidate
+
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        tok = build_byte_tokenizer(d)
+    prompt_ids = tok("hello")["input_ids"]
+    ids = tok(" hi " + EMOJI, add_special_tokens=False)["input_ids"]
+    assert len(tok(EMOJI, add_special_tokens=False)["input_ids"]) > 1
+    cut = ids[:-1]  # ends inside the emoji's bytes
+    held_back = CompletionOutput(index=0, text=" hi ", token_ids=cut, cumulative_logprob=-3.0,
+                                 logprobs=None, finish_reason="length")
+    c = vllm_candidate(held_back, tok, prompt_ids)
+    assert c.text == response_text(tok, prompt_ids, cut) == " hi \ufffd" != held_back.text
+    assert c.token_ids == tuple(cut) and c.sft_logp == -3.0
+
+
+@pytest.mark.slow
+def test_vllm_and_transformers_store_the_decoding_of_multibyte_ids(byte_policy):
+    """Both engines on a byte-level model whose samples end mid-character: the stored text is
+    exactly the decoding of the stored ids (what rewards are computed on)."""
+    from vllm.inputs import TokensPrompt
+
+    tok = AutoTokenizer.from_pretrained(byte_policy)
+    p = render_prompt(tok, "bytes", "hello world", None, 63)
+    cfg = make_config(byte_policy, max_new_tokens=7, max_model_len=64)
+    llm = get_vllm_engine(cfg)
+    try:
+        raw = llm.generate([TokensPrompt(prompt_token_ids=list(p.prompt_token_ids))],
+                           [generate_vllm.vllm_sampling_params(cfg, p.prompt_id)],
+                           use_tqdm=False)[0].outputs
+        decoded = [response_text(tok, p.prompt_token_ids, o.token_ids) for o in raw]
+        assert any(o.text != d for o, d in zip(raw, decoded))  # vLLM's own text differs
+        handler = VLLMGenerationHandler(cfg)
+        [pc] = run(handler, [p], handler.load_model())
+    finally:
+        generate_vllm.clear_vllm_engines()
+    assert [c.token_ids for c in pc.candidates] == [tuple(o.token_ids) for o in raw]
+    assert [c.text for c in pc.candidates] == decoded
+    assert any("\ufffd" in t for t in decoded)
+
+    hf = TransformersGenerationHandler(make_config(byte_policy, engine="transformers",
+                                                   max_new_tokens=7, max_model_len=64))
+    [pc] = run(hf, [p], hf.load_model())
+    assert [c.text for c in pc.candidates] == [
+        tok.decode(list(p.prompt_token_ids) + list(c.token_ids), skip_special_tokens=True)[
+            len(tok.decode(list(p.prompt_token_ids), skip_special_tokens=True)):]
+        for c in pc.candidates]
+
+
+def test_handlers_size_batches_from_token_counts_and_retry_one_by_one(policy, prompts):
+    """get_num_bytes counts token ids (Beam's default pickles every batch); a failing batch
+    is retried one element at a time and only the failing element is a Failure."""
+    handler = TransformersGenerationHandler(make_config(policy, engine="transformers"))
+    assert handler.get_num_bytes(prompts) == handlers.BYTES_PER_TOKEN * sum(
+        len(p.prompt_token_ids) for p in prompts)
+    pcs = [PromptCandidates(p, [Candidate("x", (1, 2, 3), "length", 0.0)]) for p in prompts]
+    assert handler.get_num_bytes(pcs) == handlers.BYTES_PER_TOKEN * sum(
+        len(p.prompt_token_ids) + 3 for p in prompts)
+
+    calls = []
+
+    def fn(items):
+        calls.append(list(items))
+        if 2 in items:
+            raise KeyError(2)
+        return [10 * i for i in items]
+
+    results = handlers.run_with_retry([1, 2, 3], fn, "test_failed", "model: ")
+    assert results[0] == 10 and results[2] == 30
+    assert results[1] == Failure("test_failed", "model: KeyError: 2")
+    assert calls == [[1, 2, 3], [1], [2], [3]]

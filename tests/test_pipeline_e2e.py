@@ -253,3 +253,130 @@ def test_trainer_step_zero_on_pipeline_pairs_is_log2(vllm_run, tiny_policy, tmp_
     assert gap["gap_max"] < (1e-3 if fmt == "parquet" else 2e-3)
     first = next(r for r in metrics if r["split"] == "train")
     assert first["loss"] == pytest.approx(math.log(2.0), abs=1e-4)
+
+
+# ----------------------------------------------------------------------------- failures
+STAGES = ("read", "render", "generate", "reward", "select", "rescore", "records", "write")
+INJECTED = {f"inj-{stage}": stage for stage in STAGES}
+DEEP_JSON = b"[" * 3000 + b"]" * 3000
+LONE_SURROGATE = b'{"prompt_id": "s1", "prompt": "broken \\ud83d emoji"}'
+
+
+def _raise_for(monkeypatch, owner, name: str, prompt_id_of, stage: str, exc: type) -> None:
+    """Replaces ``owner.name`` by a wrapper raising ``exc`` for the prompt ``inj-<stage>``."""
+    original = getattr(owner, name)
+
+    def wrapper(*args, **kwargs):
+        if prompt_id_of(*args, **kwargs) == f"inj-{stage}":
+            raise exc(f"injected into {stage}")
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+
+
+def _inject_every_stage(monkeypatch) -> None:
+    """One exception the stage does not expect, in a function each stage calls (the
+    FnApiRunner runs in-process, so the patched functions are the ones that run)."""
+    from beam_pipelines import generate_hf, prompts, records, render, rescore, reward_handlers
+    from beam_pipelines import selection
+
+    _raise_for(monkeypatch, prompts, "parse_json_line",
+               lambda line, *a: "inj-read" if b"inj-read" in line else None, "read", RuntimeError)
+    _raise_for(monkeypatch, render, "render_prompt", lambda tok, pid, *a: pid, "render",
+               KeyError)
+    _raise_for(monkeypatch, generate_hf.TransformersGenerationHandler, "_generate_one",
+               lambda self, p, m: p.prompt_id, "generate", RuntimeError)
+    _raise_for(monkeypatch, reward_handlers.PointwiseRewardHandler, "_plan",
+               lambda self, pc, m: pc.prompt.prompt_id, "reward", ZeroDivisionError)
+    _raise_for(monkeypatch, selection, "select_and_pair", lambda g, c: g.prompt.prompt_id,
+               "select", KeyError)
+    _raise_for(monkeypatch, rescore, "rescore_one", lambda m, pad, pc, b: pc.prompt.prompt_id,
+               "rescore", RuntimeError)
+    _raise_for(monkeypatch, records, "pair_records", lambda g, *a: g.prompt.prompt_id,
+               "records", IndexError)
+    _raise_for(monkeypatch, schema, "validate_record", lambda r, **k: r.get("prompt_id"),
+               "write", KeyError)
+
+
+def _truncated_gzip(path: str) -> None:
+    """Two prompts (padded with incompressible hex), cut inside the second line."""
+    lines = [json.dumps({"prompt_id": pid, "prompt": text, "pad": os.urandom(8000).hex()})
+             .encode() for pid, text in (("gz-kept", "Is it going to rain today?"),
+                                         ("gz-lost", "What is two plus two?"))]
+    import gzip
+
+    data = gzip.compress(b"\n".join(lines) + b"\n")
+    with open(path, "wb") as f:
+        f.write(data[:len(data) * 3 // 4])
+
+
+def _dead_letters(out: str) -> list[dict]:
+    return [json.loads(line) for p in glob.glob(os.path.join(out, "dead_letter-*.jsonl"))
+            for line in open(p, encoding="utf-8")]
+
+
+@pytest.mark.slow
+def test_one_bad_element_in_every_stage_is_one_dead_letter(tiny_policy, tiny_reward_model,
+                                                           tmp_path, monkeypatch):
+    """Issue 6: deep JSON, a lone surrogate, a truncated .jsonl.gz and an unexpected exception
+    in every stage each end as dead letters (stage, reason, input); the run completes and every
+    valid prompt gets its pairs."""
+    _inject_every_stage(monkeypatch)
+    os.makedirs(tmp_path / "in")
+    injected = [json.dumps({"prompt_id": pid, "prompt": "Tell me a joke."}).encode()
+                for pid in INJECTED]
+    _write_inputs(str(tmp_path / "in" / "prompts.jsonl"),
+                  injected + [DEEP_JSON, LONE_SURROGATE])
+    cut = str(tmp_path / "in" / "cut.jsonl.gz")
+    _truncated_gzip(cut)
+    out = str(tmp_path / "out")
+    assert generate(_args(str(tmp_path / "in" / "*"), out, tiny_policy, tiny_reward_model,
+                          "--engine", "transformers", "--rescore", "on")) == 0
+
+    assert os.path.exists(os.path.join(out, "_SUCCESS"))
+    valid = {"bread", "paris", "poem", schema_prompt_id("Tell me a joke."), "gz-kept"}
+    assert {r["prompt_id"] for r in _pairs(out)} == valid
+    dead = _dead_letters(out)
+    for pid, stage in INJECTED.items():
+        mine = [d for d in dead if d["prompt_id"] == pid
+                or (stage == "read" and pid in str(d["input"]))]
+        assert mine and {d["stage"] for d in mine} == {stage}, (pid, mine)
+        assert all("injected into " + stage in d["detail"] for d in mine)
+        assert len(mine) == (2 if stage == "write" else 1)  # write: one per pair record
+        reason = {"generate": "generation_failed", "reward": "reward_failed",
+                  "rescore": "rescore_failed"}.get(stage, "unexpected_error")
+        assert {d["reason"] for d in mine} == {reason}
+    [deep] = [d for d in dead if d["detail"].startswith("RecursionError")]
+    assert (deep["stage"], deep["reason"], deep["input"]) == (
+        "read", "unexpected_error", DEEP_JSON.decode())
+    [surrogate] = [d for d in dead if d["prompt_id"] == "s1"]
+    assert (surrogate["stage"], surrogate["reason"]) == ("render", "unexpected_error")
+    assert surrogate["input"]["prompt"] == "broken \ud83d emoji"
+    [corrupt] = [d for d in dead if d["reason"] == "corrupt_input_file"]
+    assert corrupt["stage"] == "read" and corrupt["input"]["file"] == cut
+    assert corrupt["input"]["line"] == 2
+    assert len(dead) == len(INJECTED) + 1 + 3  # write: 2; deep, surrogate, truncated file
+    manifest = json.load(open(os.path.join(out, "manifest.json")))
+    assert manifest["counters"]["dead_letters"] == len(dead)
+    assert manifest["dead_letters"]["by_reason"]["unexpected_error"] == 8  # write: 2
+
+
+@pytest.mark.slow
+def test_corrupt_parquet_among_good_ones_completes(tiny_policy, tiny_reward_model, tmp_path):
+    import pyarrow as pa
+
+    os.makedirs(tmp_path / "in")
+    pq.write_table(pa.table({"prompt_id": ["a"], "prompt": ["How do I bake bread?"]}),
+                   str(tmp_path / "in" / "a.parquet"))
+    pq.write_table(pa.table({"prompt_id": ["c"], "prompt": ["Tell me a joke."]}),
+                   str(tmp_path / "in" / "c.parquet"))
+    bad = str(tmp_path / "in" / "b.parquet")
+    with open(bad, "wb") as f:
+        f.write(b"not parquet at all")
+    out = str(tmp_path / "out")
+    assert generate(_args(str(tmp_path / "in" / "*.parquet"), out, tiny_policy,
+                          tiny_reward_model, "--engine", "transformers")) == 0
+    assert os.path.exists(os.path.join(out, "_SUCCESS"))
+    assert {r["prompt_id"] for r in _pairs(out)} == {"a", "c"}
+    [d] = _dead_letters(out)
+    assert (d["stage"], d["reason"], d["input"]["file"]) == ("read", "corrupt_input_file", bad)

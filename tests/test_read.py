@@ -37,7 +37,8 @@ def read(tmp_path, input_pattern: str, **kwargs):
     """Runs ReadPrompts; returns (prompts, dead letters as dicts, counters by name)."""
     out = tmp_path / f"collected-{len(list(tmp_path.glob('collected-*')))}"
     with beam.Pipeline(options=PipelineOptions(RUNNER)) as p:
-        prompts, dead, _ = p | ReadPrompts(input_pattern, **kwargs)
+        read_out = p | ReadPrompts(input_pattern, **kwargs)
+        prompts, dead = read_out.main, read_out.dead_letters
         _ = (prompts | "P" >> beam.Map(lambda x: json.dumps(P.as_dict(x)))
              | "WP" >> beam.io.WriteToText(str(out / "prompts")))
         _ = (dead | "D" >> beam.Map(lambda d: d.to_json())
@@ -186,3 +187,73 @@ def test_bad_configuration_fails_at_construction(tmp_path):
         GenerateConfig(input_format="csv")
     with pytest.raises(ConfigError, match="max-prompts"):
         GenerateConfig(max_prompts=0)
+
+
+# ----------------------------------------------------------------------------- damaged input
+def test_truncated_gzip_keeps_the_lines_before_the_cut_and_names_the_file(tmp_path):
+    """Python's gzip raises EOFError on a cut .gz file; Beam's ReadFromText stopped silently."""
+    os.makedirs(tmp_path / "in")
+    good = _write_lines(tmp_path / "in" / "a.jsonl", [_j({"prompt": "intact"})])
+    lines = [_j({"prompt_id": f"p{i:03d}", "prompt": f"prompt number {i} " + "x" * 200})
+             for i in range(300)]
+    full = gzip.compress(b"\n".join(lines) + b"\n")
+    cut = str(tmp_path / "in" / "b.jsonl.gz")
+    with open(cut, "wb") as f:
+        f.write(full[:len(full) // 2])
+    prompts, dead, counters = read(tmp_path, str(tmp_path / "in" / "*"))
+
+    from_cut = sorted(p["prompt_id"] for p in prompts if p["source"] == cut)
+    assert 0 < len(from_cut) < 300
+    assert from_cut == [f"p{i:03d}" for i in range(len(from_cut))]  # every line before the cut
+    assert [p["source"] for p in prompts if p["prompt"] == "intact"] == [good]
+    [d] = dead
+    assert (d["stage"], d["reason"]) == ("read", "corrupt_input_file")
+    assert d["input"]["file"] == cut and d["input"]["line"] == len(from_cut) + 1
+    assert d["input"]["byte_offset"] > 0 and cut in d["detail"] and "EOFError" in d["detail"]
+    assert counters["dead_letter_corrupt_input_file"] == 1
+
+
+def test_corrupt_parquet_among_good_ones_is_a_dead_letter_naming_it(tmp_path):
+    os.makedirs(tmp_path / "in")
+    pq.write_table(pa.table({"prompt": ["one", "two"]}), str(tmp_path / "in" / "a.parquet"))
+    pq.write_table(pa.table({"prompt": ["three"]}), str(tmp_path / "in" / "c.parquet"))
+    bad = str(tmp_path / "in" / "b.parquet")
+    with open(bad, "wb") as f:
+        f.write(b"PAR1 this is not a parquet file at all")
+    prompts, dead, counters = read(tmp_path, str(tmp_path / "in" / "*.parquet"))
+
+    assert sorted(p["prompt"] for p in prompts) == ["one", "three", "two"]
+    [d] = dead
+    assert (d["stage"], d["reason"], d["input"]) == (
+        "read", "corrupt_input_file", {"file": bad, "row_group": None})
+    assert bad in d["detail"]
+    assert counters["input_files"] == 3
+
+
+def test_corrupt_parquet_row_group_keeps_the_others(tmp_path):
+    path = str(tmp_path / "groups.parquet")
+    pq.write_table(pa.table({"prompt": [f"prompt {i}" for i in range(4)]}), path,
+                   row_group_size=2, compression="snappy")
+    meta = pq.ParquetFile(path).metadata
+    start = meta.row_group(1).column(0).data_page_offset
+    data = bytearray(open(path, "rb").read())
+    data[start:start + 20] = b"\xff" * 20  # the second row group's page header
+    open(path, "wb").write(bytes(data))
+    prompts, dead, _ = read(tmp_path, path)
+
+    assert sorted(p["prompt"] for p in prompts) == ["prompt 0", "prompt 1"]
+    [d] = dead
+    assert (d["reason"], d["input"]) == ("corrupt_input_file", {"file": path, "row_group": 1})
+    assert "row group 1 of 2" in d["detail"]
+
+
+def test_json_nested_thousands_deep_is_an_unexpected_error_dead_letter(tmp_path):
+    deep = b"[" * 3000 + b"]" * 3000
+    path = _write_lines(tmp_path / "deep.jsonl", [_j({"prompt": "fine"}), deep,
+                                                  _j({"prompt": "also fine"})])
+    prompts, dead, counters = read(tmp_path, path)
+    assert sorted(p["prompt"] for p in prompts) == ["also fine", "fine"]
+    [d] = dead
+    assert (d["stage"], d["reason"]) == ("read", "unexpected_error")
+    assert d["detail"].startswith("RecursionError: ") and d["input"] == deep.decode()
+    assert counters["dead_letter_unexpected_error"] == 1

@@ -9,7 +9,7 @@ from transformers import AutoTokenizer
 from rso.transcript import hh_transcript
 from beam_pipelines.config import GenerateConfig
 from beam_pipelines.elements import DeadLetter, PromptInput, RenderedPrompt
-from beam_pipelines.render import (DEAD_LETTER, PromptError, RenderPrompts, context_length,
+from beam_pipelines.render import (PromptError, RenderPrompts, context_length,
                                    max_prompt_tokens, new_token_budget,
                                    render_prompt)
 
@@ -122,8 +122,8 @@ def test_render_prompts_transform_routes_failures_to_dead_letters(tiny_policy):
     config = GenerateConfig(policy=tiny_policy)
     p = beam.Pipeline(runner="DirectRunner")
     out = p | beam.Create(inputs) | RenderPrompts(config)
-    _ = out.rendered | "CollectRendered" >> _collect("rendered")
-    _ = out[DEAD_LETTER] | "CollectDead" >> _collect("dead")
+    _ = out.main | "CollectRendered" >> _collect("rendered")
+    _ = out.dead_letters | "CollectDead" >> _collect("dead")
     result = p.run()
     result.wait_until_finish()
 
@@ -155,3 +155,23 @@ def test_every_render_failure_reason_is_documented():
 
     raised = set(re.findall(r'PromptError\("([a-z_]+)"', open(render.__file__).read()))
     assert raised and raised <= set(prompts.REASONS)
+
+
+def test_lone_surrogate_is_an_unexpected_error_dead_letter_that_can_be_written(tiny_policy):
+    """Valid JSON can hold a lone UTF-16 surrogate; the tokenizer raises TypeError on it."""
+    import json
+
+    inputs = [PromptInput("s1", prompt="broken \ud83d emoji"), PromptInput("ok", prompt="hi")]
+    p = beam.Pipeline(runner="DirectRunner")
+    out = p | beam.Create(inputs) | RenderPrompts(GenerateConfig(policy=tiny_policy))
+    _ = out.main | "CollectRendered" >> _collect("rendered_s")
+    _ = out.dead_letters | "CollectDead" >> _collect("dead_s")
+    p.run().wait_until_finish()
+
+    assert [r.prompt_id for r in Collect.sink["rendered_s"]] == ["ok"]
+    [dead] = Collect.sink["dead_s"]
+    assert (dead.stage, dead.reason, dead.prompt_id) == ("render", "unexpected_error", "s1")
+    assert dead.detail.startswith("TypeError: ")
+    line = dead.to_json()
+    line.encode("utf-8")  # writable as UTF-8
+    assert json.loads(line)["input"]["prompt"] == "broken \ud83d emoji"

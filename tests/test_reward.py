@@ -14,9 +14,10 @@ from apache_beam.testing.util import assert_that
 from rso.transcript import hh_transcript
 from beam_pipelines.config import GenerateConfig, RewardModelSpec
 from beam_pipelines.elements import Candidate, PromptCandidates, RenderedPrompt
-from beam_pipelines.reward import (PairwiseRewardHandler, PointwiseRewardHandler, ScoreRewards,
-                                   check_reward_model, pairwise_text,
-                                   truncate_left)
+from rso.reward_input import pairwise_text
+from beam_pipelines.reward import ScoreRewards
+from beam_pipelines.reward_handlers import (PairwiseRewardHandler, PointwiseRewardHandler,
+                                            check_reward_model, truncate_left)
 from beam_pipelines.seeding import prompt_rng
 from rso.config import ConfigError
 from tests.tiny_models import _llama_config, build_tokenizer
@@ -161,6 +162,23 @@ def test_pointwise_equals_direct_forward_and_ignores_batch_composition(tiny_rewa
             assert rs2 == pytest.approx(rs, abs=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["pointwise", "pairwise"])
+def test_rewards_are_bit_identical_alone_and_in_any_batch(kind, tiny_reward_model,
+                                                          pairwise_models):
+    """Issue 8 item 5: a prompt's rewards must not depend on which other prompts share its
+    Beam batch (bundle timing); compared with ==, not approx."""
+    path = tiny_reward_model if kind == "pointwise" else pairwise_models[2]
+    cfg = config(reward_batch_size=3, seed=3)
+    handler = (PointwiseRewardHandler if kind == "pointwise" else PairwiseRewardHandler)(
+        RewardModelSpec(path=path, kind=kind), cfg)
+    loaded = handler.load_model()
+    alone = [rewards_of(handler, [pc], loaded)[0] for pc in PROMPTS]
+    together = rewards_of(handler, PROMPTS, loaded)
+    shuffled = rewards_of(handler, [PROMPTS[2], PROMPTS[0], PROMPTS[1]], loaded)
+    assert together == alone
+    assert shuffled == [alone[2], alone[0], alone[1]]
+
+
 def test_pointwise_truncates_the_oldest_context_and_keeps_the_response(tiny_reward_model):
     handler = PointwiseRewardHandler(RewardModelSpec(path=tiny_reward_model),
                                      config(reward_max_length=12))
@@ -201,13 +219,13 @@ def test_missing_pad_token_pads_with_eos(tmp_path):
 def test_wrong_number_of_outputs_fails_at_start(pairwise_models, tiny_reward_model):
     two = pairwise_models[2]
     with pytest.raises(ConfigError, match="num_labels"):
-        ScoreRewards([RewardModelSpec(path=tiny_reward_model),
-                      RewardModelSpec(path=two, kind="pointwise")], config())
+        ScoreRewards(config(), [RewardModelSpec(path=tiny_reward_model),
+                                RewardModelSpec(path=two, kind="pointwise")])
     with pytest.raises(ConfigError, match="num_labels"):
         PointwiseRewardHandler(RewardModelSpec(path=two), config()).load_model()
     check_reward_model(RewardModelSpec(path=two, kind="pairwise"))  # fine for pairwise
     with pytest.raises(ConfigError, match="weight"):
-        ScoreRewards([RewardModelSpec(path=tiny_reward_model, weight=math.inf)], config())
+        ScoreRewards(config(), [RewardModelSpec(path=tiny_reward_model, weight=math.inf)])
 
 
 # ------------------------------------------------------------------------------ pairwise
@@ -297,7 +315,7 @@ def run_pipeline(elements, transform):
     p = beam.Pipeline()
     out = p | beam.Create([(pc.prompt.prompt_id, pc) for pc in elements]) | transform
     assert_that(out.main, functools.partial(_capture, "main"), label="main")
-    assert_that(out.dead_letter, functools.partial(_capture, "dead"), label="dead")
+    assert_that(out.dead_letters, functools.partial(_capture, "dead"), label="dead")
     result = p.run()
     result.wait_until_finish()
     counters: dict[str, int] = {}  # summed over the steps that report each name
@@ -322,7 +340,7 @@ def test_score_rewards_weighted_sum_and_truncation_counter(tiny_reward_model, pa
         assert [handler._plan(pc, loaded).truncated for pc in elements] == \
             [0, 0, 0, len(handler._plan(long_pc, loaded).sequences)]
 
-    main, dead, counters = run_pipeline(elements, ScoreRewards(specs, cfg))
+    main, dead, counters = run_pipeline(elements, ScoreRewards(cfg, specs))
     assert dead == []
     assert sorted(main) == sorted(pc.prompt.prompt_id for pc in elements)
     for pc, a, b in zip(elements, r1, r2):
@@ -348,7 +366,7 @@ def test_non_finite_rewards_and_failures_become_dead_letters(tiny_reward_model,
     expected = rewards_of(clean, [ok1, ok2], clean.load_model())
 
     main, dead, counters = run_pipeline(
-        [ok1, bad, ok2], ScoreRewards([RewardModelSpec(path=adversarial_model)], cfg))
+        [ok1, bad, ok2], ScoreRewards(cfg, [RewardModelSpec(path=adversarial_model)]))
 
     assert sorted(main) == ["ok1", "ok2"]
     assert [c.text for c in main["ok1"].candidates] == ["two is four", "four"]

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from beam_pipelines.config import GenerateConfig, RewardModelSpec
 from beam_pipelines.elements import Candidate, PromptCandidates, RenderedPrompt
 from beam_pipelines.prompts import parse_hh_dialogue, prompt_id_for
-from beam_pipelines.reward import PairwiseRewardHandler, PointwiseRewardHandler
+from beam_pipelines.reward_handlers import PairwiseRewardHandler, PointwiseRewardHandler
 from rso.transcript import hh_transcript
 from trainer.data import DataError
 from trainer.losses import bradley_terry_loss

@@ -276,7 +276,8 @@ def test_gcs_read_and_write(gcs_bucket):
         return {**record(i, 1.0 + i, 0.0), "prompt": p.prompt}
 
     with beam.Pipeline(options=PipelineOptions(RUNNER)) as p:
-        prompts, dead, _ = p | ReadPrompts(src)
+        read = p | ReadPrompts(src)
+        prompts, dead = read.main, read.dead_letters
         _ = {"pairs": prompts | beam.Map(to_record), "dead_letters": dead} | WriteOutputs(
             out, CONFIG, "run-test", {}, {})
 

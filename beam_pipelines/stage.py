@@ -1,0 +1,169 @@
+"""The stage contract: how every stage of the pipeline returns its output and drops elements.
+
+Every stage PTransform (read, render, generate, reward, select, rescore, records, write's
+validation) returns a :class:`StageOutput` ``(main, dead_letters, side)``:
+
+- ``main``: the stage's output PCollection;
+- ``dead_letters``: :class:`~beam_pipelines.elements.DeadLetter` records, stage-named, each
+  counted as ``rso/dead_letter_<reason>``; the pipeline flattens every stage's dead letters into
+  ``dead_letter-*.jsonl`` and counts them per reason in the manifest;
+- ``side``: any other tagged outputs by tag (only selection's ``summary``).
+
+Two kinds of failure, one shape:
+
+- Expected, per element: a DoFn yields :func:`dead_letter` (e.g. ``invalid_json``,
+  ``prompt_too_long``, ``non_finite_reward``).
+- ANY other exception raised while one element is processed: :class:`StageParDo` applies the
+  DoFn as ``beam.ParDo(fn).with_exception_handling(main_tag=MAIN, dead_letter_tag=ERROR)``
+  (Beam's own idiom, ``apache_beam/transforms/core.py::ParDo.with_exception_handling``). Beam
+  buffers one element's outputs (``partial=False``) so a failing element emits nothing but
+  its error, which :func:`error_to_dead_letter` turns into ``DeadLetter(stage,
+  reason="unexpected_error", detail="<ExceptionType>: <message>", prompt_id, input)``. Every
+  other element goes on; ``_SUCCESS`` is still written.
+
+Where Beam's idiom is not used, and why:
+
+- Model handlers (generate, reward, rescore): RunInference's own ``with_exception_handling``
+  fails a whole batch when one element raises. The shared handler plumbing
+  (:mod:`beam_pipelines.handlers`) instead retries a failed batch one element at a time and
+  returns a ``Failure`` only for the elements that fail on their own; :class:`SplitFailures`
+  makes those dead letters. An exception in ``load_model`` (a model that cannot load) still
+  fails the run: no element could be processed.
+- The file readers of :mod:`beam_pipelines.read` catch every exception themselves: an element
+  there is a whole file, buffering its outputs would hold the file in memory, and the records
+  before the damage must be kept (with the line / row group where it failed in the dead letter).
+"""
+from __future__ import annotations
+
+import types
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
+
+import apache_beam as beam
+from apache_beam.metrics import Metrics
+from apache_beam.ml.inference.base import PredictionResult
+
+from beam_pipelines.elements import DeadLetter, Failure
+
+NAMESPACE = "rso"  # every counter of the pipeline: rso/<name>
+MAIN = "main"
+DEAD_LETTER = "dead_letter"
+ERROR = "error"  # Beam's exception-handling output: (element, (type, repr, traceback lines))
+UNEXPECTED_ERROR = "unexpected_error"
+
+Describe = Callable[[Any], "tuple[str | None, Any]"]  # element -> (prompt_id, JSON-able input)
+
+
+class StageOutput(NamedTuple):
+    """What every stage PTransform returns (see the module docstring)."""
+    main: beam.PCollection
+    dead_letters: beam.PCollection  # PCollection[DeadLetter]
+    side: Mapping[str, beam.PCollection] = types.MappingProxyType({})
+
+
+def count(name: str, n: int = 1) -> None:
+    """Increments the pipeline counter ``rso/<name>``."""
+    Metrics.counter(NAMESPACE, name).inc(n)
+
+
+def dead_letter(stage: str, reason: str, detail: str, prompt_id: str | None = None,
+                input: Any = None) -> beam.pvalue.TaggedOutput:
+    """A tagged ``dead_letter`` output, counted as ``rso/dead_letter_<reason>``."""
+    count("dead_letter_" + reason)
+    return beam.pvalue.TaggedOutput(DEAD_LETTER, DeadLetter(
+        stage=stage, reason=reason, detail=detail, prompt_id=prompt_id, input=input))
+
+
+def error_detail(exc: BaseException) -> str:
+    """``"<ExceptionType>: <message>"``, the detail of a dead letter made from an exception."""
+    return f"{type(exc).__name__}: {exc}"
+
+
+def describe_element(element: Any) -> tuple[str | None, Any]:
+    """A best-effort ``(prompt_id, JSON-able input)`` for any element of the pipeline:
+    ``(key, value)`` pairs are keyed by prompt_id; objects with a ``prompt_id`` (or a
+    ``prompt.prompt_id``) name it; dataclasses become dicts; bytes are escaped."""
+    import dataclasses
+
+    if isinstance(element, tuple) and len(element) == 2 and isinstance(element[0], str):
+        _, value = describe_element(element[1])
+        return element[0], value
+    if isinstance(element, Mapping):
+        pid = element.get("prompt_id")
+        return (pid if isinstance(pid, str) else None), dict(element)
+    pid = getattr(element, "prompt_id", None) or getattr(
+        getattr(element, "prompt", None), "prompt_id", None)
+    if dataclasses.is_dataclass(element) and not isinstance(element, type):
+        return pid, dataclasses.asdict(element)
+    if isinstance(element, bytes):
+        return None, element.decode("utf-8", errors="backslashreplace")
+    return pid, element
+
+
+def error_to_dead_letter(bad: tuple[Any, tuple[type, str, list[str]]], stage: str,
+                         describe: Describe) -> DeadLetter:
+    """Beam's exception-handling output ``(element, (type, repr, traceback))`` -> a
+    ``DeadLetter(stage, "unexpected_error", "<Type>: <message>")``, counted."""
+    element, (exc_type, exc_repr, trace) = bad
+    last = trace[-1].strip() if trace else ""
+    detail = last if last.startswith(exc_type.__name__) else f"{exc_type.__name__}: {exc_repr}"
+    try:
+        prompt_id, value = describe(element)
+    except Exception:  # noqa: BLE001 - describing must never lose the dead letter
+        prompt_id, value = None, repr(element)
+    count("dead_letter_" + UNEXPECTED_ERROR)
+    return DeadLetter(stage=stage, reason=UNEXPECTED_ERROR, detail=detail,
+                      prompt_id=prompt_id, input=value)
+
+
+class StageParDo(beam.PTransform):
+    """``pcoll | StageParDo(stage, fn)`` -> :class:`StageOutput`.
+
+    ``fn`` yields main outputs, :func:`dead_letter` outputs and ``TaggedOutput``s of
+    ``side_tags``; any exception it raises for an element becomes an ``unexpected_error`` dead
+    letter (``describe(element)`` gives its prompt_id and input), and the element's other
+    outputs are dropped (Beam buffers them). ``args``/``kwargs`` go to ``beam.ParDo`` (side
+    inputs).
+    """
+
+    def __init__(self, stage: str, fn: beam.DoFn, *args: Any, side_tags: Iterable[str] = (),
+                 describe: Describe = describe_element, **kwargs: Any):
+        super().__init__()
+        self._stage, self._fn, self._args, self._kwargs = stage, fn, args, kwargs
+        self._side_tags = tuple(side_tags)
+        self._describe = describe
+
+    def expand(self, pcoll: beam.PCollection) -> StageOutput:
+        tags = (DEAD_LETTER, *self._side_tags)
+        out = pcoll | "Process" >> beam.ParDo(self._fn, *self._args, **self._kwargs) \
+            .with_output_types(Any, **{t: Any for t in tags}) \
+            .with_exception_handling(main_tag=MAIN, dead_letter_tag=ERROR) \
+            .with_outputs(*tags, main=MAIN)
+        errors = out[ERROR] | "ErrorsToDeadLetters" >> beam.Map(
+            error_to_dead_letter, self._stage, self._describe)
+        dead = (out[DEAD_LETTER], errors) | "DeadLetters" >> beam.Flatten()
+        return StageOutput(out[MAIN], dead, {t: out[t] for t in self._side_tags})
+
+
+class SplitFailures(beam.DoFn):
+    """``(key, PredictionResult)`` -> ``(key, merge(example, inference))``, or, when the
+    inference is a :class:`Failure`, a dead letter ``(stage, reason, detail, prompt_id=key,
+    input=describe(example))``; successes count ``rso/<ok_counter>``. ``merge`` defaults to
+    the inference itself."""
+
+    def __init__(self, stage: str, ok_counter: str, describe: Callable[[Any], Any],
+                 merge: Callable[[Any, Any], Any] | None = None):
+        self._stage = stage
+        self._ok = Metrics.counter(NAMESPACE, ok_counter)
+        self._describe = describe
+        self._merge = merge
+
+    def process(self, element: tuple[str, PredictionResult]) -> Iterator[Any]:
+        key, result = element
+        if isinstance(result.inference, Failure):
+            f = result.inference
+            yield dead_letter(self._stage, f.reason, f.detail, key,
+                              self._describe(result.example))
+            return
+        self._ok.inc()
+        yield key, (result.inference if self._merge is None
+                    else self._merge(result.example, result.inference))
