@@ -104,6 +104,17 @@ class GenerateConfig(Config):
         "both-orders", "pairwise reward models' position bias: both-orders scores (y, b) and "
         "(b, y) and averages (2 forwards per candidate); random-flip scores one order chosen by "
         "a coin seeded from (seed, prompt_id)")
+    reward_combination: Literal["weighted-sum", "mean-minus-std"] = option(
+        "weighted-sum", "how several reward models' scores become one reward: weighted-sum "
+        "(SPEC 2) or mean-minus-std, mean - lambda * std across models (a pessimistic ensemble)")
+    reward_std_penalty: float = option(
+        1.0, "lambda of --reward-combination mean-minus-std", min=0, finite=True)
+    write_candidates: bool = option(
+        False, "also write every scored candidate to candidates-*.parquet (docs/CANDIDATES.md), "
+        "so that rso select and rso sweep can re-select without decoding")
+    candidates: Optional[str] = option(
+        None, "select from this candidate store (a complete run written with "
+        "--write-candidates) instead of reading and decoding prompts (rso select)")
     # ---- select and pair
     selection: Selection = option("rso", "rso | top-k | random | best-of-n | rest (SPEC 3)")
     num_samples: int = option(8, "k: responses kept per prompt (a pairing needs k >= 2)", min=1)
@@ -133,10 +144,13 @@ class GenerateConfig(Config):
         def fail(msg: str) -> None:
             raise ConfigError(msg)
 
-        for name, flag in (("input", "--input"), ("output", "--output"), ("policy", "--policy")):
+        required = (("output", "--output"), ("policy", "--policy"))
+        if not self.candidates:
+            required = (("input", "--input"), *required)
+        for name, flag in required:
             if not getattr(self, name):
                 fail(f"{flag} is required")
-        if not self.reward_model:
+        if not self.reward_model and not self.candidates:
             fail("at least one --reward-model is required")
         for spec in self.reward_model:
             spec.validate()
@@ -159,7 +173,12 @@ class GenerateConfig(Config):
             if self.max_model_len > limit:
                 fail(f"--max-model-len {self.max_model_len} exceeds the policy's context "
                      f"length ({limit})")
-        check_input(self.input, self.input_format)
+        if self.candidates:
+            from beam_pipelines.candidates import check_store
+
+            check_store(self.candidates, self.policy)
+        else:
+            check_input(self.input, self.input_format)
 
     # ---- derived values
     @property
@@ -187,6 +206,22 @@ class GenerateConfig(Config):
     def effective_beta(self) -> float:
         return {"top-k": 0.0, "random": math.inf}.get(self.selection, self.beta)
 
+    def model_ids(self) -> dict[str, str]:
+        """``policy`` and ``reward`` ids (name + content hash, :func:`rso.model_id.model_id`) as
+        records and the manifest carry; ``reward`` names the combination when it is not the
+        weighted sum. Selecting from a store without new reward models keeps the store's id."""
+        rewards = [f"{model_id(r.path)}*{r.weight:g}" + (":pairwise" if r.kind == "pairwise"
+                                                          else "") for r in self.reward_model]
+        if rewards:
+            reward = "+".join(rewards)
+            if self.reward_combination != "weighted-sum":
+                reward += f"|{self.reward_combination}(lambda={self.reward_std_penalty:g})"
+        else:
+            from beam_pipelines.candidates import store_identity
+
+            reward = store_identity(self.candidates)[1]
+        return {"policy": model_id(self.policy), "reward": reward}
+
     def resolved_run_id(self) -> str:
         """The given run_id, else ``run-<12 hex>``: a hash of what shapes the records, by
         content: the input's :func:`rso.model_id.content_id`, the models'
@@ -196,11 +231,18 @@ class GenerateConfig(Config):
         if self.run_id:
             return self.run_id
         data = {k: v for k, v in self.to_dict().items()
-                if k not in ("output", "overwrite", "run_id", "input", "policy", "reward_model")}
-        data["input"] = content_id(self.input)
+                if k not in ("output", "overwrite", "run_id", "input", "policy", "reward_model",
+                             "candidates", "write_candidates")}
+        if self.candidates:  # the same data as the run that wrote the store
+            from beam_pipelines.candidates import store_identity
+
+            data["input"] = store_identity(self.candidates)[0]
+        else:
+            data["input"] = content_id(self.input)
         data["policy"] = _content_part(model_id(self.policy))
-        data["reward_model"] = [[_content_part(model_id(r.path)), r.weight, r.kind]
-                                for r in self.reward_model]
+        # "name@sha256:x*1+..." without the names: content and weights only
+        data["reward_model"] = [_content_part(part) for part in
+                                self.model_ids()["reward"].split("+")]
         digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode())
         return "run-" + digest.hexdigest()[:12]
 

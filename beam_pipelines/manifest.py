@@ -405,7 +405,8 @@ def accounting_section(config: Mapping[str, Any], totals: Mapping[str, Any],
 
     ``counts`` holds the stage counts (:class:`CountAs`): ``input_records``, ``blank_lines``,
     ``prompts_not_in_shard``, ``prompts_read`` (read stage), ``candidates_generated``
-    (generate) and ``records_built`` (records before the write stage's checks). Identities
+    (generate, or the store's candidates when re-selecting), ``candidates_decoded``,
+    ``tokens_decoded`` (0 when re-selecting), ``candidates_reused`` and ``records_built`` (records before the write stage's checks). Identities
     (each section's ``balanced``; None when a count is missing)::
 
         input_records = prompts_read + read dead letters + blank_lines + prompts_not_in_shard
@@ -435,12 +436,18 @@ def accounting_section(config: Mapping[str, Any], totals: Mapping[str, Any],
         return counts.get(name)
 
     inputs = {"input_records": count("input_records"), "prompts_read": count("prompts_read"),
-              "read_dead_letters": by_stage.get("read", 0),
+              "read_dead_letters": dead("read", exclude=("corrupt_input_file",)),
+              # a damaged file is one dead letter, not a record; what followed the damage was
+              # never read, so it is outside the identity
+              "corrupt_input_files": dead("read", "corrupt_input_file"),
               "blank_lines": count("blank_lines"),
               "prompts_not_in_shard": count("prompts_not_in_shard")}
     inputs["balanced"] = balanced(inputs["input_records"], inputs["prompts_read"],
                                   inputs["read_dead_letters"], inputs["blank_lines"],
                                   inputs["prompts_not_in_shard"])
+    decoding = {"tokens_decoded": count("tokens_decoded") or 0,
+                "candidates_decoded": count("candidates_decoded") or 0,
+                "candidates_reused": count("candidates_reused") or 0}
     prompts = {"prompts_read": count("prompts_read"), "selected": totals["prompts"],
                "render_dead_letters": by_stage.get("render", 0),
                "generate_dead_letters": dead("generate", "generation_failed"),
@@ -460,7 +467,7 @@ def accounting_section(config: Mapping[str, Any], totals: Mapping[str, Any],
     best_of_n = config.get("selection") == "best-of-n"
     made = totals["num_accepted"] if best_of_n else totals["num_pairs"]
     built = count("records_built")
-    rescore_failed = dead("generate", "rescore_failed")
+    rescore_failed = dead("rescore", "rescore_failed")
     pairs = {"unit": "sft_targets" if best_of_n else "pairs", "made": made,
              "ties_dropped": totals["num_ties_dropped"], "records_built": built,
              "lost_after_selection": None if built is None else made - built,
@@ -469,8 +476,13 @@ def accounting_section(config: Mapping[str, Any], totals: Mapping[str, Any],
     pairs["balanced"] = None if built is None else (
         balanced(made, records_written, pairs["invalid_records"], pairs["lost_after_selection"])
         and (pairs["lost_after_selection"] == 0) == (rescore_failed == 0))
+    sections = (inputs, prompts, candidates, pairs)
     return {"inputs": inputs, "prompts": prompts, "candidates": candidates, "pairs": pairs,
-            "balanced": all(x["balanced"] is True for x in (inputs, prompts, candidates, pairs))}
+            "decoding": decoding,
+            # every identity that can be checked holds (re-selection from a candidate store
+            # reads no input records: its input identities are None, not checked)
+            "balanced": all(x["balanced"] is not False for x in sections)
+            and any(x["balanced"] is True for x in sections)}
 
 
 def build_manifest(*, config: Mapping[str, Any], run_id: str, versions: Mapping[str, str],

@@ -11,6 +11,7 @@ setting (see ``config.py``) is a Beam pipeline option (``--runner``, ``--project
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import sys
@@ -22,6 +23,8 @@ import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_pipelines import manifest
+from beam_pipelines.candidates import (ReadCandidates, candidate_rows, clear_rewards,
+                                       sampling_params_json, store_identity)
 from beam_pipelines.config import GenerateConfig
 from beam_pipelines.generate import GenerateCandidates, warn_if_not_pi_sft
 from beam_pipelines.read import COUNTS, ReadPrompts
@@ -36,18 +39,43 @@ from beam_pipelines.write import WriteOutputs, prepare_output
 from rso import layout, schema
 from rso.config import ConfigError
 from rso.layout import is_complete
-from rso.model_id import model_id
+from rso.model_id import content_id, model_id
 from rso.ownership import OutputLock, OutputLockedError
 from rso.storage import join, open_file
 
 log = logging.getLogger("rso.generate")
 
 
-def model_ids(config: GenerateConfig) -> dict[str, str]:
-    """``policy`` and ``reward`` ids (name + content hash) as records and the manifest carry."""
-    rewards = [f"{model_id(r.path)}*{r.weight:g}" + (":pairwise" if r.kind == "pairwise" else "")
-               for r in config.reward_model]
-    return {"policy": model_id(config.policy), "reward": "+".join(rewards)}
+def add_scored_candidates(pipeline: beam.Pipeline, config: GenerateConfig
+                          ) -> tuple[beam.PCollection, list, list]:
+    """read -> render -> generate -> reward, or, with ``config.candidates``, the stored
+    candidates (re-scored when reward models are given). Returns the scored
+    ``(prompt_id, PromptCandidates)``, the stages (for their dead letters) and the accounting
+    counts."""
+    if config.candidates:
+        stored = pipeline | "ReadCandidates" >> ReadCandidates(config.candidates)
+        counts = [stored | "CountGenerated" >> manifest.CountAs(
+                      "candidates_generated", lambda kv: len(kv[1].candidates)),
+                  stored | "CountReused" >> manifest.CountAs(
+                      "candidates_reused", lambda kv: len(kv[1].candidates))]
+        if not config.reward_model:
+            return stored, [], counts
+        cleared = stored | "ClearRewards" >> beam.MapTuple(lambda k, g: (k, clear_rewards(g)))
+        scored = cleared | "Reward" >> ScoreRewards(config)
+        return scored.main, [scored], counts
+    read = pipeline | "Read" >> ReadPrompts(
+        config.input, config.input_format, config.max_prompts, config.seed)
+    rendered = read.main | "Render" >> RenderPrompts(config)
+    generated = rendered.main | "Generate" >> GenerateCandidates(config)
+    scored = generated.main | "Reward" >> ScoreRewards(config)
+    counts = [read.side[COUNTS],
+              generated.main | "CountGenerated" >> manifest.CountAs(
+                  "candidates_generated", lambda kv: len(kv[1].candidates)),
+              generated.main | "CountDecoded" >> manifest.CountAs(
+                  "candidates_decoded", lambda kv: len(kv[1].candidates)),
+              generated.main | "CountTokens" >> manifest.CountAs(
+                  "tokens_decoded", lambda kv: sum(c.num_tokens for c in kv[1].candidates))]
+    return scored.main, [read, rendered, generated, scored], counts
 
 
 def build_pipeline(pipeline: beam.Pipeline, config: GenerateConfig,
@@ -57,35 +85,39 @@ def build_pipeline(pipeline: beam.Pipeline, config: GenerateConfig,
     passes a staging directory)."""
     config.validate()
     run_id = config.resolved_run_id()
-    ids = model_ids(config)
+    ids = config.model_ids()
+    input_id = (store_identity(config.candidates)[0] if config.candidates
+                else content_id(config.input))
     warn_if_not_pi_sft(config)
 
-    read = pipeline | "Read" >> ReadPrompts(
-        config.input, config.input_format, config.max_prompts, config.seed)
-    rendered = read.main | "Render" >> RenderPrompts(config)
-    generated = rendered.main | "Generate" >> GenerateCandidates(config)
-    scored = generated.main | "Reward" >> ScoreRewards(config)
-    selected = scored.main | "Select" >> SelectAndPair(config)
-    stages = [read, rendered, generated, scored, selected]
+    scored, stages, counts = add_scored_candidates(pipeline, config)
+    outputs = {}
+    if config.write_candidates:
+        rows = functools.partial(
+            candidate_rows, sft_logp_dtype=config.generation_dtype, policy_model=ids["policy"],
+            reward_model=ids["reward"], sampling_params=sampling_params_json(config),
+            run_id=run_id)
+        outputs["candidates"] = scored | "CandidateRows" >> beam.FlatMap(lambda kv: rows(kv[1]))
+    selected = scored | "Select" >> SelectAndPair(config)
+    stages.append(selected)
     kept = selected.main
     if config.rescore_in_fp32:
         stages.append(kept | "Rescore" >> RescoreCandidates(config))
         kept = stages[-1].main
     records = kept | "ToRecords" >> ToRecords(config, run_id, ids["policy"], ids["reward"])
     stages.append(records)
-    counts = (read.side[COUNTS],
-              generated.main | manifest.CountAs(
-                  "candidates_generated", lambda kv: len(kv[1].candidates)),
-              records.main | manifest.CountAs("records_built")) | "Counts" >> beam.Flatten()
+    counts.append(records.main | "CountRecords" >> manifest.CountAs("records_built"))
 
     best_of_n = config.selection == "best-of-n"
     return {
+        **outputs,
         "pairs": records.main,
         "dead_letters": tuple(s.dead_letters for s in stages) | "DeadLetters" >> beam.Flatten(),
         "summaries": selected.side[SUMMARY],
-        "counts": counts,
+        "counts": tuple(counts) | "Counts" >> beam.Flatten(),
     } | "Write" >> WriteOutputs(
-        write_to or config.output, config.to_dict(), run_id, manifest.package_versions(), ids,
+        write_to or config.output, config.to_dict(), run_id, manifest.package_versions(),
+        {**ids, "input": input_id},
         columns=schema.SFT_COLUMNS if best_of_n else schema.COLUMNS,
         prefix=layout.SFT_PREFIX if best_of_n else layout.PAIRS_PREFIX)
 
@@ -179,10 +211,9 @@ def beam_option_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "rso generate") -> int:
     """``rso generate``: 0 when done; 2 for a configuration that cannot run (one line on
     stderr, nothing written); 75 when another run owns --output."""
-    prog = "rso generate"
     try:
         config, beam_args = GenerateConfig.parse_args(
             argv, prog=prog, description=__doc__, passthrough=beam_option_parser())
@@ -196,6 +227,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     print(f"wrote {config.output}")
     return 0
+
+
+def select_main(argv: Sequence[str] | None = None) -> int:
+    """``rso select --candidates DIR --output OUT --policy SFT [--selection --beta ...]``: the
+    select, pair, fp32 re-score and write stages on a stored candidate set, no decoding (and no
+    reward model unless ``--reward-model`` re-scores the stored candidates). For the same seed
+    and settings it writes the records the run that stored the candidates wrote."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not any(a == "--candidates" or a.startswith("--candidates=") for a in argv) and not any(
+            a in ("-h", "--help") for a in argv):
+        print("rso select: error: --candidates DIR is required", file=sys.stderr)
+        return 2
+    return main(argv, prog="rso select")
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
-"""The REWARD stage (SPEC 2): every reward model scores every candidate; the weighted sum
-``reward = sum_m weight_m * r_m(x, y)`` is kept.
+"""The REWARD stage (SPEC 2): every reward model scores every candidate; each model's score is
+kept on the candidate (``reward_scores``, in ``--reward-model`` order) and combined into the
+one ``reward`` selection uses (:func:`beam_pipelines.reward_combination.combine_rewards`:
+``--reward-combination weighted-sum`` (SPEC 2, default) or ``mean-minus-std``, a pessimistic
+ensemble).
 
 Layout: this module is the Beam plumbing (:class:`ScoreRewards`: one RunInference per model,
 chained, then non-finite totals removed); the model handlers (pointwise, pairwise; loading,
@@ -10,7 +13,6 @@ PromptCandidates)``.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Sequence
 
@@ -21,7 +23,7 @@ from beam_pipelines.elements import Candidate, PromptCandidates
 from beam_pipelines.handlers import InferStage
 from beam_pipelines.reward_handlers import STAGE, check_reward_model, reward_handler
 from beam_pipelines.stage import StageOutput, StageParDo, dead_letter
-from rso.config import ConfigError
+from beam_pipelines.reward_combination import combine_rewards
 
 
 def _candidate_json(c: Candidate) -> dict:
@@ -35,22 +37,38 @@ def describe_candidates(example: PromptCandidates) -> dict:
             "candidates": [_candidate_json(c) for c in example.candidates]}
 
 
-def add_weighted(weight: float, first: bool, example: PromptCandidates,
-                 rewards: Sequence[float]) -> PromptCandidates:
-    """A copy of ``example`` whose candidates' reward += weight * r (from 0.0 for the first
-    model)."""
-    if len(rewards) != len(example.candidates):
-        raise ValueError(f"{len(rewards)} rewards for {len(example.candidates)} candidates")
+def add_scores(example: PromptCandidates, scores: Sequence[float]) -> PromptCandidates:
+    """A copy of ``example`` whose candidates' ``reward_scores`` gain one model's ``scores``."""
+    if len(scores) != len(example.candidates):
+        raise ValueError(f"{len(scores)} rewards for {len(example.candidates)} candidates")
     return dataclasses.replace(example, candidates=[dataclasses.replace(
-        c, reward=(0.0 if first else c.reward) + weight * r)
-        for c, r in zip(example.candidates, rewards)])
+        c, reward_scores=(*c.reward_scores, float(r)))
+        for c, r in zip(example.candidates, scores)])
 
 
-class _DropNonFinite(beam.DoFn):
-    """Removes candidates whose total reward is NaN or infinite, one dead letter each."""
+def combine(config: GenerateConfig, weights: Sequence[float], example: PromptCandidates
+            ) -> PromptCandidates:
+    """``example`` with each candidate's ``reward`` combined from its ``reward_scores`` (one
+    per model, ``weights`` in the same order)."""
+    if not example.candidates:
+        return example
+    scores = [list(s) for s in zip(*(c.reward_scores for c in example.candidates))]
+    rewards = combine_rewards(scores, weights, config.reward_combination,
+                              config.reward_std_penalty)
+    return dataclasses.replace(example, candidates=[
+        dataclasses.replace(c, reward=r) for c, r in zip(example.candidates, rewards)])
+
+
+class _CombineAndDropNonFinite(beam.DoFn):
+    """Combines each candidate's scores into its reward, then removes candidates whose reward
+    is NaN or infinite, one dead letter each."""
+
+    def __init__(self, config: GenerateConfig, weights: Sequence[float]):
+        self._config, self._weights = config, list(weights)
 
     def process(self, element: tuple[str, PromptCandidates]):
         prompt_id, pc = element
+        pc = combine(self._config, self._weights, pc)
         kept = []
         for c in pc.candidates:
             if math.isfinite(c.reward):
@@ -65,7 +83,7 @@ class ScoreRewards(beam.PTransform):
     """``(prompt_id, PromptCandidates)`` -> :class:`StageOutput` ``(main, dead_letters)``.
 
     - ``main``: ``(prompt_id, PromptCandidates)`` whose candidates carry
-      ``reward = sum_m weight_m * r_m(x, y)`` (finite), in their original order, non-finite ones
+      ``reward_scores`` (one per model) and the combined ``reward`` (finite), in their original order, non-finite ones
       removed. A prompt whose candidates were all removed is still emitted (with an empty list)
       so selection counts it as under-filled.
     - ``dead_letters``: :class:`DeadLetter` ``(stage="reward")``: ``non_finite_reward``, one per
@@ -93,9 +111,10 @@ class ScoreRewards(beam.PTransform):
         for i, spec in enumerate(self._specs):
             scored = current | f"Reward{i}_{spec.kind}" >> InferStage(
                 STAGE, reward_handler(spec, self._config), f"prompts_scored_{i}",
-                describe_candidates, functools.partial(add_weighted, spec.weight, i == 0))
+                describe_candidates, add_scores)
             current = scored.main
             dead.append(scored.dead_letters)
-        split = current | "DropNonFinite" >> StageParDo(STAGE, _DropNonFinite())
+        split = current | "Combine" >> StageParDo(STAGE, _CombineAndDropNonFinite(
+            self._config, [spec.weight for spec in self._specs]))
         dead.append(split.dead_letters)
         return StageOutput(split.main, tuple(dead) | "FlattenDeadLetters" >> beam.Flatten())

@@ -136,15 +136,17 @@ class _Finish(beam.DoFn):
         self._versions, self._models = dict(versions), dict(models)
 
     def process(self, _, totals, dead_counts, reward_stats, records_written, record_files,
-                example_files, dead_files, counts=None) -> Iterable[str]:
+                example_files, dead_files, counts=None, candidate_files=()) -> Iterable[str]:
         checksums = {}
-        for path in [*record_files, *example_files]:  # streamed; .gz hashed as stored
+        for path in [*record_files, *example_files, *candidate_files]:  # .gz hashed as stored
             with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
                 checksums[_basename(path)] = checksum_digest(f)
         files = {"parquet": [_basename(p) for p in record_files],
                  "tfrecord": [_basename(p) for p in example_files],
                  "dead_letters": [_basename(p) for p in dead_files],
                  "plots": list(PLOT_NAMES), CHECKSUMS: checksums}
+        if candidate_files:
+            files["candidates"] = [_basename(p) for p in candidate_files]
         doc = M.build_manifest(config=self._config, run_id=self._run_id,
                                versions=self._versions, models=self._models, totals=totals,
                                dead_letters=dead_counts, reward_stats=reward_stats,
@@ -175,6 +177,8 @@ class WriteOutputs(beam.PTransform):
     - ``dead_letters``: :class:`DeadLetter` from every stage (flattened here with the write
       stage's own).
     - ``summaries``: one :class:`PromptSummary` per prompt that reached selection.
+    - ``candidates``: candidate-store rows (``rso.schema.CANDIDATE_COLUMNS``), written as
+      ``candidates-*.parquet`` when given (``--write-candidates``).
     - ``counts``: ``(name, n)`` stage counts, summed per name, for the manifest's accounting
       (:func:`beam_pipelines.manifest.accounting_section`).
     - ``config_dict`` (secret-looking keys are redacted), ``run_id``, ``versions`` (e.g.
@@ -196,10 +200,10 @@ class WriteOutputs(beam.PTransform):
         self._columns, self._prefix, self._num_shards = tuple(columns), prefix, num_shards
 
     def expand(self, inputs: Mapping[str, beam.PCollection]) -> beam.PCollection:
-        unknown = set(inputs) - {"pairs", "dead_letters", "summaries", "counts"}
+        unknown = set(inputs) - {"pairs", "dead_letters", "summaries", "counts", "candidates"}
         if unknown:
             raise ValueError(f"WriteOutputs: unknown input(s) {sorted(unknown)}; expected "
-                             f"pairs, dead_letters, summaries, counts")
+                             f"pairs, dead_letters, summaries, counts, candidates")
         if is_complete(self._output):
             raise OutputExistsError(f"--output {self._output} already holds a complete run; "
                                     f"call prepare_output(output, overwrite) first")
@@ -230,6 +234,14 @@ class WriteOutputs(beam.PTransform):
                           file_name_suffix=layout.DEAD_LETTER_SUFFIX,
                           num_shards=self._num_shards))
 
+        if "candidates" in inputs:  # the candidate store (docs/CANDIDATES.md), Parquet only
+            candidate_files = inputs["candidates"] | "WriteCandidates" >> beam.io.WriteToParquet(
+                join(out, layout.CANDIDATES_PREFIX), schema.arrow_schema(schema.CANDIDATE_COLUMNS),
+                codec="snappy", file_name_suffix=layout.PARQUET_SUFFIX,
+                num_shards=self._num_shards)
+        else:
+            candidate_files = p | "NoCandidateFiles" >> beam.Create([])
+
         totals = summaries | "Totals" >> beam.CombineGlobally(M.SummaryTotalsFn())
         dead_counts = dead | "CountDeadLetters" >> beam.CombineGlobally(M.CountByFn())
         written = records | "CountRecords" >> beam.combiners.Count.Globally()
@@ -247,4 +259,5 @@ class WriteOutputs(beam.PTransform):
                     side.AsSingleton(reward_stats), side.AsSingleton(written),
                     side.AsList(record_files), side.AsList(example_files),
                     side.AsList(dead_files),
-                    side.AsDict(get("counts") | "SumCounts" >> beam.CombinePerKey(sum))))
+                    side.AsDict(get("counts") | "SumCounts" >> beam.CombinePerKey(sum)),
+                    candidate_files=side.AsList(candidate_files)))

@@ -17,7 +17,8 @@ from beam_pipelines.elements import Candidate, PromptCandidates, RenderedPrompt
 from rso.reward_input import pairwise_text
 from beam_pipelines.reward import ScoreRewards
 from beam_pipelines.reward_handlers import (PairwiseRewardHandler, PointwiseRewardHandler,
-                                            check_reward_model, truncate_left)
+                                            check_reward_model)
+from rso.reward_input import truncate_left
 from beam_pipelines.seeding import prompt_rng
 from rso.config import ConfigError
 from tests.tiny_models import _llama_config, build_tokenizer

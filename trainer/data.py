@@ -13,6 +13,7 @@ Resuming replays the same stream and skips the batches already consumed.
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import hashlib
 import json
 import logging
@@ -158,7 +159,9 @@ def verify_files(sources: Sequence[str], data_format: str = "auto") -> list[Data
         if expected is not None:
             names = {_basename(f) for f in files}
             formats = {_file_format(f) for f in files}
-            missing = sorted(n for n in expected if n not in names and _file_format(n) in formats)
+            records = [n for n in expected  # the record files (not e.g. a candidate store)
+                       if any(fnmatch.fnmatch(n, pat) for pat in layout.record_patterns())]
+            missing = sorted(n for n in records if n not in names and _file_format(n) in formats)
             if missing:
                 raise DataError(f"{directory}: {', '.join(missing)} listed in "
                                 f"{layout.MANIFEST} but missing")
