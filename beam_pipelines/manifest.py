@@ -441,7 +441,9 @@ def accounting_section(config: Mapping[str, Any], totals: Mapping[str, Any],
               # never read, so it is outside the identity
               "corrupt_input_files": dead("read", "corrupt_input_file"),
               "blank_lines": count("blank_lines"),
-              "prompts_not_in_shard": count("prompts_not_in_shard")}
+              # without --max-prompts no prompt is left out (0, not unknown)
+              "prompts_not_in_shard": count("prompts_not_in_shard") or (
+                  0 if count("input_records") is not None else None)}
     inputs["balanced"] = balanced(inputs["input_records"], inputs["prompts_read"],
                                   inputs["read_dead_letters"], inputs["blank_lines"],
                                   inputs["prompts_not_in_shard"])

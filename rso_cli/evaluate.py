@@ -149,7 +149,9 @@ def pairwise_margins(pairs: Sequence[tuple[dict, dict]], config, messages: Mappi
                 raise RuntimeError(f"judge failed on prompt {ex.prompt.prompt_id}: "
                                    f"{result.inference.detail}")
             r_policy, r_baseline = result.inference
-            margins.append(float(r_policy - r_baseline))
+            same = ex.candidates[0].token_ids == ex.candidates[1].token_ids
+            # identical responses are a tie by definition, whatever the judge's float rounding
+            margins.append(0.0 if same else float(r_policy - r_baseline))
     return margins
 
 
