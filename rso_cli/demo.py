@@ -200,7 +200,7 @@ def run_loop(args: argparse.Namespace, sizes: Sizes, policy: str, proxy: str, ju
               "--num-samples", str(sizes.num_samples), "--max-new-tokens",
               str(sizes.max_new_tokens), "--seed", str(args.seed), "--beta", "0.5",
               "--beta-scale", "std", *engine]
-    data = {"rso": os.path.join(out, "pairs-rso"), "random": os.path.join(out, "pairs-random")}
+    data = {m: os.path.join(out, f"pairs-{m}") for m in args.methods}
 
     def step(name: str, rc: int) -> None:
         if rc:
@@ -211,9 +211,10 @@ def run_loop(args: argparse.Namespace, sizes: Sizes, policy: str, proxy: str, ju
         "--input", train_prompts, "--max-prompts", str(sizes.train_prompts),
         "--output", data["rso"], "--reward-model", proxy, "--selection", "rso",
         "--write-candidates", "--overwrite", *common]))
-    step("select (random, from the stored candidates)", select_main([
-        "--candidates", data["rso"], "--output", data["random"], "--selection", "random",
-        "--overwrite", *common]))
+    for method in args.methods[1:]:
+        step(f"select ({method}, from the stored candidates)", select_main([
+            "--candidates", data["rso"], "--output", data[method], "--selection", method,
+            "--overwrite", *common]))
     summary: dict = {"proxy": proxy, "judge": judge, "policy": policy, "methods": {}}
     for method, pairs in data.items():
         trained = os.path.join(out, f"policy-{method}")
@@ -248,7 +249,8 @@ def format_summary(summary: dict) -> str:
              "",
              f"{'method':<26} {'chosen proxy r':>14} {'win rate vs SFT (judge)':>24}  95% CI",
              ]
-    names = {"rso": "rso-sample-rank (rso)", "random": "sft-sample-rank (random)"}
+    names = {"rso": "rso-sample-rank (rso)", "random": "sft-sample-rank (random)",
+             "top-k": "top-k (beta 0)"}
     for method, m in summary["methods"].items():
         lo, hi = m["win_rate_ci95"]
         lines.append(f"{names[method]:<26} {m['mean_chosen_proxy_reward']:>14.3f} "
@@ -268,6 +270,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--engine", choices=("vllm", "transformers"), default="vllm")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=5e-6, help="policy learning rate")
+    parser.add_argument("--methods", type=lambda v: v.split(","), default=["rso", "random"],
+                        help="selections to compare, rso first (its run stores the candidates "
+                             "the others re-select from): e.g. rso,random,top-k")
     parser.add_argument("--verbose", action="store_true", help="show library INFO logs")
     # Tests run the same loop on tiny models and sizes:
     parser.add_argument("--policy", help=argparse.SUPPRESS)
@@ -275,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--judge", help=argparse.SUPPRESS)
     parser.add_argument("--sizes", help=argparse.SUPPRESS)  # JSON of Sizes fields
     args = parser.parse_args(argv)
+    if args.methods[0] != "rso" or not set(args.methods) <= {"rso", "random", "top-k"}:
+        parser.error("--methods: rso first, then any of random, top-k")
     from rso import console
 
     console.configure(args.verbose)
