@@ -459,8 +459,8 @@ def _load_data(cfg: RewardConfig) -> tuple[PreferenceData, list[PreferenceExampl
     if len(train) < 2 or not held:
         raise DataError(f"{len(train)} training and {len(held)} held-out pairs: too few "
                         f"(more data, or another --eval-fraction)")
-    log.info("%d pairs read (%d identical pairs skipped): %d train, %d held out", data.rows,
-             data.skipped_identical, len(train), len(held))
+    log.info("%d pairs (%d identical ones skipped) of %d rows read: %d train, %d held out",
+             len(data.examples), data.skipped_identical, data.rows, len(train), len(held))
     return data, train, held
 
 
@@ -652,6 +652,10 @@ def _setup(cfg: RewardConfig) -> torch.device:
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    if not cfg.verbose:  # transformers' own loading/saving progress bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     torch.manual_seed(cfg.seed)
     return resolve_device(cfg.device)
 
