@@ -66,7 +66,7 @@ FIT_FILE = "reward_fit.json"
 FEATURES_FILE = "features.safetensors"
 Z95 = 1.959963984540054
 VERIFY_PAIRS = 64  # held-out pairs re-scored through the saved directory's own forward
-DEFAULT_C_GRID = [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0]
+DEFAULT_C_GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0]
 RESUME_INVARIANTS = ("data", "rows", "model", "kind", "max_length", "eval_fraction",
                      "max_train_pairs", "seed", "batch_size", "lr", "epochs", "max_steps",
                      "warmup_steps", "weight_decay")
