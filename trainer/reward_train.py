@@ -66,7 +66,7 @@ FIT_FILE = "reward_fit.json"
 FEATURES_FILE = "features.safetensors"
 Z95 = 1.959963984540054
 VERIFY_PAIRS = 64  # held-out pairs re-scored through the saved directory's own forward
-DEFAULT_C_GRID = [1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0]
+DEFAULT_C_GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0]
 RESUME_INVARIANTS = ("data", "rows", "model", "kind", "max_length", "eval_fraction",
                      "max_train_pairs", "seed", "batch_size", "lr", "epochs", "max_steps",
                      "warmup_steps", "weight_decay")
@@ -459,8 +459,8 @@ def _load_data(cfg: RewardConfig) -> tuple[PreferenceData, list[PreferenceExampl
     if len(train) < 2 or not held:
         raise DataError(f"{len(train)} training and {len(held)} held-out pairs: too few "
                         f"(more data, or another --eval-fraction)")
-    log.info("%d pairs read (%d identical pairs skipped): %d train, %d held out", data.rows,
-             data.skipped_identical, len(train), len(held))
+    log.info("%d pairs (%d identical ones skipped) of %d rows read: %d train, %d held out",
+             len(data.examples), data.skipped_identical, data.rows, len(train), len(held))
     return data, train, held
 
 
@@ -652,6 +652,10 @@ def _setup(cfg: RewardConfig) -> torch.device:
 
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
+    if not cfg.verbose:  # transformers' own loading/saving progress bars
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     torch.manual_seed(cfg.seed)
     return resolve_device(cfg.device)
 
