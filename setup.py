@@ -33,6 +33,8 @@ PINS = {
     "pytest-timeout": "pytest-timeout>=2.3",
     "gcp-storage-emulator": "gcp-storage-emulator>=2024.8",
     "tfrecord": "tfrecord>=1.14",
+    "ruff": "ruff==0.17.6",
+    "mypy": "mypy==2.4.1",
 }
 
 
@@ -65,7 +67,8 @@ setup(
         "gpu": PIPELINE + pins("vllm"),
         # The trainer alone: no Beam.
         "train": TRAIN,
-        "test": pins("pytest", "pytest-timeout", "gcp-storage-emulator", "datasets"),
+        "test": pins("pytest", "pytest-timeout", "gcp-storage-emulator", "datasets", "ruff",
+                     "mypy"),
         "bench": pins("trl", "datasets"),
     },
     entry_points={"console_scripts": ["rso=rso_cli.cli:main"]},

@@ -16,14 +16,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import apache_beam as beam
 
 from beam_pipelines.elements import Candidate, PromptCandidates, RenderedPrompt
 from rso import layout
-from rso.storage import join, open_file
 from rso.config import ConfigError
+from rso.storage import join, open_file
 
 
 def sampling_params_json(config: Any) -> str:

@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 import os
-from typing import Literal, Optional
+from typing import Literal
 
 from rso.config import Config, ConfigError, option
 from rso.model_id import content_id, model_id
@@ -31,7 +31,7 @@ class RewardModelSpec(Config):
         "P(A better than B) for '[CONTEXT] x [RESPONSE A] a [RESPONSE B] b'")
 
     @classmethod
-    def from_string(cls, text: str) -> "RewardModelSpec":
+    def from_string(cls, text: str) -> RewardModelSpec:
         """``PATH[,weight=W][,kind=pointwise|pairwise]`` as given on the command line."""
         path, *opts = text.split(",")
         data: dict = {"path": path}
@@ -60,7 +60,7 @@ class GenerateConfig(Config):
     output: str = option("", "output directory (local or gs://)")
     input_format: Literal["auto", "jsonl", "parquet", "hh-rlhf"] = option(
         "auto", "auto: by extension (.parquet) and content (a 'chosen' field means HH-RLHF)")
-    max_prompts: Optional[int] = option(None, "keep a deterministic shard of about this many "
+    max_prompts: int | None = option(None, "keep a deterministic shard of about this many "
                                         "prompts (chosen by hash of prompt_id and seed)", min=1)
     # ---- generate
     policy: str = option("", "SFT policy: Hugging Face causal LM directory")
@@ -76,17 +76,17 @@ class GenerateConfig(Config):
                                 gt=0, finite=True)
     top_p: float = option(1.0, "nucleus sampling (1.0 = off)", gt=0, max=1)
     top_k: int = option(0, "top-k sampling (0 = off)", min=0)
-    max_model_len: Optional[int] = option(
+    max_model_len: int | None = option(
         None, "context length; default: the model's (a prompt needs 1 position and its response "
         "at least 1)", min=2)
     batch_size: int = option(8, "prompts per engine call", min=1)
     enforce_eager: bool = option(False, "vLLM: skip graph compilation (faster start, slower "
                                  "decoding)")
     trust_remote_code: bool = option(False, "let model repositories run their own code")
-    vllm_gpu_memory_utilization: Optional[float] = option(
+    vllm_gpu_memory_utilization: float | None = option(
         None, "vLLM: fraction of accelerator memory the engine may use; default 0.9 on GPU, "
         "0.3 on CPU (there it only bounds vLLM's start-up memory check)", gt=0, max=1)
-    vllm_cpu_kv_cache_gib: Optional[int] = option(
+    vllm_cpu_kv_cache_gib: int | None = option(
         None, "vLLM on CPU: KV-cache size in GiB (VLLM_CPU_KVCACHE_SPACE); default: that "
         "environment variable, else 1", min=1)
     rescore_batch_size: int = option(16, "sequences per float32 re-scoring forward pass", min=1)
@@ -97,7 +97,7 @@ class GenerateConfig(Config):
     reward_prompts_per_batch: int = option(
         4, "prompts per reward RunInference batch; all their candidates are sorted by token "
         "length and scored in forward passes of --reward-batch-size sequences", min=1)
-    reward_max_length: Optional[int] = option(
+    reward_max_length: int | None = option(
         None, "longest reward-model input in tokens (capped at the model's own limit); longer "
         "inputs lose their oldest context tokens, counted as reward_truncated", min=2)
     pairwise_debias: Literal["both-orders", "random-flip"] = option(
@@ -112,7 +112,7 @@ class GenerateConfig(Config):
     write_candidates: bool = option(
         False, "also write every scored candidate to candidates-*.parquet (docs/CANDIDATES.md), "
         "so that rso select and rso sweep can re-select without decoding")
-    candidates: Optional[str] = option(
+    candidates: str | None = option(
         None, "select from this candidate store (a complete run written with "
         "--write-candidates) instead of reading and decoding prompts (rso select)")
     # ---- select and pair
@@ -132,7 +132,7 @@ class GenerateConfig(Config):
                                min=0, finite=True)
     # ---- run
     seed: int = option(0, "run seed; with prompt_id it seeds every random choice")
-    run_id: Optional[str] = option(None, "id written into every record; default: a hash of "
+    run_id: str | None = option(None, "id written into every record; default: a hash of "
                                    "the input's content, the models' content ids and the "
                                    "settings (not of paths)")
     overwrite: bool = option(False, "replace an existing complete output directory, once the "

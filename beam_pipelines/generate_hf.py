@@ -8,11 +8,18 @@ is the shared :mod:`rso.hf`.
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from beam_pipelines.elements import Candidate, PromptCandidates, RenderedPrompt
-from beam_pipelines.generate import (SEED_STREAM, GenerationHandler, eos_token_ids,
-                                     response_text, truncate_at_eos, warn_if_not_pi_sft)
+from beam_pipelines.generate import (
+    SEED_STREAM,
+    GenerationHandler,
+    eos_token_ids,
+    response_text,
+    truncate_at_eos,
+    warn_if_not_pi_sft,
+)
 from beam_pipelines.handlers import Loaded
 from beam_pipelines.render import context_length, new_token_budget
 from beam_pipelines.seeding import prompt_seed

@@ -22,12 +22,17 @@ from __future__ import annotations
 import logging
 import os
 import threading
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from beam_pipelines.config import GenerateConfig
 from beam_pipelines.elements import Candidate, PromptCandidates, RenderedPrompt
-from beam_pipelines.generate import (SEED_STREAM, GenerationHandler, response_text,
-                                     warn_if_not_pi_sft)
+from beam_pipelines.generate import (
+    SEED_STREAM,
+    GenerationHandler,
+    response_text,
+    warn_if_not_pi_sft,
+)
 from beam_pipelines.handlers import Loaded
 from beam_pipelines.render import context_length
 from beam_pipelines.seeding import prompt_seed

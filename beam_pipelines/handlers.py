@@ -19,15 +19,19 @@ others. An exception in ``load_model`` still fails the run (no element could be 
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable, Iterable, Sequence, TypeVar
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import apache_beam as beam
-from apache_beam.ml.inference.base import (KeyedModelHandler, ModelHandler, PredictionResult,
-                                           RunInference)
+from apache_beam.ml.inference.base import (
+    KeyedModelHandler,
+    ModelHandler,
+    PredictionResult,
+    RunInference,
+)
 
 from beam_pipelines.elements import Failure, PromptCandidates, RenderedPrompt
-from beam_pipelines.stage import NAMESPACE, SplitFailures, StageOutput, StageParDo
-from beam_pipelines.stage import error_detail
+from beam_pipelines.stage import NAMESPACE, SplitFailures, StageOutput, StageParDo, error_detail
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

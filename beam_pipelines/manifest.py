@@ -21,7 +21,8 @@ import importlib.metadata
 import json
 import math
 import re
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import apache_beam as beam
 
@@ -406,7 +407,8 @@ def accounting_section(config: Mapping[str, Any], totals: Mapping[str, Any],
     ``counts`` holds the stage counts (:class:`CountAs`): ``input_records``, ``blank_lines``,
     ``prompts_not_in_shard``, ``prompts_read`` (read stage), ``candidates_generated``
     (generate, or the store's candidates when re-selecting), ``candidates_decoded``,
-    ``tokens_decoded`` (0 when re-selecting), ``candidates_reused`` and ``records_built`` (records before the write stage's checks). Identities
+    ``tokens_decoded`` (0 when re-selecting), ``candidates_reused`` and ``records_built``
+    (records before the write stage's checks). Identities
     (each section's ``balanced``; None when a count is missing)::
 
         input_records = prompts_read + read dead letters + blank_lines + prompts_not_in_shard

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import itertools
 import math
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
@@ -127,5 +127,5 @@ def make_pairs(method: str, rewards: Sequence[float], rng: np.random.Generator,
         raise ValueError(f"tie_margin must be >= 0, got {tie_margin}")
     r = finite_rewards(rewards)
     games = pairing(r, rng)
-    pairs = [(int(w), int(l)) for w, l in games if r[w] - r[l] > tie_margin]
+    pairs = [(int(win), int(loss)) for win, loss in games if r[win] - r[loss] > tie_margin]
     return pairs, len(games) - len(pairs)

@@ -5,7 +5,7 @@ prompt's baseline, and how the scores become rewards. No Beam, no torch;
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 
 def pairwise_rewards(num_candidates: int, baseline: int, scores: Sequence[float],

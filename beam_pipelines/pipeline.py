@@ -17,21 +17,26 @@ import logging
 import sys
 import time
 import uuid
-from typing import Sequence
+from collections.abc import Sequence
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
 
 from beam_pipelines import manifest
-from beam_pipelines.candidates import (ReadCandidates, candidate_rows, clear_rewards,
-                                       sampling_params_json, store_identity)
+from beam_pipelines.candidates import (
+    ReadCandidates,
+    candidate_rows,
+    clear_rewards,
+    sampling_params_json,
+    store_identity,
+)
 from beam_pipelines.config import GenerateConfig
 from beam_pipelines.generate import GenerateCandidates, warn_if_not_pi_sft
 from beam_pipelines.read import COUNTS, ReadPrompts
+from beam_pipelines.records import ToRecords
 from beam_pipelines.render import RenderPrompts
 from beam_pipelines.rescore import RescoreCandidates
 from beam_pipelines.reward import ScoreRewards
-from beam_pipelines.records import ToRecords
 from beam_pipelines.selection import SUMMARY, SelectAndPair
 from beam_pipelines.stage import NAMESPACE
 from beam_pipelines.staging import commit, discard, recover, staging_dir
@@ -39,7 +44,7 @@ from beam_pipelines.write import WriteOutputs, prepare_output
 from rso import layout, schema
 from rso.config import ConfigError
 from rso.layout import is_complete
-from rso.model_id import content_id, model_id
+from rso.model_id import content_id
 from rso.ownership import OutputLock, OutputLockedError
 from rso.storage import join, open_file
 

@@ -13,7 +13,8 @@ A plot whose data is empty says so instead of failing.
 from __future__ import annotations
 
 import io
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 PLOT_NAMES = ("reward_distribution.png", "chosen_vs_rejected.png", "acceptance.png")
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from beam_pipelines.elements import PromptInput
 from rso.transcript import hh_prompt_end, split_hh_dialogue

@@ -29,7 +29,8 @@ from __future__ import annotations
 import bz2
 import functools
 import gzip
-from typing import Any, BinaryIO, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any, BinaryIO
 
 import apache_beam as beam
 from apache_beam.io import fileio
@@ -40,8 +41,15 @@ from beam_pipelines import prompts as P
 from beam_pipelines.elements import PromptInput
 from beam_pipelines.manifest import CountAs
 from beam_pipelines.seeding import prompt_seed
-from beam_pipelines.stage import (DEAD_LETTER, MAIN, StageOutput, StageParDo, count,
-                                  dead_letter, error_detail)
+from beam_pipelines.stage import (
+    DEAD_LETTER,
+    MAIN,
+    StageOutput,
+    StageParDo,
+    count,
+    dead_letter,
+    error_detail,
+)
 from rso.config import ConfigError
 
 STAGE = "read"

@@ -17,7 +17,8 @@ from beam_pipelines.stage import StageOutput, StageParDo
 STAGE = "records"
 
 
-def pair_records(group: PromptCandidates, config: GenerateConfig, run_id: str, policy_model: str, reward_model: str) -> list[dict[str, Any]]:
+def pair_records(group: PromptCandidates, config: GenerateConfig, run_id: str,
+                 policy_model: str, reward_model: str) -> list[dict[str, Any]]:
     """SPEC 5 records, one per (chosen, rejected) pair of a selected group."""
     p = group.prompt
     common = {

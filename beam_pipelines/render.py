@@ -8,8 +8,8 @@ Rendering happens once, before generation; the token ids are kept so that nothin
   ``add_special_tokens=False``: the template itself writes any BOS it wants (this is what
   ``apply_chat_template(tokenize=True)`` does too).
 - A tokenizer without a chat template gets the plain HH-RLHF style fallback
-  ``"Human: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:"`` (:func:`rso.transcript.hh_transcript`),
-  tokenised like a plain prompt.
+  ``"Human: a\\n\\nAssistant: b\\n\\nHuman: c\\n\\nAssistant:"``
+  (:func:`rso.transcript.hh_transcript`), tokenised like a plain prompt.
 - A plain ``prompt`` string is used verbatim and tokenised with the tokenizer's default special
   tokens (``add_special_tokens=True``: a BOS for Llama-style tokenizers), i.e. exactly how the
   policy sees raw text in ``tokenizer(text)``, except that the ids never hold two BOS (a text
@@ -28,14 +28,15 @@ same way (:func:`new_token_budget`), so both engines agree.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterable, Sequence
+from collections.abc import Iterable, Sequence
+from typing import Any
 
 import apache_beam as beam
 
 from beam_pipelines.config import GenerateConfig
+from beam_pipelines.elements import PromptInput, RenderedPrompt
 from beam_pipelines.prompts import PromptError  # (reason, detail): the read stage's error too
 from beam_pipelines.stage import StageOutput, StageParDo, count, dead_letter
-from beam_pipelines.elements import PromptInput, RenderedPrompt
 from rso.transcript import hh_transcript
 
 # Keys a Hugging Face config may hold its context length under (vLLM reads the same ones and

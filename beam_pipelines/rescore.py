@@ -17,7 +17,8 @@ shape, so mixing prompts made values depend on bundle timing).
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import apache_beam as beam
 

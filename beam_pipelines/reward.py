@@ -14,16 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import apache_beam as beam
 
 from beam_pipelines.config import GenerateConfig, RewardModelSpec
 from beam_pipelines.elements import Candidate, PromptCandidates
 from beam_pipelines.handlers import InferStage
+from beam_pipelines.reward_combination import combine_rewards
 from beam_pipelines.reward_handlers import STAGE, check_reward_model, reward_handler
 from beam_pipelines.stage import StageOutput, StageParDo, dead_letter
-from beam_pipelines.reward_combination import combine_rewards
 
 
 def _candidate_json(c: Candidate) -> dict:
@@ -83,9 +83,9 @@ class ScoreRewards(beam.PTransform):
     """``(prompt_id, PromptCandidates)`` -> :class:`StageOutput` ``(main, dead_letters)``.
 
     - ``main``: ``(prompt_id, PromptCandidates)`` whose candidates carry
-      ``reward_scores`` (one per model) and the combined ``reward`` (finite), in their original order, non-finite ones
-      removed. A prompt whose candidates were all removed is still emitted (with an empty list)
-      so selection counts it as under-filled.
+      ``reward_scores`` (one per model) and the combined ``reward`` (finite), in their
+      original order, non-finite ones removed. A prompt whose candidates were all removed is
+      still emitted (with an empty list) so selection counts it as under-filled.
     - ``dead_letters``: :class:`DeadLetter` ``(stage="reward")``: ``non_finite_reward``, one per
       removed candidate, ``input = {text, token_ids, reward}`` (a non-finite reward as the
       string "nan"/"inf"/"-inf"); ``reward_failed``, one per prompt a model could not score,

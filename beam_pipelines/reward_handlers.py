@@ -13,10 +13,11 @@ loading of :mod:`rso.hf`), eval mode, ``trust_remote_code`` only when the config
   rendered with the REWARD MODEL's own chat template; without a chat template, the plain
   rendering of :func:`rso.transcript.hh_transcript` tokenised with the tokenizer's special tokens.
 - pairwise (the paper's kind): a score ``s(a, b) = logit P(a better than b | x)`` for the text
-  ``[CONTEXT] {x} [RESPONSE A] {a} [RESPONSE B] {b}`` (x = :func:`rso.transcript.hh_transcript` of the
-  messages). With one output, ``P = sigmoid(z)`` so ``s = z``; with two outputs,
-  ``P = softmax(z)[1]`` (class 1 = "A is better") so ``s = z1 - z0``. Taking the score in logit
-  space directly is exact and never saturates. Against one baseline ``y_b`` per prompt, drawn with
+  ``[CONTEXT] {x} [RESPONSE A] {a} [RESPONSE B] {b}`` (x =
+  :func:`rso.transcript.hh_transcript` of the messages). With one output, ``P = sigmoid(z)``
+  so ``s = z``; with two outputs, ``P = softmax(z)[1]`` (class 1 = "A is better") so
+  ``s = z1 - z0``. Taking the score in logit space directly is exact and never saturates.
+  Against one baseline ``y_b`` per prompt, drawn with
   ``prompt_rng(seed, prompt_id, "pairwise-baseline")``:
   ``both-orders`` (default): ``r(y) = (s(y, y_b) - s(y_b, y)) / 2``;
   ``random-flip``: a coin from ``prompt_rng(seed, prompt_id, "pairwise-flip")`` picks the order,
@@ -28,14 +29,15 @@ pass with another prompt's: sorted by token length (stable) and cut into right-p
 function of the prompt alone, so a reward is bit-identical whatever other prompts share its
 Beam batch (mixing prompts made rewards differ by up to 4.5e-8 between identical runs, with
 bundle timing). Inputs longer than the model's limit lose their oldest context tokens
-(:func:`rso.reward_input.truncate_left`), counted as ``reward_truncated`` (and ``reward_response_truncated``
-when even the response had to be cut).
+(:func:`rso.reward_input.truncate_left`), counted as ``reward_truncated`` (and
+``reward_response_truncated`` when even the response had to be cut).
 """
 from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from beam_pipelines.config import GenerateConfig, RewardModelSpec
 from beam_pipelines.elements import PromptCandidates
@@ -83,7 +85,7 @@ class LoadedClassifier:
     """A loaded sequence classifier, its tokenizer, the pad id and the input length limit
     (a class, not a tuple: Beam needs a weak-referenceable object)."""
 
-    def __init__(self, model: Any, tokenizer: Any, pad_id: int, max_length: Optional[int],
+    def __init__(self, model: Any, tokenizer: Any, pad_id: int, max_length: int | None,
                  num_labels: int, device: str):
         self.model = model
         self.tokenizer = tokenizer
@@ -99,7 +101,7 @@ class LoadedClassifier:
 
 
 def load_classifier(path: str, kind: str, *, trust_remote_code: bool = False,
-                    max_length: Optional[int] = None) -> LoadedClassifier:
+                    max_length: int | None = None) -> LoadedClassifier:
     """Loads tokenizer and model (float32, eval). Batches are padded with the model's
     ``pad_token_id``; if it has none, with the tokenizer's pad token, else eos, and the model's
     ``pad_token_id`` is set to it (classifiers pool the rightmost non-pad token, so with eos as

@@ -8,9 +8,11 @@ from __future__ import annotations
 
 import math
 import operator
-from typing import Hashable, NamedTuple, Sequence
+from collections.abc import Hashable, Sequence
+from typing import NamedTuple
 
 import numpy as np
+
 
 def finite_rewards(rewards: Sequence[float]) -> np.ndarray:
     """``rewards`` as a 1-D float64 array; ValueError unless every value is finite."""
@@ -267,6 +269,7 @@ def selection_effect(candidate_rewards: Sequence[float],
     decisive = 0 < a < n and spread > 0
     if not decisive:
         return SelectionEffect(n, a, spread, gain, False, None, None, False, False)
+    assert gain is not None  # a > 0 and n > 0 here
     top = np.sort(r)[::-1][:a]
     top_gain = float(top.mean() - r.mean())
     z = gain / math.sqrt(spread ** 2 / a * (n - a) / (n - 1))

@@ -12,7 +12,7 @@ import numpy as np
 
 def prompt_seed(run_seed: int, prompt_id: str, stream: str) -> int:
     """A 63-bit seed from the run seed, the prompt id and the consumer ("generate", "select"...)."""
-    digest = hashlib.sha256(f"{run_seed}\x00{prompt_id}\x00{stream}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"{run_seed}\x00{prompt_id}\x00{stream}".encode()).digest()
     return int.from_bytes(digest[:8], "little") >> 1
 
 

@@ -8,7 +8,8 @@ are the pure functions of `sampling.py` and `pairing.py`; this file is their Bea
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics

@@ -36,7 +36,8 @@ Where Beam's idiom is not used, and why:
 from __future__ import annotations
 
 import types
-from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any, NamedTuple
 
 import apache_beam as beam
 from apache_beam.metrics import Metrics

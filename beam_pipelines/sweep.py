@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -83,13 +83,13 @@ def estimate_prompt(prompt_id: str, rewards: Sequence[float], beta: float, num_s
     kept_means, chosen_means, under = [], [], 0
     for rep in range(replicates):
         kept = sampling.statistical_rejection_sampling(
-            r, num_samples, beta, prompt_rng(seed, prompt_id, f"sweep-select-{rep}"))
+            list(rewards), num_samples, beta, prompt_rng(seed, prompt_id, f"sweep-select-{rep}"))
         inclusion[kept] += 1.0
         under += len(kept) < num_samples
         if kept:
             kept_r = r[kept]
             kept_means.append(float(kept_r.mean()))
-            pairs, _ = pairing.make_pairs(pairing_method, kept_r,
+            pairs, _ = pairing.make_pairs(pairing_method, kept_r.tolist(),
                                           prompt_rng(seed, prompt_id, f"sweep-pair-{rep}"),
                                           tie_margin=tie_margin)
             if pairs:

@@ -18,7 +18,8 @@ from __future__ import annotations
 import glob
 import math
 import os
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
@@ -28,9 +29,10 @@ from beam_pipelines import manifest as M
 from beam_pipelines.plots import PLOT_NAMES, render_plots
 from beam_pipelines.stage import StageParDo, dead_letter
 from rso import layout, schema
-from rso.layout import MANIFEST, SUCCESS, is_complete
-from rso.checksums import CHECKSUMS, digest as checksum_digest
+from rso.checksums import CHECKSUMS
+from rso.checksums import digest as checksum_digest
 from rso.config import ConfigError
+from rso.layout import MANIFEST, SUCCESS, is_complete
 
 STAGE = "write"
 # Every file a run writes; prepare_output removes exactly these (and Beam's temp folders).
@@ -192,7 +194,8 @@ class WriteOutputs(beam.PTransform):
 
     def __init__(self, output: str, config_dict: Mapping[str, Any], run_id: str,
                  versions: Mapping[str, str], models: Mapping[str, Any],
-                 columns: tuple[schema.Column, ...] = schema.COLUMNS, prefix: str = layout.PAIRS_PREFIX,
+                 columns: tuple[schema.Column, ...] = schema.COLUMNS,
+                 prefix: str = layout.PAIRS_PREFIX,
                  num_shards: int = 0):
         super().__init__()
         self._output, self._config, self._run_id = output, config_dict, run_id

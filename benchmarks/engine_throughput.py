@@ -33,10 +33,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from beam_pipelines.config import GenerateConfig  # noqa: E402
-from beam_pipelines.prompts import parse_json_line  # noqa: E402
 from beam_pipelines.elements import RenderedPrompt  # noqa: E402
-from beam_pipelines.render import (PromptError, context_length, max_prompt_tokens,  # noqa: E402
-                                   render_prompt)
+from beam_pipelines.prompts import parse_json_line  # noqa: E402
+from beam_pipelines.render import PromptError, context_length, max_prompt_tokens, render_prompt  # noqa: E402
 
 DATA = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "..", "shared",
                     "data", "hh-rlhf-harmless-base-test.jsonl.gz")
@@ -63,8 +62,8 @@ def load_prompts(path: str, model: str, count: int) -> list[RenderedPrompt]:
 
 def measure(config: GenerateConfig, prompts: list[RenderedPrompt], runs: int) -> dict:
     """Loads the handler's model, warms up, times ``runs`` calls; returns the figures."""
-    from beam_pipelines.generate import make_generation_handler
     from beam_pipelines.elements import Failure
+    from beam_pipelines.generate import make_generation_handler
 
     handler = make_generation_handler(config)
     start = time.perf_counter()

@@ -59,7 +59,7 @@ import statistics
 import subprocess
 import sys
 import time
-from typing import Any, Optional
+from typing import Any
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
@@ -297,7 +297,7 @@ def summarise(runs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
 
 
 def ratios(summary: dict[str, dict[str, Any]], mine: str, peer: str
-           ) -> Optional[dict[str, Any]]:
+           ) -> dict[str, Any] | None:
     """``mine`` / ``peer`` medians of pairs/s and of peak RSS, checked against the targets."""
     if mine not in summary or peer not in summary:
         return None
@@ -333,7 +333,7 @@ def report(summary: dict[str, dict[str, Any]], comparisons: list[dict[str, Any]]
     return "\n".join(rows)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/rso-pipeline"),

@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import functools
 import math
-import sys
 import types
 import typing
-from typing import Any, Literal, Sequence, TypeVar, Union, get_args, get_origin
+from collections.abc import Callable, Sequence
+from typing import Any, Literal, TypeVar, Union, get_args, get_origin
 
 import yaml
 
@@ -44,7 +45,8 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | No
     metadata = {"help": help, "flag": flag, "short": short, "choices": choices, "min": min,
                 "max": max, "gt": gt, "lt": lt, "finite": finite}
     if isinstance(default, (list, dict)):
-        return dataclasses.field(default_factory=lambda d=default: type(d)(d), metadata=metadata)
+        factory: Callable[[], Any] = functools.partial(type(default), default)
+        return dataclasses.field(default_factory=factory, metadata=metadata)
     return dataclasses.field(default=default, metadata=metadata)
 
 
@@ -74,13 +76,14 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
             (item_tp,) = get_args(tp)[:1]
             items = value if isinstance(value, (list, tuple)) else [value]
             return [_coerce(name, item_tp, v) for v in items]
-        if dataclasses.is_dataclass(tp):
+        if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+            nested: Any = tp
             if isinstance(value, tp):
                 return value
             if isinstance(value, str) and hasattr(tp, "from_string"):
-                return tp.from_string(value)
+                return nested.from_string(value)
             if isinstance(value, dict):
-                return tp.from_dict(value, prefix=f"{name}.")
+                return nested.from_dict(value, prefix=f"{name}.")
             raise ConfigError(f"{name}: expected a mapping, got {value!r}")
         if tp is bool:
             if isinstance(value, bool):
@@ -189,8 +192,9 @@ class Config:
         if unknown:
             raise ConfigError(f"unknown config key(s): {', '.join(unknown)}; known keys are: "
                               f"{', '.join(prefix + n for n in fields)}")
-        missing = [prefix + n for n, (f, _) in fields.items() if n not in kwargs
-                   and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
+        missing = [prefix + n for n, (f, _) in fields.items()
+                   if n not in kwargs and f.default is dataclasses.MISSING
+                   and f.default_factory is dataclasses.MISSING]
         if missing:
             raise ConfigError(f"missing required setting(s): {', '.join(missing)}")
         return cls(**kwargs)

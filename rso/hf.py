@@ -6,7 +6,7 @@ paths are local directories (``HF_HUB_OFFLINE`` is respected by transformers its
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     import torch
@@ -14,7 +14,7 @@ if TYPE_CHECKING:
 DTYPES = ("float32", "bfloat16", "float16")
 
 
-def torch_dtype(name: str) -> "torch.dtype":
+def torch_dtype(name: str) -> torch.dtype:
     """``"float32" | "bfloat16" | "float16"`` -> the torch dtype; ValueError otherwise."""
     import torch
 
@@ -24,7 +24,7 @@ def torch_dtype(name: str) -> "torch.dtype":
     return table[name]
 
 
-def resolve_device(device: str = "auto") -> "torch.device":
+def resolve_device(device: str = "auto") -> torch.device:
     """``auto`` -> CUDA when available, else CPU; ``cuda`` without a GPU is an error
     (:class:`rso.config.ConfigError`); anything else is passed to ``torch.device``."""
     import torch
@@ -50,13 +50,13 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, required: bool = 
         return None
 
 
-def load_causal_lm(path: str, dtype: str = "float32", device: Optional[str] = None,
+def load_causal_lm(path: str, dtype: str = "float32", device: str | None = None,
                    trust_remote_code: bool = False, train: bool = False) -> Any:
     """``AutoModelForCausalLM`` from ``path`` in ``dtype``, on ``device`` (None: stay on the
     CPU; ``auto``: :func:`resolve_device`), in eval mode unless ``train``."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype),
+    model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype),
                                                  trust_remote_code=trust_remote_code)
     if device is not None:
         model.to(resolve_device(device))
@@ -64,12 +64,12 @@ def load_causal_lm(path: str, dtype: str = "float32", device: Optional[str] = No
     return model
 
 
-def load_classifier(path: str, dtype: str = "float32", device: Optional[str] = None,
+def load_classifier(path: str, dtype: str = "float32", device: str | None = None,
                     trust_remote_code: bool = False, train: bool = False) -> Any:
     """``AutoModelForSequenceClassification`` from ``path``, like :func:`load_causal_lm`."""
     from transformers import AutoModelForSequenceClassification
 
-    model = AutoModelForSequenceClassification.from_pretrained(
+    model: Any = AutoModelForSequenceClassification.from_pretrained(
         path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
     if device is not None:
         model.to(resolve_device(device))
@@ -77,12 +77,12 @@ def load_classifier(path: str, dtype: str = "float32", device: Optional[str] = N
     return model
 
 
-def pad_token_id(tokenizer: Any, model: Any = None, default: Optional[int] = 0) -> Optional[int]:
+def pad_token_id(tokenizer: Any, model: Any = None, default: int | None = 0) -> int | None:
     """The id to pad batches with: the model config's pad (what sequence classifiers pool
     against: the last token that is not it), else the tokenizer's pad, else the tokenizer's EOS,
     else ``default``. Where padding is masked (left-padded log-probs) any id gives the same
     values."""
-    config = getattr(model, "config", None)
+    config: Any = getattr(model, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     for candidate in (getattr(text_config, "pad_token_id", None),
                       getattr(tokenizer, "pad_token_id", None),

@@ -10,7 +10,8 @@ position-embedding scheme.
 from __future__ import annotations
 
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -40,7 +41,7 @@ class PackedBatch:
     response_mask: torch.Tensor  # [B, K-1]: 1 where the label is a response token
     logits_to_keep: int  # K
 
-    def to(self, device: torch.device | str) -> "PackedBatch":
+    def to(self, device: torch.device | str) -> PackedBatch:
         return dataclasses.replace(self, **{f.name: getattr(self, f.name).to(device)
                                            for f in dataclasses.fields(self)
                                            if isinstance(getattr(self, f.name), torch.Tensor)})
@@ -113,7 +114,7 @@ class _LinearLogSoftmaxGather(torch.autograd.Function):
         return grad_h, grad_w, None, None
 
 
-def _fused_head(model: torch.nn.Module) -> torch.nn.Linear | None:
+def _fused_head(model: Any) -> torch.nn.Linear | None:
     """The output projection when the logits are exactly ``base_model(x) @ W.T`` (a bias-free
     linear head, no logit scaling or soft-capping); None for any other model."""
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
@@ -132,7 +133,7 @@ _FUSED_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "smollm3",
 CHUNK_ROWS = 256
 
 
-def forward_logps(model: torch.nn.Module, batch: PackedBatch) -> torch.Tensor:
+def forward_logps(model: Any, batch: PackedBatch) -> torch.Tensor:
     """Runs the model once on the packed batch; returns [B] response log-prob sums (float32).
 
     For the common decoder families (``_FUSED_MODEL_TYPES``) the output projection is applied

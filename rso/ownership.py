@@ -28,7 +28,7 @@ import socket
 import sys
 import threading
 import uuid
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from rso import storage
 from rso.config import ConfigError
@@ -50,7 +50,7 @@ class Owner:
     started: str  # ISO 8601, UTC
 
     @classmethod
-    def new(cls, run_id: str) -> "Owner":
+    def new(cls, run_id: str) -> Owner:
         return cls(run_id=run_id, token=uuid.uuid4().hex, host=socket.gethostname(),
                    pid=os.getpid(),
                    started=datetime.datetime.now(datetime.timezone.utc).isoformat(
@@ -63,7 +63,7 @@ class Owner:
 class OutputLockedError(ConfigError):
     """Another run owns the output directory (its ``_LOCK`` exists)."""
 
-    def __init__(self, output: str, owner: Optional[Owner]):
+    def __init__(self, output: str, owner: Owner | None):
         self.output, self.owner = output, owner
         path = lock_path(output)
         who = owner.describe() if owner else "a run whose lock cannot be read"
@@ -80,7 +80,7 @@ def _local(path: str) -> bool:
     return "://" not in path or path.startswith("file://")
 
 
-def read_owner(output: str) -> Optional[Owner]:
+def read_owner(output: str) -> Owner | None:
     """The owner recorded in ``OUTPUT/_LOCK``; None if there is no lock. A lock that cannot be
     parsed (e.g. cut short by a crash) is returned as an owner with empty fields."""
     path = lock_path(output)
@@ -148,7 +148,7 @@ class OutputLock:
         self.output, self.owner, self.path = output, owner, lock_path(output)
 
     @classmethod
-    def acquire(cls, output: str, run_id: str, *, reentrant: bool = False) -> "OutputLock":
+    def acquire(cls, output: str, run_id: str, *, reentrant: bool = False) -> OutputLock:
         """Takes ``OUTPUT/_LOCK`` or raises :class:`OutputLockedError`. With ``reentrant`` a
         lock this process already holds is returned as is (the trainer, which keeps its lock
         until the process exits, may be called more than once in one process)."""
@@ -187,7 +187,7 @@ class OutputLock:
         if current is not None and current.token == self.owner.token:
             _delete(self.path)
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -6,7 +6,7 @@ matplotlib is imported when a plot is drawn, so importing this module costs noth
 from __future__ import annotations
 
 import io
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

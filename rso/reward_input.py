@@ -10,7 +10,8 @@ so a reward model is scored on token ids built exactly the way it was trained on
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 from rso.transcript import hh_transcript
 

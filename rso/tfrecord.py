@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import gzip
 import struct
-from typing import BinaryIO, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import google_crc32c
 
@@ -33,7 +34,7 @@ def write_records(path: str, records: Iterable[bytes]) -> int:
     """Writes records to ``path`` (gzip if it ends in .gz). Returns how many were written."""
     n = 0
     with open_file(path, "wb") as raw:
-        out: BinaryIO = gzip.GzipFile(fileobj=raw, mode="wb") if _is_gzip(path) else raw
+        out: Any = gzip.GzipFile(fileobj=raw, mode="wb") if _is_gzip(path) else raw
         for data in records:
             header = struct.pack("<Q", len(data))
             out.write(header + struct.pack("<I", _masked_crc(header)))
@@ -47,7 +48,7 @@ def write_records(path: str, records: Iterable[bytes]) -> int:
 def read_records(path: str) -> Iterator[bytes]:
     """Yields each record's bytes; raises CorruptRecordError naming the file and record."""
     with open_file(path, "rb") as raw:
-        f: BinaryIO = gzip.GzipFile(fileobj=raw, mode="rb") if _is_gzip(path) else raw
+        f: Any = gzip.GzipFile(fileobj=raw, mode="rb") if _is_gzip(path) else raw
         index = 0
         while True:
             header = f.read(12)

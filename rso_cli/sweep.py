@@ -49,7 +49,8 @@ def read_candidate_rewards(directory: str, dedup: bool = True) -> dict[str, list
         with open_file(path, "rb") as f:
             table = pq.read_table(f, columns=["prompt_id", "candidate_index",
                                               "response_token_ids", "reward"])
-        for pid, idx, ids, reward in zip(*(table.column(c).to_pylist() for c in table.column_names)):
+        columns = (table.column(c).to_pylist() for c in table.column_names)
+        for pid, idx, ids, reward in zip(*columns):
             rows[pid].append((idx, tuple(ids), reward))
     out = {}
     for pid, cands in sorted(rows.items()):
@@ -86,7 +87,8 @@ def plot(points, run_beta: float | None) -> bytes:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([p.kl for p in points], [p.reward_gain for p in points], "o-", color="C0")
     for p in points:
-        label = {0.0: "top-k (beta 0)", math.inf: "random (beta inf)"}.get(p.beta, f"beta {p.beta:g}")
+        label = {0.0: "top-k (beta 0)", math.inf: "random (beta inf)"}.get(
+            p.beta, f"beta {p.beta:g}")
         ax.annotate(label, (p.kl, p.reward_gain), textcoords="offset points", xytext=(4, 4),
                     fontsize=8)
     mark = [p for p in points if run_beta is not None and p.beta == run_beta]

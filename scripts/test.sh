@@ -10,4 +10,7 @@ if [ ! -x .venv-tf/bin/python ]; then
   .venv-tf/bin/pip install -q tensorflow-cpu==2.21.0
 fi
 export RSO_TF_PYTHON="$PWD/.venv-tf/bin/python"
+# Lint (ruff.toml) and types (mypy.ini: rso/ and the pure modules) before the tests.
+.venv/bin/ruff check .
+.venv/bin/mypy
 exec .venv/bin/python -m pytest -q -p no:cacheprovider --timeout=900 --durations=15 tests "$@"

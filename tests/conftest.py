@@ -32,7 +32,7 @@ def tiny_reward_model(tmp_path_factory) -> str:
 
 @pytest.fixture(scope="session")
 def gcs_bucket():
-    """``gs://bucket`` on a local GCS emulator, for the whole session (see tests/gcs_emulator.py)."""
+    """``gs://bucket`` on a local GCS emulator for the whole session (tests/gcs_emulator.py)."""
     from tests.gcs_emulator import BUCKET, gcs_emulator
 
     with gcs_emulator(BUCKET):

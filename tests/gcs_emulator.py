@@ -25,7 +25,7 @@ import json
 import logging
 import os
 import tempfile
-from typing import Iterator
+from collections.abc import Iterator
 
 import fsspec
 import gcsfs.core

@@ -11,16 +11,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
 from rso.checksums import CHECKSUMS, digest
+from rso.logprobs import sequence_logps
 from rso.schema import COLUMN_NAMES, arrow_schema, to_example
 from rso.tfrecord import write_records
-from rso.logprobs import sequence_logps
 
 QUESTIONS = [
     "how do I bake bread?", "what is the capital of France?", "tell me a joke.",
@@ -63,15 +64,16 @@ def build_pairs(policy_dir: str, num_prompts: int = 8, pairs_per_prompt: int = 2
         for j in range(pairs_per_prompt):
             a, b = 2 * j, 2 * j + 1
             reward_a, reward_b = float(len(responses[a][0])), float(len(responses[b][0])) + 0.5
-            w, l = (a, b) if reward_a > reward_b else (b, a)
+            win, loss = (a, b) if reward_a > reward_b else (b, a)
             records.append({
                 "prompt_id": prompt_id, "prompt": prompt, "prompt_token_ids": list(prompt_ids),
-                "chosen": tok.decode(responses[w][0]), "rejected": tok.decode(responses[l][0]),
-                "chosen_token_ids": responses[w][0], "rejected_token_ids": responses[l][0],
-                "ref_chosen_logps": logps[w], "ref_rejected_logps": logps[l],
+                "chosen": tok.decode(responses[win][0]), "rejected": tok.decode(responses[loss][0]),
+                "chosen_token_ids": responses[win][0], "rejected_token_ids": responses[loss][0],
+                "ref_chosen_logps": logps[win], "ref_rejected_logps": logps[loss],
                 "chosen_reward": max(reward_a, reward_b),
                 "rejected_reward": min(reward_a, reward_b),
-                "chosen_finish_reason": responses[w][1], "rejected_finish_reason": responses[l][1],
+                "chosen_finish_reason": responses[win][1],
+                "rejected_finish_reason": responses[loss][1],
                 "selection": "rso", "pairing": "first-round", "beta": 0.5,
                 "num_candidates": 2 * pairs_per_prompt, "num_accepted": 2 * pairs_per_prompt,
                 "policy_model": os.path.basename(policy_dir), "reward_model": "length",

@@ -10,7 +10,8 @@ import sys
 import pytest
 
 from beam_pipelines.config import GenerateConfig, RewardModelSpec
-from beam_pipelines.pipeline import beam_option_parser, main as generate_main
+from beam_pipelines.pipeline import beam_option_parser
+from beam_pipelines.pipeline import main as generate_main
 from rso.config import ConfigError
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -17,16 +17,20 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from beam_pipelines import generate, generate_vllm, handlers
 from beam_pipelines.config import GenerateConfig
-from beam_pipelines.generate import (GenerateCandidates, make_generation_handler, response_text,
-                                     truncate_at_eos)
+from beam_pipelines.elements import Candidate, Failure, PromptCandidates, RenderedPrompt
+from beam_pipelines.generate import (
+    GenerateCandidates,
+    make_generation_handler,
+    response_text,
+    truncate_at_eos,
+)
 from beam_pipelines.generate_hf import TransformersGenerationHandler
 from beam_pipelines.generate_vllm import VLLMGenerationHandler, get_vllm_engine
-from beam_pipelines.elements import Candidate, Failure, PromptCandidates, RenderedPrompt
 from beam_pipelines.render import render_prompt
 from beam_pipelines.rescore import RescoreCandidates
 from beam_pipelines.seeding import prompt_seed
-from tests.test_render import Collect
 from rso.logprobs import sequence_logps
+from tests.test_render import Collect
 
 N = 6
 MAX_NEW = 20
@@ -370,11 +374,11 @@ def byte_policy(tmp_path_factory) -> str:
 def test_vllm_candidate_text_is_the_decoding_of_the_ids():
     """vLLM's incremental detokenizer holds back a character cut by the end of the response:
     its CompletionOutput.text misses it. The stored text is the tokenizer's decoding."""
+    import tempfile
+
     from vllm.outputs import CompletionOutput
 
     from beam_pipelines.generate_vllm import vllm_candidate
-
-    import tempfile
 
     with tempfile.TemporaryDirectory() as d:
         tok = build_byte_tokenizer(d)

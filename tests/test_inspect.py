@@ -17,7 +17,11 @@ from beam_pipelines.pipeline import main as generate
 from rso import stats
 from rso_cli import inspect_output as I
 from rso_cli.cli import main as rso
-from tests.test_pipeline_e2e import BAD_LINES, _args, inputs  # noqa: F401 - a fixture
+from tests.test_pipeline_e2e import (
+    BAD_LINES,
+    _args,
+    inputs,  # noqa: F401 - a fixture
+)
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 DOCUMENTED = re.compile(r"\binspect(?:_[a-z_]+)?\.(?:png|json)\b")

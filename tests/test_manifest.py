@@ -20,8 +20,13 @@ import pytest
 from beam_pipelines import manifest as M
 from beam_pipelines import sampling
 from beam_pipelines.config import GenerateConfig
-from beam_pipelines.elements import (Candidate, DeadLetter, PromptCandidates, PromptSummary,
-                                    RenderedPrompt)
+from beam_pipelines.elements import (
+    Candidate,
+    DeadLetter,
+    PromptCandidates,
+    PromptSummary,
+    RenderedPrompt,
+)
 from beam_pipelines.seeding import prompt_rng
 from beam_pipelines.selection import select_and_pair
 
@@ -242,8 +247,9 @@ def test_the_manifest_says_what_selection_did(mixed_run):
 
 
 def test_acceptance_plot_has_the_rounds_panel():
-    from PIL import Image
     import io
+
+    from PIL import Image
 
     from beam_pipelines.plots import render_plots
 

@@ -227,8 +227,8 @@ def test_stale_lock_of_a_dead_process_on_this_host_is_taken_over(tmp_path):
 
 
 def test_rso_train_into_an_owned_output_fails(tmp_path, tiny_policy, capsys):
-    from trainer.train import main as train_main
     from tests.pair_data import build_pairs, write_output_dir
+    from trainer.train import main as train_main
 
     data = str(tmp_path / "pairs")
     write_output_dir(data, build_pairs(tiny_policy, num_prompts=2))

@@ -277,8 +277,15 @@ def _raise_for(monkeypatch, owner, name: str, prompt_id_of, stage: str, exc: typ
 def _inject_every_stage(monkeypatch) -> None:
     """One exception the stage does not expect, in a function each stage calls (the
     FnApiRunner runs in-process, so the patched functions are the ones that run)."""
-    from beam_pipelines import generate_hf, prompts, records, render, rescore, reward_handlers
-    from beam_pipelines import selection
+    from beam_pipelines import (
+        generate_hf,
+        prompts,
+        records,
+        render,
+        rescore,
+        reward_handlers,
+        selection,
+    )
 
     _raise_for(monkeypatch, prompts, "parse_json_line",
                lambda line, *a: "inj-read" if b"inj-read" in line else None, "read", RuntimeError)

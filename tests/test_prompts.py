@@ -66,7 +66,7 @@ def test_hh_rlhf_kind_requires_the_dialogue():
 def test_plain_prompt_and_its_id():
     p = P.parse_json_line(_line({"prompt": "How do I bake bread?"}), "in.jsonl")
     assert p.prompt == "How do I bake bread?" and p.messages is None and p.source == "in.jsonl"
-    assert p.prompt_id == hashlib.sha256("How do I bake bread?".encode()).hexdigest()
+    assert p.prompt_id == hashlib.sha256(b"How do I bake bread?").hexdigest()
 
 
 def test_given_prompt_id_wins_and_integers_become_strings():

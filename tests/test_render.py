@@ -6,12 +6,17 @@ import pytest
 from apache_beam.metrics.metric import MetricsFilter
 from transformers import AutoTokenizer
 
-from rso.transcript import hh_transcript
 from beam_pipelines.config import GenerateConfig
 from beam_pipelines.elements import DeadLetter, PromptInput, RenderedPrompt
-from beam_pipelines.render import (PromptError, RenderPrompts, context_length,
-                                   max_prompt_tokens, new_token_budget,
-                                   render_prompt)
+from beam_pipelines.render import (
+    PromptError,
+    RenderPrompts,
+    context_length,
+    max_prompt_tokens,
+    new_token_budget,
+    render_prompt,
+)
+from rso.transcript import hh_transcript
 
 CONVERSATION = (("user", "How do I bake bread?"), ("assistant", "Mix flour and water."),
                 ("user", "What then?"))

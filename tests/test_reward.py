@@ -11,18 +11,19 @@ import torch
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.testing.util import assert_that
 
-from rso.transcript import hh_transcript
 from beam_pipelines.config import GenerateConfig, RewardModelSpec
 from beam_pipelines.elements import Candidate, PromptCandidates, RenderedPrompt
-from rso.reward_input import pairwise_text
 from beam_pipelines.reward import ScoreRewards
-from beam_pipelines.reward_handlers import (PairwiseRewardHandler, PointwiseRewardHandler,
-                                            check_reward_model)
-from rso.reward_input import truncate_left
+from beam_pipelines.reward_handlers import (
+    PairwiseRewardHandler,
+    PointwiseRewardHandler,
+    check_reward_model,
+)
 from beam_pipelines.seeding import prompt_rng
 from rso.config import ConfigError
+from rso.reward_input import pairwise_text, truncate_left
+from rso.transcript import hh_transcript
 from tests.tiny_models import _llama_config, build_tokenizer
-
 
 # The tiny template, but raising (as Llama-2/Mistral templates do) when roles do not alternate.
 STRICT_TEMPLATE = (

@@ -20,8 +20,13 @@ from trainer.data import DataError
 from trainer.losses import bradley_terry_loss
 from trainer.metrics import read_metrics
 from trainer.reward_data import parse_preference, read_preferences
-from trainer.reward_train import (RewardConfig, encode_examples, model_scores, train_reward,
-                                  wilson_interval)
+from trainer.reward_train import (
+    RewardConfig,
+    encode_examples,
+    model_scores,
+    train_reward,
+    wilson_interval,
+)
 from trainer.reward_train import main as reward_main
 
 WORDS = ("water bread salt flour sea poem road side time day people work house light world "
@@ -184,8 +189,9 @@ def test_head_mode_beats_chance_and_writes_its_report(head_run, marker_data):
 def test_pipeline_renders_and_scores_exactly_as_training(head_run, marker_data):
     """The pipeline's pointwise handler builds the same token ids as training (long prompts
     cut from the left included) and its reward equals the fitted model's score."""
-    from rso.hf import load_classifier as hf_classifier
     from transformers import AutoTokenizer
+
+    from rso.hf import load_classifier as hf_classifier
 
     examples = read_preferences([marker_data]).examples[:16]
     tok = AutoTokenizer.from_pretrained(head_run.output)

@@ -3,7 +3,8 @@ other selection methods. Real seeded numpy generators throughout, no stubs."""
 from __future__ import annotations
 
 import math
-from typing import Callable, get_args
+from collections.abc import Callable
+from typing import get_args
 
 import numpy as np
 import pytest

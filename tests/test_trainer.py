@@ -17,7 +17,6 @@ from trainer.reference import CACHE_FILE, ReferenceMismatchError
 from trainer.train import NonFiniteLossError, train
 
 
-
 @pytest.fixture(scope="module")
 def records(tiny_policy):
     return build_pairs(tiny_policy, num_prompts=8, pairs_per_prompt=2)

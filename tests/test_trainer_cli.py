@@ -121,7 +121,7 @@ def test_plots_from_metrics(tmp_path):
 
 
 def test_trains_from_gs(tiny_policy, data_dir, gcs_bucket, tmp_path):
-    """The same pairs from gs:// (local emulator, through rso.storage/gcsfs) give the same losses."""
+    """The same pairs from gs:// (local emulator, rso.storage/gcsfs) give the same losses."""
     from rso.storage import filesystem
 
     remote = f"{gcs_bucket}/trainer-test/pairs"

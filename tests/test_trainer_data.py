@@ -11,9 +11,15 @@ import pytest
 from rso.schema import to_example
 from rso.tfrecord import write_records
 from tests.pair_data import build_pairs, write_output_dir, write_parquet
-from trainer.data import (DataError, PairSource, bucket_batches, in_eval_split, read_pairs,
-                          resolve_files, shuffle_buffer)
-
+from trainer.data import (
+    DataError,
+    PairSource,
+    bucket_batches,
+    in_eval_split,
+    read_pairs,
+    resolve_files,
+    shuffle_buffer,
+)
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,10 @@ import pytest
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.options.pipeline_options import PipelineOptions
 
+from beam_pipelines.elements import DeadLetter, PromptSummary
 from beam_pipelines.manifest import NUM_BINS
 from beam_pipelines.plots import PLOT_NAMES
 from beam_pipelines.read import ReadPrompts
-from beam_pipelines.elements import DeadLetter, PromptSummary
 from beam_pipelines.write import OutputExistsError, WriteOutputs, prepare_output
 from rso import schema, tfrecord
 

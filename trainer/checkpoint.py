@@ -19,7 +19,11 @@ import os
 import random
 import re
 import shutil
-from typing import Any, Optional, Sequence
+import signal
+import sys
+import threading
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -77,7 +81,7 @@ def list_checkpoints(output: str) -> list[str]:
     return [path for _, path in sorted(found)]
 
 
-def latest_checkpoint(output: str) -> Optional[str]:
+def latest_checkpoint(output: str) -> str | None:
     checkpoints = list_checkpoints(output)
     return checkpoints[-1] if checkpoints else None
 
@@ -85,7 +89,7 @@ def latest_checkpoint(output: str) -> Optional[str]:
 def save_checkpoint(output: str, model: torch.nn.Module, tokenizer: Any,
                     optimizer: torch.optim.Optimizer, scheduler: Any, state: TrainState,
                     config: dict[str, Any], keep: int = 0,
-                    run_info: Optional[dict[str, Any]] = None) -> str:
+                    run_info: dict[str, Any] | None = None) -> str:
     """Writes ``checkpoint-<step>`` atomically and keeps only the ``keep`` newest (0 = all).
     ``run_info`` (JSON values) goes into ``trainer_state.json`` next to the config."""
     final = checkpoint_dir(output, state.step)
@@ -125,7 +129,7 @@ def saved_config(path: str) -> dict[str, Any]:
 
 
 def resume_differences(saved: dict[str, Any], config: dict[str, Any],
-                       data_ids: dict[str, Optional[str]], names: Sequence[str]
+                       data_ids: dict[str, str | None], names: Sequence[str]
                        ) -> dict[str, tuple[Any, Any]]:
     """``{setting: (saved value, current value)}`` for each of ``names`` that differs between
     a checkpoint's :func:`saved_run` and the current ``config``. ``data`` and ``eval_data`` are
@@ -141,3 +145,23 @@ def resume_differences(saved: dict[str, Any], config: dict[str, Any],
         elif saved["config"].get(name) != config[name]:
             out[name] = (saved["config"].get(name), config[name])
     return out
+
+
+def run_preemptible(prog: str, body: Callable[[Callable[[], bool]], Any],
+                    errors: tuple[type[BaseException], ...]) -> int:
+    """A training command's exit code: ``body(should_stop)`` with SIGTERM (a preemption) setting
+    ``should_stop`` (when called from the main thread), so the loop saves a checkpoint at the
+    current step and returns a result whose ``finished`` is False. 0 when done; 2 with one line
+    ``{prog}: error: ...`` for one of ``errors``; 143 (128 + SIGTERM) when stopped early."""
+    stop = threading.Event()
+    previous = (signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
+                if threading.current_thread() is threading.main_thread() else None)
+    try:
+        result = body(stop.is_set)
+    except errors as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+    return 0 if result.finished else 128 + signal.SIGTERM

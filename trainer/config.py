@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from typing import Literal, Optional
+from typing import Literal
 
 from rso.config import Config, ConfigError, option
 
@@ -48,7 +48,7 @@ class TrainConfig(Config):
     eval_fraction: float = option(0.0, "hold out this fraction of prompts of --data for "
                                   "evaluation (by hash of prompt_id, so a prompt's pairs stay on "
                                   "one side)")
-    max_length: Optional[int] = option(None, "skip pairs whose prompt + longer response exceeds "
+    max_length: int | None = option(None, "skip pairs whose prompt + longer response exceeds "
                                        "this many tokens (never truncated: that would break the "
                                        "reference log-probs)")
     shuffle_buffer: int = option(4096, "pairs held in the streaming shuffle buffer (1 = no "
@@ -66,7 +66,7 @@ class TrainConfig(Config):
         "auto", "bf16 autocast (weights stay fp32); auto = bf16 on a CUDA device that supports "
         "it, fp32 elsewhere; bf16 on CPU is opt-in")
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = cuda when available")
-    num_threads: Optional[int] = option(None, "torch CPU threads (default: torch's choice)")
+    num_threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
     # ---- loss (SPEC 6)
     loss: LossType = option("sigmoid-norm", "sigmoid-norm (DPO) | hinge-norm (RSO/SLiC "
                             "normalised) | hinge (SLiC) | ipo")
@@ -93,7 +93,7 @@ class TrainConfig(Config):
     grad_accum: int = option(1, "micro-batches per optimizer step")
     max_grad_norm: float = option(1.0, "clip the global gradient norm to this (0 = off)")
     epochs: int = option(1, "passes over the training pairs (ignored when --max-steps is set)")
-    max_steps: Optional[int] = option(None, "optimizer steps to run; overrides --epochs")
+    max_steps: int | None = option(None, "optimizer steps to run; overrides --epochs")
     # ---- checkpoints, evaluation, logging
     save_every: int = option(0, "save a checkpoint every N optimizer steps (0 = only at the "
                              "end)")

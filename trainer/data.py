@@ -19,7 +19,8 @@ import json
 import logging
 import math
 import zlib
-from typing import Callable, Iterable, Iterator, Mapping, Optional, Sequence, TypeVar
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TypeVar
 
 import numpy as np
 import pyarrow as pa
@@ -92,7 +93,7 @@ def _directory_files(directory: str, data_format: str) -> list[str]:
     return layout.pair_files(directory, data_format)
 
 
-def _resolve(source: str, data_format: str) -> tuple[list[str], Optional[str]]:
+def _resolve(source: str, data_format: str) -> tuple[list[str], str | None]:
     """The files of one source, and the pipeline output directory they come from (if any)."""
     if _GLOB_CHARS & set(source):
         matches = rso_io.glob(source)
@@ -124,7 +125,7 @@ class DataFile:
     bytes: int
 
 
-def _manifest_checksums(directory: str) -> Optional[dict[str, checksums.Digest]]:
+def _manifest_checksums(directory: str) -> dict[str, checksums.Digest] | None:
     """``files.checksums`` of a pipeline output directory's manifest; None (with a warning)
     when the manifest has none (written before checksums were recorded)."""
     path = rso_io.join(directory, layout.MANIFEST)
@@ -191,7 +192,7 @@ def data_id(files: Sequence[DataFile]) -> str:
 
 # ------------------------------------------------------------------------------ reading
 def validate_pair(record: Mapping, where: str, *, require_reference: bool = True,
-                  vocab_size: Optional[int] = None) -> None:
+                  vocab_size: int | None = None) -> None:
     """Raises DataError (naming ``where``) unless the record can be trained on."""
     missing = [c for c in COLUMNS if c not in record]
     if missing:
@@ -265,8 +266,8 @@ def _raw_records(path: str) -> Iterator[dict]:
     return _parquet_records(path) if _file_format(path) == PARQUET else _tfrecord_records(path)
 
 
-def read_pairs(path: str, *, require_reference: bool = True, vocab_size: Optional[int] = None,
-               reference: Optional[Mapping[str, tuple[float, float]]] = None) -> Iterator[Pair]:
+def read_pairs(path: str, *, require_reference: bool = True, vocab_size: int | None = None,
+               reference: Mapping[str, tuple[float, float]] | None = None) -> Iterator[Pair]:
     """Streams the validated pairs of one file. With ``reference`` (a cache from
     :mod:`trainer.reference`), the stored reference log-probs are replaced by the cached ones."""
     for row, rec in enumerate(_raw_records(path)):
@@ -309,7 +310,7 @@ def shuffle_buffer(items: Iterable[T], size: int, rng: np.random.Generator) -> I
 
 
 def bucket_batches(pairs: Iterable[Pair], batch_size: int, window_batches: int,
-                   rng: Optional[np.random.Generator]) -> Iterator[list[Pair]]:
+                   rng: np.random.Generator | None) -> Iterator[list[Pair]]:
     """Cuts windows of ``batch_size * window_batches`` pairs into batches of similar length.
 
     Each window is sorted by :attr:`Pair.length` and cut into batches of ``batch_size``; with an
@@ -341,11 +342,11 @@ class PairSource:
     """A set of data files and the rules deciding which of their pairs belong to this split."""
     files: list[str]
     keep: Callable[[Pair], bool] = lambda pair: True
-    vocab_size: Optional[int] = None
-    reference: Optional[Mapping[str, tuple[float, float]]] = None
+    vocab_size: int | None = None
+    reference: Mapping[str, tuple[float, float]] | None = None
     require_reference: bool = True
 
-    def pairs(self, files: Optional[Sequence[str]] = None) -> Iterator[Pair]:
+    def pairs(self, files: Sequence[str] | None = None) -> Iterator[Pair]:
         for path in self.files if files is None else files:
             for pair in read_pairs(path, require_reference=self.require_reference,
                                    vocab_size=self.vocab_size, reference=self.reference):
@@ -369,7 +370,7 @@ class PairSource:
         return bucket_batches(self.pairs(), batch_size, window_batches, None)
 
 
-def length_filter(max_length: Optional[int]) -> Callable[[Pair], bool]:
+def length_filter(max_length: int | None) -> Callable[[Pair], bool]:
     if max_length is None:
         return lambda pair: True
     return lambda pair: pair.length <= max_length

@@ -13,7 +13,8 @@ Pure tensor functions: no model, no data, no reduction.
 from __future__ import annotations
 
 import math
-from typing import Callable, get_args
+from collections.abc import Callable
+from typing import get_args
 
 import torch
 import torch.nn.functional as F

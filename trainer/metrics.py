@@ -19,7 +19,7 @@ import json
 import os
 import resource
 import sys
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -77,7 +77,7 @@ class MetricsWriter:
     so the file reads as one uninterrupted run.
     """
 
-    def __init__(self, output: str, tensorboard: bool, resume_step: Optional[int] = None):
+    def __init__(self, output: str, tensorboard: bool, resume_step: int | None = None):
         self.path = os.path.join(output, "metrics.jsonl")
         if resume_step is not None:
             self._truncate_after(resume_step)

@@ -8,18 +8,20 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Any, ContextManager, Optional, Sequence
+from collections.abc import Sequence
+from contextlib import AbstractContextManager as ContextManager
+from typing import Any
 
 import torch
 
-from trainer.data import Pair
 from rso import hf
 from rso.logprobs import PackedBatch, forward_logps, pack
+from trainer.data import Pair
 
 log = logging.getLogger("rso.trainer")
 
 
-def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dtype]:
+def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
     """The autocast dtype, or None for plain fp32.
 
     auto: bf16 on a CUDA device that supports it, else fp32. bf16 on CPU runs only when asked for.
@@ -36,7 +38,7 @@ def resolve_precision(precision: str, device: torch.device) -> Optional[torch.dt
     return None
 
 
-def autocast(device: torch.device, dtype: Optional[torch.dtype]) -> ContextManager:
+def autocast(device: torch.device, dtype: torch.dtype | None) -> ContextManager:
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)

@@ -27,10 +27,11 @@ import gzip
 import hashlib
 import io
 import json
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any
 
 from rso import storage as rso_io
-from rso.transcript import HH_ASSISTANT, OPEN_ASSISTANT_TURN, hh_prompt_end, split_hh_dialogue
+from rso.transcript import HH_ASSISTANT, hh_prompt_end, split_hh_dialogue
 from trainer.data import DataError, in_eval_split
 
 Messages = tuple[tuple[str, str], ...]
@@ -186,7 +187,7 @@ def _rows(path: str) -> Iterator[tuple[str, Any]]:
                 raise DataError(f"{where}: not valid JSON ({e.msg})") from None
 
 
-def read_preferences(paths: Sequence[str], rows: Optional[tuple[int, Optional[int]]] = None
+def read_preferences(paths: Sequence[str], rows: tuple[int, int | None] | None = None
                      ) -> PreferenceData:
     """Every pair of ``paths`` in order; ``rows=(start, end)`` keeps rows [start, end) of their
     concatenation (end None: to the last). Raises DataError for a bad row or an empty result."""

@@ -40,11 +40,10 @@ import logging
 import math
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
-from typing import Any, Callable, Literal, Optional, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -52,13 +51,14 @@ import torch.nn.functional as F
 
 from rso.config import Config, ConfigError, option
 from rso.reward_input import pairwise_ids, pointwise_ids, render_pointwise
+from rso.stats import wilson_interval
 from rso.transcript import hh_transcript
 from trainer import checkpoint as ckpt
+from trainer.checkpoint import run_preemptible
 from trainer.data import DataError
 from trainer.losses import bradley_terry_loss
 from trainer.metrics import MetricsWriter, Progress, peak_memory
-from trainer.reward_data import PreferenceData, PreferenceExample, read_preferences, \
-    split_by_prompt
+from trainer.reward_data import PreferenceData, PreferenceExample, read_preferences, split_by_prompt
 
 log = logging.getLogger("rso.reward")
 
@@ -85,7 +85,7 @@ class RewardConfig(Config):
         "pointwise", "pointwise: r(x, y); pairwise: logit P(A better than B) (SPEC 2)")
     max_length: int = option(384, "tokens per input; longer ones lose their oldest tokens")
     eval_fraction: float = option(0.25, "held-out share of prompts (by hash of prompt_id)")
-    max_train_pairs: Optional[int] = option(None, "train on at most this many pairs (the "
+    max_train_pairs: int | None = option(None, "train on at most this many pairs (the "
                                             "first ones of the training split)")
     seed: int = option(0, "seeds fold assignment, data order and torch")
     batch_size: int = option(16, "pairs per forward pass (features) or per optimizer step")
@@ -101,7 +101,7 @@ class RewardConfig(Config):
     weight_decay: float = option(0.0, "AdamW decoupled weight decay")
     warmup_steps: int = option(0, "linear warm-up steps, then linear decay to 0")
     epochs: int = option(1, "passes over the training pairs (full mode)")
-    max_steps: Optional[int] = option(None, "optimizer steps; overrides --epochs")
+    max_steps: int | None = option(None, "optimizer steps; overrides --epochs")
     max_grad_norm: float = option(1.0, "clip the global gradient norm (0 = off)")
     save_every: int = option(0, "checkpoint every N steps (0 = only at the end)")
     keep_checkpoints: int = option(2, "recent checkpoints to keep (0 = all)")
@@ -111,13 +111,13 @@ class RewardConfig(Config):
     overwrite: bool = option(False, "start from scratch even if --output holds a run")
     # ---- runtime
     device: Literal["auto", "cpu", "cuda"] = option("auto", "auto = cuda when available")
-    num_threads: Optional[int] = option(None, "torch CPU threads (default: torch's choice)")
+    num_threads: int | None = option(None, "torch CPU threads (default: torch's choice)")
     trust_remote_code: bool = option(False, "let the model repository run its own code")
     progress: bool = option(True, "show progress bars")
     plots: bool = option(True, "write PNG curves to OUTPUT/plots")
     verbose: bool = option(False, "show third-party INFO logs")
 
-    def row_range(self) -> Optional[tuple[int, Optional[int]]]:
+    def row_range(self) -> tuple[int, int | None] | None:
         if not self.rows:
             return None
         try:
@@ -155,22 +155,6 @@ class RewardConfig(Config):
 
 
 # ------------------------------------------------------------------------------ statistics
-def wilson_interval(successes: float, n: int, z: float = Z95) -> tuple[float, float]:
-    """Wilson score interval (Wilson 1927) for a binomial proportion ``successes / n``:
-
-        (p + z^2/2n -+ z sqrt(p(1-p)/n + z^2/4n^2)) / (1 + z^2/n)
-
-    ``z`` = 1.96 for 95%. Returns (nan, nan) for n = 0.
-    """
-    if n <= 0:
-        return math.nan, math.nan
-    p = successes / n
-    denom = 1.0 + z * z / n
-    centre = (p + z * z / (2 * n)) / denom
-    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / denom
-    return max(0.0, centre - half), min(1.0, centre + half)
-
-
 def accuracy_summary(margins: torch.Tensor) -> dict[str, Any]:
     """Pairwise accuracy (margin > 0; a tie counts as wrong) with its 95% Wilson interval."""
     n = int(margins.numel())
@@ -294,7 +278,7 @@ def head_features(model: torch.nn.Module, seqs: Sequence[Sequence[int]], pad_id:
     head = head_layer(model)
     captured: list[torch.Tensor] = []
     hook = head.register_forward_pre_hook(lambda module, args: captured.append(args[0]))
-    out: Optional[torch.Tensor] = None
+    out: torch.Tensor | None = None
     model.eval()
     try:
         batches = _batches([len(s) for s in seqs], batch_size)
@@ -363,7 +347,7 @@ def fit_logistic(x: torch.Tensor, c: float, max_iter: int = 50, tol: float = 1e-
 def _fold_of(prompt_id: str, seed: int, folds: int) -> int:
     import hashlib
 
-    digest = hashlib.sha256(f"rso-fold\x00{seed}\x00{prompt_id}".encode("utf-8")).digest()
+    digest = hashlib.sha256(f"rso-fold\x00{seed}\x00{prompt_id}".encode()).digest()
     return int.from_bytes(digest[:8], "little") % folds
 
 
@@ -425,7 +409,7 @@ class RewardResult:
     finished: bool = True
 
 
-def _prepare_output(cfg: RewardConfig) -> Optional[str]:
+def _prepare_output(cfg: RewardConfig) -> str | None:
     """Creates --output; returns the checkpoint to resume from (full mode), if any."""
     os.makedirs(cfg.output, exist_ok=True)
     latest = ckpt.latest_checkpoint(cfg.output)
@@ -660,8 +644,8 @@ def _setup(cfg: RewardConfig) -> torch.device:
     return resolve_device(cfg.device)
 
 
-def train_full(cfg: RewardConfig, *, should_stop: Optional[Callable[[], bool]] = None,
-               stop_after: Optional[int] = None) -> RewardResult:
+def train_full(cfg: RewardConfig, *, should_stop: Callable[[], bool] | None = None,
+               stop_after: int | None = None) -> RewardResult:
     """``--mode full``: AdamW on every weight, one optimizer step per ``--batch-size`` pairs
     (linear warm-up then linear decay). ``should_stop()`` is asked after each step (SIGTERM):
     a checkpoint is saved and the run returns unfinished; ``stop_after=s`` returns after step
@@ -791,7 +775,7 @@ def train_reward(cfg: RewardConfig, **kw: Any) -> RewardResult:
 USAGE = "usage: rso reward train [flags]   (rso reward train --help lists them)"
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """``rso reward train ...``: 0 when done, 2 for bad configuration or data, 143 when
     SIGTERM stopped a full run after saving a checkpoint."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -802,24 +786,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if "--verbose" not in argv:
         for name in ("transformers", "urllib3", "filelock"):
             logging.getLogger(name).setLevel(logging.WARNING)
-    stop = threading.Event()
-    previous = None
-    try:
+
+    def body(should_stop):
         cfg, _ = RewardConfig.parse_args(argv[1:], prog="rso reward train",
                                          description="Train a Bradley-Terry reward model.")
-        if cfg.mode == "head":  # minutes of feature extraction: SIGTERM ends it as usual
-            result = train_reward(cfg)
-        else:  # SIGTERM: save a checkpoint after the current step, then stop
-            if threading.current_thread() is threading.main_thread():
-                previous = signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-            result = train_reward(cfg, should_stop=stop.is_set)
-    except (ConfigError, DataError) as e:
-        print(f"rso reward train: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    return 0 if result.finished else 128 + signal.SIGTERM
+        # head mode: minutes of feature extraction, which SIGTERM ends as usual
+        return train_reward(cfg) if cfg.mode == "head" else train_reward(
+            cfg, should_stop=should_stop)
+
+    return run_preemptible("rso reward train", body, (ConfigError, DataError))
 
 
 if __name__ == "__main__":

@@ -19,27 +19,39 @@ import logging
 import math
 import os
 import shutil
-import signal
 import sys
-import threading
 import time
-from typing import Any, Callable, Iterator, Optional, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 
-from rso.config import ConfigError
 from rso import ownership
+from rso.config import ConfigError
 from rso.hf import resolve_device
 from trainer import checkpoint as ckpt
 from trainer import reference as ref
 from trainer.config import RESUME_CHANGEABLE, RESUME_FIXED, TrainConfig
-from trainer.data import (DataError, Pair, PairSource, data_id, in_eval_split, length_filter,
-                          verify_files)
+from trainer.data import (
+    DataError,
+    Pair,
+    PairSource,
+    data_id,
+    in_eval_split,
+    length_filter,
+    verify_files,
+)
 from trainer.losses import preference_loss
 from trainer.memory import limit_heap_retention
 from trainer.metrics import MetricsWriter, PairMetrics, Progress, peak_memory
-from trainer.model import (autocast, load_policy, pad_token_id, pair_logps, reference_logps,
-                           resolve_precision)
+from trainer.model import (
+    autocast,
+    load_policy,
+    pad_token_id,
+    pair_logps,
+    reference_logps,
+    resolve_precision,
+)
 from trainer.optim import build_optimizer, build_scheduler, override_saved_hyperparameters
 
 log = logging.getLogger("rso.trainer")
@@ -53,7 +65,7 @@ class NonFiniteLossError(RuntimeError):
 class TrainResult:
     output: str
     steps: int
-    checkpoint: Optional[str]  # the last checkpoint written (the final model at the end)
+    checkpoint: str | None  # the last checkpoint written (the final model at the end)
     metrics_path: str
     train: dict  # metrics of the last logged train step
     eval: dict  # metrics of the last evaluation (empty without eval pairs)
@@ -78,8 +90,8 @@ def _step_groups(source: PairSource, cfg: TrainConfig, epoch: int, skip: int
             raise DataError("no training pairs to read")
 
 
-def _prepare_output(cfg: TrainConfig, data_ids: dict[str, Optional[str]]
-                    ) -> tuple[Optional[str], list[dict]]:
+def _prepare_output(cfg: TrainConfig, data_ids: dict[str, str | None]
+                    ) -> tuple[str | None, list[dict]]:
     """Creates the output directory; returns the checkpoint to resume from (if any) and the
     settings changes on record: the interrupted run's, plus those this resume applies.
 
@@ -189,7 +201,7 @@ class Run:
     """What the loop works with, built once by :func:`setup`."""
     cfg: TrainConfig
     device: torch.device
-    amp: Optional[torch.dtype]  # bf16 autocast, or None for fp32
+    amp: torch.dtype | None  # bf16 autocast, or None for fp32
     model: torch.nn.Module
     tokenizer: Any
     pad_id: int
@@ -199,7 +211,7 @@ class Run:
     scheduler: torch.optim.lr_scheduler.LRScheduler
     total_steps: int
     state: ckpt.TrainState  # the data position and counters after the last step
-    resumed_from: Optional[str]  # the checkpoint this run continues, if any
+    resumed_from: str | None  # the checkpoint this run continues, if any
     run_info: dict  # saved in every checkpoint: data content ids, settings changed on resume
 
 
@@ -328,7 +340,7 @@ def save(run: Run, state: ckpt.TrainState) -> str:
                                 run.cfg.keep_checkpoints, run.run_info)
 
 
-def train(cfg: TrainConfig, *, should_stop: Optional[Callable[[], bool]] = None
+def train(cfg: TrainConfig, *, should_stop: Callable[[], bool] | None = None
           ) -> TrainResult:
     """Runs (or resumes) training as ``cfg`` says.
 
@@ -413,7 +425,7 @@ def train(cfg: TrainConfig, *, should_stop: Optional[Callable[[], bool]] = None
 
 
 def _summary(state: ckpt.TrainState, wall_time_s: float, device: torch.device,
-             final_checkpoint: Optional[str]) -> dict:
+             final_checkpoint: str | None) -> dict:
     """The run's ``summary`` metrics record (see :mod:`trainer.metrics`)."""
     return {"steps": state.step, "pairs": state.pairs_seen, "train_time_s": state.train_time_s,
             "pairs_per_s": state.pairs_seen / max(state.train_time_s, 1e-9),
@@ -431,7 +443,7 @@ def _merge_eval(results: Sequence[dict]) -> dict:
     return merged
 
 
-def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
+def parse_config(argv: Sequence[str] | None = None) -> TrainConfig:
     """``TrainConfig.parse_args`` for ``rso train``; an unreadable or malformed ``--config``
     file is a one-line :class:`ConfigError` (raised by ``rso.config.Config.from_yaml``)."""
     cfg, _ = TrainConfig.parse_args(argv, prog="rso train",
@@ -439,26 +451,16 @@ def parse_config(argv: Optional[Sequence[str]] = None) -> TrainConfig:
     return cfg
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point (``rso train`` calls it with the flags after ``train``).
 
     Returns 0 when done, 2 for bad configuration or data, 143 when SIGTERM stopped the run after
     saving a checkpoint (preemption: run again with --resume).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
-    stop = threading.Event()
-    previous = (signal.signal(signal.SIGTERM, lambda signum, frame: stop.set())
-                if threading.current_thread() is threading.main_thread() else None)
-    try:
-        cfg = parse_config(argv)
-        result = train(cfg, should_stop=stop.is_set)
-    except (ConfigError, DataError, ref.ReferenceMismatchError, NonFiniteLossError) as e:
-        print(f"rso train: error: {e}", file=sys.stderr)
-        return 2
-    finally:
-        if previous is not None:
-            signal.signal(signal.SIGTERM, previous)
-    return 0 if result.finished else 128 + signal.SIGTERM
+    return ckpt.run_preemptible(
+        "rso train", lambda should_stop: train(parse_config(argv), should_stop=should_stop),
+        (ConfigError, DataError, ref.ReferenceMismatchError, NonFiniteLossError))
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 from rso import storage as rso_io
 

@@ -20,7 +20,6 @@ from __future__ import annotations
 import datetime
 
 from airflow import DAG
-from airflow.models import Variable
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 
 with DAG(

@@ -37,7 +37,7 @@ import os
 import re
 import sys
 import tempfile
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from rso import storage as rso_io
 from rso.layout import SUCCESS, is_complete
@@ -112,7 +112,7 @@ def write_atomic(path: str, text: str) -> None:
         fs.pipe_file(p, data)  # one upload request: the object is replaced whole or not at all
 
 
-def read_latest(root: str) -> Optional[str]:
+def read_latest(root: str) -> str | None:
     """The run path ``ROOT/LATEST`` names, or None if nothing was published yet."""
     pointer = rso_io.join(root, LATEST)
     if not rso_io.exists(pointer):
@@ -141,7 +141,7 @@ def _name_of(run: str) -> str:
     return run.rstrip("/").rsplit("/", 1)[-1]
 
 
-def prune(root: str, keep: int, latest: Optional[str] = None) -> list[str]:
+def prune(root: str, keep: int, latest: str | None = None) -> list[str]:
     """Deletes runs beyond the ``keep`` newest complete ones (see module doc); returns paths.
 
     ``latest`` (a run name) is never deleted and nothing newer than it is touched.
@@ -168,7 +168,7 @@ def prune(root: str, keep: int, latest: Optional[str] = None) -> list[str]:
     return removed
 
 
-def publish(root: str, name: str, keep: Optional[int] = None, force: bool = False
+def publish(root: str, name: str, keep: int | None = None, force: bool = False
             ) -> PublishResult:
     """Points ``ROOT/LATEST`` at ``ROOT/name`` if that run is complete; then applies retention.
 
