@@ -20,7 +20,7 @@ from beam_pipelines.generate import (
     truncate_at_eos,
     warn_if_not_pi_sft,
 )
-from beam_pipelines.handlers import Loaded
+from beam_pipelines.handlers import Loaded, set_torch_threads
 from beam_pipelines.render import context_length, new_token_budget
 from beam_pipelines.seeding import prompt_seed
 
@@ -49,6 +49,7 @@ class TransformersGenerationHandler(GenerationHandler):
     def load_model(self) -> Loaded:
         from transformers import GenerationConfig
 
+        set_torch_threads(self._config.torch_threads)
         from rso import hf
 
         warn_if_not_pi_sft(self._config)

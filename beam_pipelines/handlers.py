@@ -65,6 +65,17 @@ def run_with_retry(items: Sequence[T], fn: Callable[[Sequence[T]], list[R]], rea
     return [r for item in items for r in run_with_retry([item], fn, reason, prefix)]
 
 
+def set_torch_threads(threads: int | None) -> None:
+    """``torch.set_num_threads(threads)`` when given (``--torch-threads``), before a model
+    handler's first forward pass. Float reductions depend on the thread count, so a fixed count
+    makes a model's outputs bit-identical on workers with different core counts (the DirectRunner
+    in-process or in worker processes, Dataflow machine types); None keeps torch's default."""
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def num_tokens(element: Any) -> int:
     """Token ids an element holds: a RenderedPrompt's prompt, or a PromptCandidates' prompt and
     every candidate."""

@@ -25,7 +25,7 @@ import apache_beam as beam
 from beam_pipelines.config import GenerateConfig
 from beam_pipelines.elements import PromptCandidates
 from beam_pipelines.generate import describe_prompt
-from beam_pipelines.handlers import InferStage, Loaded, RetryingHandler
+from beam_pipelines.handlers import InferStage, Loaded, RetryingHandler, set_torch_threads
 from beam_pipelines.stage import StageOutput
 
 STAGE = "rescore"
@@ -74,6 +74,7 @@ class Fp32RescoreHandler(RetryingHandler):
     def load_model(self) -> Loaded:
         from rso import hf
 
+        set_torch_threads(self._config.torch_threads)
         c = self._config
         tokenizer = hf.load_tokenizer(c.policy, c.trust_remote_code)
         model = hf.load_causal_lm(c.policy, "float32", "auto", c.trust_remote_code)

@@ -41,7 +41,7 @@ from typing import Any
 
 from beam_pipelines.config import GenerateConfig, RewardModelSpec
 from beam_pipelines.elements import PromptCandidates
-from beam_pipelines.handlers import RetryingHandler
+from beam_pipelines.handlers import RetryingHandler, set_torch_threads
 from beam_pipelines.pairwise import pairwise_orders, pairwise_rewards
 from beam_pipelines.seeding import prompt_rng
 from beam_pipelines.stage import count
@@ -177,6 +177,7 @@ class RewardHandler(RetryingHandler):
         return f"{self.spec.path}: "
 
     def load_model(self) -> LoadedClassifier:
+        set_torch_threads(self.config.torch_threads)
         return load_classifier(self.spec.path, self.kind,
                                trust_remote_code=self.config.trust_remote_code,
                                max_length=self.config.reward_max_length)
