@@ -9,6 +9,7 @@ import dataclasses
 import fnmatch
 import hashlib
 import json
+import logging
 import math
 import os
 from typing import Literal
@@ -303,16 +304,25 @@ def check_input(pattern: str, input_format: str) -> list[str]:
     if not files:
         raise ConfigError(f"--input {pattern} matches only directories; give files")
     parquet = read.resolve_format(files, input_format, pattern) == "parquet"
-    for path in files[:_MAX_FILES_SNIFFED]:
+    # A format that fits none of the files is a wrong setting (refused here); a file that does
+    # not fit among files that do is damaged data: the read stage makes it a dead letter.
+    problems = []
+    sniffed = files[:_MAX_FILES_SNIFFED]
+    for path in sniffed:
         try:
             with FileSystems.open(path) as f:  # decompresses .gz by extension
                 head = f.read(len(PARQUET_MAGIC))
         except Exception as e:  # noqa: BLE001 - corrupt gzip, permissions, ...
-            raise ConfigError(f"--input {path}: cannot read it: {e}") from None
+            problems.append(f"--input {path}: cannot read it: {e}")
+            continue
         if parquet and head != PARQUET_MAGIC:
-            raise ConfigError(f"--input {path} is not a Parquet file (it does not begin with "
-                              f"PAR1); set --input-format to jsonl, hh-rlhf or auto")
-        if not parquet and head == PARQUET_MAGIC:
-            raise ConfigError(f"--input {path} is a Parquet file but --input-format is "
-                              f"{input_format}; use parquet or auto")
+            problems.append(f"--input {path} is not a Parquet file (it does not begin with "
+                            f"PAR1); set --input-format to jsonl, hh-rlhf or auto")
+        elif not parquet and head == PARQUET_MAGIC:
+            problems.append(f"--input {path} is a Parquet file but --input-format is "
+                            f"{input_format}; use parquet or auto")
+    if problems and len(problems) == len(sniffed):
+        raise ConfigError(problems[0])
+    for problem in problems:
+        logging.getLogger("rso.generate").warning("%s (it will be a dead letter)", problem)
     return files

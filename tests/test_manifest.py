@@ -110,7 +110,8 @@ def test_accounting_identities_and_a_broken_one():
               "prompts_read": 6, "candidates_generated": 20, "records_built": 3}
     a = M.accounting_section({"selection": "rso"}, t, dl, 2, counts)
     assert a["inputs"] == {"input_records": 12, "prompts_read": 6, "read_dead_letters": 3,
-                           "blank_lines": 2, "prompts_not_in_shard": 1, "balanced": True}
+                           "blank_lines": 2, "prompts_not_in_shard": 1, "balanced": True,
+                           "corrupt_input_files": 0}
     assert a["prompts"]["balanced"] and a["prompts"]["reward_dead_letters"] == 1
     assert a["candidates"] == {"generated": 20, "accepted": 7, "rejected_by_selection": 5,
                                "duplicates": 0, "dead_lettered": 8, "balanced": True}
