@@ -75,6 +75,10 @@ def group_from_rows(rows: Sequence[Mapping[str, Any]]) -> PromptCandidates:
 
 def store_files(directory: str) -> list[str]:
     """The store's files; ConfigError when ``directory`` is not a complete run with a store."""
+    from rso import storage
+
+    if not storage.exists(directory):
+        raise ConfigError(f"--candidates {directory}: no such directory")
     if not layout.is_complete(directory):
         raise ConfigError(f"--candidates {directory}: no {layout.SUCCESS}: not a complete run")
     files = layout.candidate_files(directory)
@@ -115,13 +119,27 @@ def check_store(directory: str, policy: str) -> None:
                           f"{policy} is {given}: give the policy that generated them")
 
 
+def verified_store_files(directory: str) -> list[str]:
+    """:func:`store_files`, each checked against the sha256 its run recorded in the manifest
+    (ConfigError naming a corrupt, truncated or replaced file)."""
+    from rso.checksums import ChecksumError, verify
+
+    files = store_files(directory)
+    try:
+        verify(files, store_manifest(directory), directory)
+    except ChecksumError as e:
+        raise ConfigError(f"--candidates: {e}") from None
+    return files
+
+
 class ReadCandidates(beam.PTransform):
     """A candidate store -> ``(prompt_id, PromptCandidates)`` with stored rewards, one element
-    per prompt (rows grouped by prompt_id)."""
+    per prompt (rows grouped by prompt_id). The files are checked against their recorded
+    sha256 first."""
 
     def __init__(self, directory: str):
         super().__init__()
-        self._files = store_files(directory)
+        self._files = verified_store_files(directory)
 
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
         return (pbegin

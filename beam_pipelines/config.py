@@ -181,6 +181,9 @@ class GenerateConfig(Config):
         if self.candidates:
             from beam_pipelines.candidates import check_store
 
+            if _same_path(self.candidates, self.output):
+                fail(f"--output {self.output} is the --candidates store itself: re-selecting "
+                     f"would replace the candidates it reads; choose another --output")
             check_store(self.candidates, self.policy)
         else:
             check_input(self.input, self.input_format)
@@ -250,6 +253,13 @@ class GenerateConfig(Config):
                                 self.model_ids()["reward"].split("+")]
         digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode())
         return "run-" + digest.hexdigest()[:12]
+
+
+def _same_path(a: str, b: str) -> bool:
+    """Whether two local paths (or URLs) name the same directory."""
+    if "://" in a or "://" in b:
+        return a.rstrip("/") == b.rstrip("/")
+    return os.path.realpath(a) == os.path.realpath(b)
 
 
 def _content_part(model: str) -> str:

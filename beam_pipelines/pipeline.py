@@ -29,6 +29,7 @@ from beam_pipelines.candidates import (
     clear_rewards,
     sampling_params_json,
     store_identity,
+    store_manifest,
 )
 from beam_pipelines.config import GenerateConfig
 from beam_pipelines.generate import GenerateCandidates, warn_if_not_pi_sft
@@ -173,6 +174,7 @@ def run(config: GenerateConfig, beam_args: Sequence[str] = ()) -> dict:
             if not is_complete(staging):
                 raise RuntimeError(f"the pipeline finished ({result.state}) without writing "
                                    f"{join(staging, layout.SUCCESS)}; {output} is unchanged")
+            _refuse_empty(staging, output)
             commit(staging, output)
         finally:
             discard(staging)
@@ -181,6 +183,22 @@ def run(config: GenerateConfig, beam_args: Sequence[str] = ()) -> dict:
     log.info("done in %.0f s: %s", time.time() - start,
              json.dumps(written.get("counters", {}), sort_keys=True))
     return written
+
+
+class EmptyRunError(ConfigError):
+    """A run that read no prompt at all: never committed (it would replace a run with nothing)."""
+
+
+def _refuse_empty(staging: str, output: str) -> None:
+    """:class:`EmptyRunError` when the staged run read no prompt (an empty input file, or every
+    record bad): such a run is not committed, and ``output`` keeps what it held."""
+    with open_file(join(staging, layout.MANIFEST), "r") as f:
+        inputs = json.load(f).get("accounting", {}).get("inputs", {})
+    if inputs.get("prompts_read") == 0:
+        raise EmptyRunError(
+            f"no prompt was read from --input ({inputs.get('input_records')} records, "
+            f"{inputs.get('read_dead_letters')} dead letters, {inputs.get('blank_lines')} blank "
+            f"lines): nothing to generate; {output} is unchanged")
 
 
 def _log_counters(result: beam.runners.runner.PipelineResult) -> None:
@@ -234,17 +252,41 @@ def main(argv: Sequence[str] | None = None, prog: str = "rso generate") -> int:
     return 0
 
 
+# Settings that shaped the stored candidates: `rso select` takes them from the store.
+GENERATION_KEYS = ("num_candidates", "max_new_tokens", "temperature", "top_p", "top_k",
+                   "engine", "dtype", "max_model_len")
+
+
 def select_main(argv: Sequence[str] | None = None) -> int:
     """``rso select --candidates DIR --output OUT --policy SFT [--selection --beta ...]``: the
     select, pair, fp32 re-score and write stages on a stored candidate set, no decoding (and no
     reward model unless ``--reward-model`` re-scores the stored candidates). For the same seed
     and settings it writes the records the run that stored the candidates wrote."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if not any(a == "--candidates" or a.startswith("--candidates=") for a in argv) and not any(
-            a in ("-h", "--help") for a in argv):
+    if any(a in ("-h", "--help") for a in argv):
+        return main(argv, prog="rso select")
+    store = next((b for a, b in zip(argv, argv[1:]) if a == "--candidates"), None) or next(
+        (a.split("=", 1)[1] for a in argv if a.startswith("--candidates=")), None)
+    if not store:
         print("rso select: error: --candidates DIR is required", file=sys.stderr)
         return 2
-    return main(argv, prog="rso select")
+    try:
+        stored = store_manifest(store).get("config", {})
+    except ConfigError as e:
+        print(f"rso select: error: {e}", file=sys.stderr)
+        return 2
+    # The generation settings are the store's: they are what the candidates were made with.
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    for key in GENERATION_KEYS:
+        flag = "--" + key.replace("_", "-")
+        if flag in given:
+            print(f"rso select: error: {flag} is a generation setting; the candidates in "
+                  f"{store} were generated with {key}={stored.get(key)!r} (leave it out)",
+                  file=sys.stderr)
+            return 2
+    inherited = [x for key in GENERATION_KEYS if stored.get(key) is not None
+                 for x in ("--" + key.replace("_", "-"), str(stored[key]))]
+    return main(inherited + argv, prog="rso select")
 
 
 if __name__ == "__main__":

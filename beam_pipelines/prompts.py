@@ -30,7 +30,8 @@ from rso.transcript import hh_prompt_end, split_hh_dialogue
 
 REASONS = {
     "undecodable": "the line is not valid UTF-8",
-    "invalid_json": "the line is not a JSON object",
+    "invalid_json": "the line is not a JSON object (or is nested too deeply to parse)",
+    "invalid_unicode": "a string holds a lone UTF-16 surrogate (a JSON \\ud83d escape)",
     "missing_prompt": "no 'prompt', 'messages' or 'chosen' field",
     "empty_prompt": "the prompt has no non-blank text",
     "invalid_messages": "'messages' is not a non-empty list of {role: str, content: str}",
@@ -194,7 +195,18 @@ def parse_json_line(line: bytes, source: str, kind: str = "auto") -> PromptInput
         row = json.loads(text)
     except ValueError as e:
         raise PromptError("invalid_json", str(e)) from None
-    return parse_row(row, source, kind)
+    except RecursionError:
+        raise PromptError("invalid_json", "nested too deeply to parse") from None
+    prompt = parse_row(row, source, kind)
+    texts = [prompt.prompt or ""] + [c for _, c in prompt.messages or ()]
+    for t in texts:
+        try:
+            t.encode("utf-8")
+        except UnicodeEncodeError as e:  # JSON's \ud83d escapes decode to lone surrogates
+            raise PromptError("invalid_unicode", f"a lone UTF-16 surrogate "
+                              f"{t[e.start]!r} at character {e.start}: not text any tokenizer "
+                              f"can encode") from None
+    return prompt
 
 
 def is_blank(line: bytes) -> bool:

@@ -35,3 +35,31 @@ def digest(f: BinaryIO) -> Digest:
             return {"sha256": h.hexdigest(), "bytes": size}
         h.update(chunk)
         size += len(chunk)
+
+
+class ChecksumError(ValueError):
+    """A file that differs from (or is missing in) its run's manifest; the message names it."""
+
+
+def verify(paths: list[str], manifest: dict, where: str) -> None:
+    """Recomputes each file's digest (:func:`digest`, 1 MiB at a time) and compares it with the
+    ``files.checksums`` entry of ``manifest`` (the run ``where`` that wrote them). Raises
+    :class:`ChecksumError` naming the first file that is unlisted or differs. A manifest without
+    checksums (written before they existed) is accepted as it is."""
+    from rso import storage
+
+    listed = (manifest.get("files") or {}).get(CHECKSUMS)
+    if listed is None:
+        return
+    for path in paths:
+        name = path.rstrip("/").rsplit("/", 1)[-1]
+        want = listed.get(name)
+        if want is None:
+            raise ChecksumError(f"{path}: not listed in the manifest of {where}; it was not "
+                                f"written by that run")
+        with storage.open_file(path, "rb") as f:
+            got = digest(f)
+        if (got["bytes"], got["sha256"]) != (want["bytes"], want["sha256"]):
+            raise ChecksumError(f"{path}: content differs from the manifest of {where} "
+                                f"({got['bytes']} bytes, recorded {want['bytes']}): the file is "
+                                f"corrupt, truncated or replaced")

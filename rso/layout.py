@@ -35,11 +35,18 @@ def record_patterns(prefix: str = PAIRS_PREFIX) -> tuple[str, str]:
     return f"{prefix}-*{PARQUET_SUFFIX}", f"{prefix}-*.tfrecord*"
 
 
+# What `rso inspect` and `rso sweep` write into a run directory: they describe that run, so a
+# run that replaces it removes them too.
+ANALYSIS_PATTERNS = ("inspect.json", "inspect_*.png", "sweep.json", "sweep.png")
+
+
 def output_patterns(plot_names: tuple[str, ...] = ()) -> tuple[str, ...]:
-    """Every file name pattern a run writes (what a re-run replaces), ``_SUCCESS`` excluded."""
+    """Every file name pattern a run writes or describes it (what a re-run replaces),
+    ``_SUCCESS`` excluded."""
     return (*record_patterns(PAIRS_PREFIX), *record_patterns(SFT_PREFIX),
             f"{CANDIDATES_PREFIX}-*{PARQUET_SUFFIX}",
-            f"{DEAD_LETTER_PREFIX}-*{DEAD_LETTER_SUFFIX}", MANIFEST, *plot_names)
+            f"{DEAD_LETTER_PREFIX}-*{DEAD_LETTER_SUFFIX}", MANIFEST, *plot_names,
+            *ANALYSIS_PATTERNS)
 
 
 def is_complete(output: str) -> bool:

@@ -205,10 +205,10 @@ def run_loop(args: argparse.Namespace, sizes: Sizes, policy: str, proxy: str, ju
     train_prompts = write_prompts(os.path.join(out, "train_prompts.jsonl"), (0, NUM_PROMPT_ROWS))
     eval_prompts = write_prompts(os.path.join(out, "eval_prompts.jsonl"), EVAL_ROWS)
     engine = ["--engine", args.engine] + (["--enforce-eager"] if args.engine == "vllm" else [])
-    common = ["--policy", policy, "--num-candidates", str(sizes.num_candidates),
-              "--num-samples", str(sizes.num_samples), "--max-new-tokens",
-              str(sizes.max_new_tokens), "--seed", str(args.seed), "--beta", "0.5",
-              "--beta-scale", "std", *engine]
+    generation = ["--num-candidates", str(sizes.num_candidates), "--max-new-tokens",
+                  str(sizes.max_new_tokens), *engine]
+    common = ["--policy", policy, "--num-samples", str(sizes.num_samples), "--seed",
+              str(args.seed), "--beta", "0.5", "--beta-scale", "std"]
     data = {m: os.path.join(out, f"pairs-{m}") for m in args.methods}
 
     def step(name: str, rc: int) -> None:
@@ -219,7 +219,7 @@ def run_loop(args: argparse.Namespace, sizes: Sizes, policy: str, proxy: str, ju
     step("generate (rso, beta 0.5, candidates stored)", generate([
         "--input", train_prompts, "--max-prompts", str(sizes.train_prompts),
         "--output", data["rso"], "--reward-model", proxy, "--selection", "rso",
-        "--write-candidates", "--overwrite", *common]))
+        "--write-candidates", "--overwrite", *generation, *common]))
     for method in args.methods[1:]:
         step(f"select ({method}, from the stored candidates)", select_main([
             "--candidates", data["rso"], "--output", data[method], "--selection", method,

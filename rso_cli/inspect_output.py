@@ -45,7 +45,7 @@ from typing import Any
 
 import numpy as np
 
-from rso import layout, schema, stats
+from rso import checksums, layout, schema, stats
 from rso import storage as rso_io
 from rso.plotting import NUM_BINS, density, no_data, png, pyplot
 
@@ -70,8 +70,13 @@ def check_complete(output: str) -> None:
 
 
 def read_manifest(output: str) -> dict[str, Any]:
-    with rso_io.open_file(rso_io.join(output, layout.MANIFEST), "r") as f:
-        return json.load(f)
+    """The run's manifest; ValueError (one line) when it is not readable JSON."""
+    path = rso_io.join(output, layout.MANIFEST)
+    try:
+        with rso_io.open_file(path, "r") as f:
+            return json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not a readable manifest ({e})") from None
 
 
 def record_kind(output: str) -> str:
@@ -409,7 +414,12 @@ def _round_series(value: Any) -> dict[str, float]:
 # ---------------------------------------------------------------- command
 def inspect_output(output: str, plots_dir: str | None = None) -> dict[str, Any]:
     """Writes :data:`WRITTEN_FILES` into ``plots_dir`` (default: ``output``); returns the
-    summary. Raises :class:`IncompleteOutputError` for an unfinished directory."""
+    summary. Raises :class:`IncompleteOutputError` for an unfinished directory and ValueError
+    (:class:`rso.checksums.ChecksumError`) for a record file that differs from its manifest."""
+    if layout.is_complete(output):
+        kind = record_kind(output)
+        checksums.verify(layout.pair_files(output, "parquet", kind) + layout.pair_files(
+            output, "tfrecord", kind), read_manifest(output), output)
     summary, series = summarize_output(output)
     target = plots_dir or output
     rso_io.makedirs(target)
@@ -432,8 +442,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         summary = inspect_output(args.output, args.plots)
-    except IncompleteOutputError as e:
-        print(f"rso inspect: {e}", file=sys.stderr)
+    except (IncompleteOutputError, ValueError, OSError) as e:
+        print(f"rso inspect: error: {e}", file=sys.stderr)
         return 2
     print(format_summary(summary))
     print(f"wrote {', '.join(summary['written'])}")

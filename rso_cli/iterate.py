@@ -10,7 +10,9 @@ Round r (0-based), under ``--output ROOT``:
 2. ``rso train`` from ``pi_r`` on those pairs into ``ROOT/round-r/policy``; its final checkpoint
    is ``pi_{r+1}``.
 
-Every round's data, model and metrics are kept. ``ROOT/iterate.json`` and the printed table
+Every round's data, model and metrics are kept; ``ROOT/round-r/round.json`` marks a finished
+round, so running the same command again continues where an interrupted run stopped
+(``--overwrite`` redoes every round). ``ROOT/iterate.json`` and the printed table
 summarise them: pairs, mean chosen / rejected proxy reward, the policy's content id and the last
 train metrics. Extra ``rso generate`` flags go in ``--generate-args``, extra ``rso train`` flags
 in ``--train-args`` (quoted strings, split like a shell).
@@ -26,6 +28,7 @@ import sys
 from collections.abc import Sequence
 
 log = logging.getLogger("rso_cli.iterate")
+DONE = "round.json"  # ROOT/round-R/round.json: the round's summary, written when it is complete
 
 
 def round_dirs(root: str, r: int) -> tuple[str, str]:
@@ -83,6 +86,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--generate-args", default="", help="extra rso generate flags")
     parser.add_argument("--train-args", default="", help="extra rso train flags")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="redo every round (default: rounds finished earlier are kept and "
+                             "skipped, so an interrupted run continues where it stopped)")
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
@@ -91,20 +97,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     from trainer.train import main as train
 
     policy, rows = args.policy, []
+    overwrite = ["--overwrite"] if args.overwrite else []
     for r in range(args.rounds):
         data, train_out = round_dirs(args.output, r)
+        done = os.path.join(os.path.dirname(data), DONE)
+        if os.path.exists(done) and not args.overwrite:
+            with open(done) as f:
+                rows.append(json.load(f))
+            policy = rows[-1]["trained_policy"]
+            log.info("round %d/%d: finished earlier (%s), skipped", r + 1, args.rounds, done)
+            continue
         log.info("round %d/%d: generate with %s", r + 1, args.rounds, policy)
         rewards = [a for rm in args.reward_model for a in ("--reward-model", rm)]
         rc = generate(["--input", args.input, "--output", data, "--policy", policy, *rewards,
-                       "--seed", str(args.seed + r), *shlex.split(args.generate_args)])
+                       "--seed", str(args.seed + r), *overwrite,
+                       *shlex.split(args.generate_args)])
         if rc:
             return rc
         log.info("round %d/%d: train from %s", r + 1, args.rounds, policy)
         rc = train(["--data", data, "--policy", policy, "--output", train_out,
-                    "--seed", str(args.seed + r), *shlex.split(args.train_args)])
+                    "--seed", str(args.seed + r), *overwrite, *shlex.split(args.train_args)])
         if rc:
             return rc
         rows.append(summarise_round(r, policy, data, train_out))
+        with open(done, "w") as f:  # written last: the round is complete
+            json.dump(rows[-1], f, indent=2)
         policy = latest_checkpoint(train_out)
         if policy is None:
             print(f"rso iterate: error: round {r} wrote no checkpoint", file=sys.stderr)

@@ -244,3 +244,25 @@ def test_rso_train_into_an_owned_output_fails(tmp_path, tiny_policy, capsys):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_an_empty_input_never_replaces_a_complete_run(tiny_policy, tiny_reward_model, tmp_path,
+                                                       capsys):
+    """An input file with no prompt in it is an error, and --overwrite keeps the old run."""
+    import json as json_
+
+    from beam_pipelines.pipeline import main as generate_main
+
+    good = tmp_path / "good.jsonl"
+    good.write_text(json_.dumps({"prompt_id": "a", "prompt": "Tell me a joke."}) + "\n")
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n\n")
+    out = str(tmp_path / "out")
+    args = ["--output", out, "--policy", tiny_policy, "--reward-model", tiny_reward_model,
+            "--engine", "transformers", "--num-candidates", "2", "--num-samples", "2",
+            "--max-new-tokens", "4"]
+    assert generate_main(["--input", str(good), *args]) == 0
+    before = sorted(os.listdir(out))
+    assert generate_main(["--input", str(empty), "--overwrite", *args]) == 2
+    assert "no prompt was read" in capsys.readouterr().err
+    assert sorted(os.listdir(out)) == before and os.path.exists(os.path.join(out, "_SUCCESS"))

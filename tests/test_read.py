@@ -247,13 +247,22 @@ def test_corrupt_parquet_row_group_keeps_the_others(tmp_path):
     assert "row group 1 of 2" in d["detail"]
 
 
-def test_json_nested_thousands_deep_is_an_unexpected_error_dead_letter(tmp_path):
+def test_json_nested_thousands_deep_is_an_invalid_json_dead_letter(tmp_path):
     deep = b"[" * 3000 + b"]" * 3000
     path = _write_lines(tmp_path / "deep.jsonl", [_j({"prompt": "fine"}), deep,
                                                   _j({"prompt": "also fine"})])
     prompts, dead, counters = read(tmp_path, path)
     assert sorted(p["prompt"] for p in prompts) == ["also fine", "fine"]
     [d] = dead
-    assert (d["stage"], d["reason"]) == ("read", "unexpected_error")
-    assert d["detail"].startswith("RecursionError: ") and d["input"] == deep.decode()
-    assert counters["dead_letter_unexpected_error"] == 1
+    assert (d["stage"], d["reason"]) == ("read", "invalid_json")
+    assert "nested too deeply" in d["detail"] and d["input"] == deep.decode()
+    assert counters["dead_letter_invalid_json"] == 1
+
+
+def test_lone_surrogate_is_an_invalid_unicode_dead_letter(tmp_path):
+    path = _write_lines(tmp_path / "s.jsonl", [_j({"prompt": "fine"}),
+                                               b'{"prompt_id": "s1", "prompt": "a \\ud83d b"}'])
+    prompts, dead, counters = read(tmp_path, path)
+    assert [p["prompt"] for p in prompts] == ["fine"]
+    [d] = dead
+    assert (d["stage"], d["reason"]) == ("read", "invalid_unicode") and "surrogate" in d["detail"]

@@ -90,7 +90,12 @@ def _directory_files(directory: str, data_format: str) -> list[str]:
     if not layout.is_complete(directory):
         raise DataError(f"{directory}: no {layout.SUCCESS} file, so the pipeline run that writes "
                         f"it has not finished (or failed); refusing to train on partial output")
-    return layout.pair_files(directory, data_format)
+    files = layout.pair_files(directory, data_format)
+    if not files and layout.pair_files(directory, data_format, layout.SFT_PREFIX):
+        raise DataError(f"{directory}: a best-of-n output (sft-* files: SFT targets, one "
+                        f"response per prompt), not preference pairs; preference losses need "
+                        f"a run with another --selection")
+    return files
 
 
 def _resolve(source: str, data_format: str) -> tuple[list[str], str | None]:
