@@ -204,7 +204,8 @@ def run_loop(args: argparse.Namespace, sizes: Sizes, policy: str, proxy: str, ju
     os.makedirs(out, exist_ok=True)
     train_prompts = write_prompts(os.path.join(out, "train_prompts.jsonl"), (0, NUM_PROMPT_ROWS))
     eval_prompts = write_prompts(os.path.join(out, "eval_prompts.jsonl"), EVAL_ROWS)
-    engine = ["--engine", args.engine] + (["--enforce-eager"] if args.engine == "vllm" else [])
+    # vLLM's compiled graphs (cached after the first run): eager mode decoded ~100x slower here
+    engine = ["--engine", args.engine]
     generation = ["--num-candidates", str(sizes.num_candidates), "--max-new-tokens",
                   str(sizes.max_new_tokens), *engine]
     common = ["--policy", policy, "--num-samples", str(sizes.num_samples), "--seed",
@@ -237,7 +238,7 @@ def run_loop(args: argparse.Namespace, sizes: Sizes, policy: str, proxy: str, ju
             "--policy", latest_checkpoint(trained), "--baseline", policy, "--judge", judge,
             "--prompts", eval_prompts, "--num-prompts", str(sizes.eval_prompts),
             "--max-new-tokens", str(sizes.max_new_tokens), "--seed", str(args.seed),
-            "--output", evaluation, "--overwrite", "--engine", args.engine]))
+            "--output", evaluation, "--overwrite", "--engine", args.eval_engine]))
         with open(os.path.join(evaluation, "evaluation.json")) as f:
             ev = json.load(f)
         summary["methods"][method] = {
@@ -277,6 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--full", action="store_true",
                         help=f"a larger run (about 45 minutes on 2 CPU cores): {FULL}")
     parser.add_argument("--engine", choices=("vllm", "transformers"), default="vllm")
+    parser.add_argument("--eval-engine", choices=("vllm", "transformers"), default="transformers",
+                        help="engine of the evaluation's short generations (transformers: no "
+                             "vLLM graph compilation for each trained policy)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--lr", type=float, default=5e-6, help="policy learning rate")
     parser.add_argument("--methods", type=lambda v: v.split(","), default=["rso", "random"],
