@@ -14,8 +14,8 @@ TINY = {"train_prompts": 6, "eval_prompts": 4, "num_candidates": 4, "num_samples
 def test_whole_loop_on_tiny_models(tiny_policy, tiny_reward_model, tmp_path, capsys):
     out = str(tmp_path / "demo")
     assert main(["--output", out, "--policy", tiny_policy, "--proxy", tiny_reward_model,
-                 "--judge", tiny_reward_model, "--engine", "transformers", "--eval-engine", "transformers",
-                 "--lr", "1e-3",
+                 "--judge", tiny_reward_model, "--engine", "transformers",
+                 "--eval-engine", "transformers", "--lr", "1e-3",
                  "--sizes", json.dumps(TINY)]) == 0
     printed = capsys.readouterr().out
     assert "rso-sample-rank (rso)" in printed and "sft-sample-rank (random)" in printed
