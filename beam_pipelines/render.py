@@ -173,10 +173,9 @@ class RenderPromptsFn(beam.DoFn):
         self._trust_remote_code = trust_remote_code
 
     def setup(self) -> None:
-        from transformers import AutoTokenizer
+        from rso import hf
 
-        self._tokenizer = AutoTokenizer.from_pretrained(
-            self._policy, trust_remote_code=self._trust_remote_code)
+        self._tokenizer = hf.load_tokenizer(self._policy, self._trust_remote_code)
         self._max_prompt_tokens = max_prompt_tokens(context_length(
             self._policy, self._max_model_len, self._trust_remote_code))
 

@@ -13,7 +13,7 @@ training data (a Parquet data page without page checksums still decodes after mo
 from __future__ import annotations
 
 import hashlib
-from typing import BinaryIO, TypedDict
+from typing import IO, TypedDict
 
 CHECKSUMS = "checksums"  # the key under the manifest's "files"
 CHUNK_BYTES = 1 << 20
@@ -24,7 +24,7 @@ class Digest(TypedDict):
     bytes: int  # size as stored
 
 
-def digest(f: BinaryIO) -> Digest:
+def digest(f: IO[bytes]) -> Digest:
     """sha256 and size of everything ``f`` yields from its current position, read in 1 MiB
     chunks (constant memory). ``f`` must return the stored bytes: open compressed files raw."""
     h = hashlib.sha256()

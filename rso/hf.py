@@ -65,12 +65,15 @@ def load_causal_lm(path: str, dtype: str = "float32", device: str | None = None,
 
 
 def load_classifier(path: str, dtype: str = "float32", device: str | None = None,
-                    trust_remote_code: bool = False, train: bool = False) -> Any:
-    """``AutoModelForSequenceClassification`` from ``path``, like :func:`load_causal_lm`."""
+                    trust_remote_code: bool = False, train: bool = False,
+                    **config_overrides: Any) -> Any:
+    """``AutoModelForSequenceClassification`` from ``path``, like :func:`load_causal_lm`;
+    ``config_overrides`` (e.g. ``num_labels=1`` for a new head on a backbone) go to
+    ``from_pretrained``."""
     from transformers import AutoModelForSequenceClassification
 
     model: Any = AutoModelForSequenceClassification.from_pretrained(
-        path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code)
+        path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, **config_overrides)
     if device is not None:
         model.to(resolve_device(device))
     model.train(train)

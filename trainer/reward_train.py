@@ -213,15 +213,16 @@ def load_backbone(cfg: RewardConfig, path: str, device: torch.device) -> tuple[A
         if tok.eos_token is None:
             raise ConfigError(f"{path}: the tokenizer has neither a pad nor an EOS token")
         tok.pad_token = tok.eos_token
-    from transformers import AutoModelForSequenceClassification
     from transformers.utils import logging as hf_logging
+
+    from rso import hf
 
     verbosity = hf_logging.get_verbosity()
     if not cfg.verbose:  # "newly initialized weights: score.weight" is expected here
         hf_logging.set_verbosity_error()
     try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, dtype=torch.float32, trust_remote_code=cfg.trust_remote_code)
+        model = hf.load_classifier(path, "float32", None, cfg.trust_remote_code, train=True,
+                                   num_labels=1)
     finally:
         hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = tok.pad_token_id
