@@ -12,7 +12,7 @@ import os
 
 OUR_LOGGERS = ("rso", "rso_cli", "beam_pipelines", "trainer", "deploy")
 # Libraries that log at INFO (or warn once per weight) during normal operation.
-CHATTY_LOGGERS = ("apache_beam", "vllm", "transformers", "torch", "urllib3", "absl", "filelock",
+CHATTY_LOGGERS = ("py.warnings", "apache_beam", "vllm", "transformers", "torch", "urllib3", "absl", "filelock",
                   "datasets", "huggingface_hub", "google", "gcsfs", "fsspec", "numba", "jax",
                   "tensorflow", "matplotlib", "PIL", "asyncio")
 FORMAT = "%(asctime)s %(name)s: %(message)s"
@@ -32,6 +32,10 @@ def configure(verbose: bool = False) -> None:
         os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10 warnings (NUMA binding...)
+    # Python warnings (FutureWarning, DeprecationWarning from libraries) go through logging, to
+    # the "py.warnings" logger: shown with --verbose, hidden otherwise.
+    logging.captureWarnings(True)
     root = logging.getLogger()
     if not root.handlers:
         handler = logging.StreamHandler()
