@@ -13,8 +13,8 @@ import os
 OUR_LOGGERS = ("rso", "rso_cli", "beam_pipelines", "trainer", "deploy")
 # Libraries that log at INFO (or warn once per weight) during normal operation.
 CHATTY_LOGGERS = ("py.warnings", "apache_beam", "vllm", "transformers", "torch", "urllib3",
-                  "absl", "filelock", "datasets", "huggingface_hub", "google", "gcsfs", "fsspec", "numba", "jax",
-                  "tensorflow", "matplotlib", "PIL", "asyncio")
+                  "absl", "filelock", "datasets", "huggingface_hub", "google", "gcsfs", "fsspec",
+                  "numba", "jax", "tensorflow", "matplotlib", "PIL", "asyncio")
 FORMAT = "%(asctime)s %(name)s: %(message)s"
 DATE_FORMAT = "%H:%M:%S"
 
