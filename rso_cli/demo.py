@@ -78,16 +78,12 @@ def prepare_policy(cache_dir: str) -> str:
     return out
 
 
-def prepare_reward_model(cache_dir: str, max_pairs: int = 768, seed: int = 0) -> str:
-    """MiniLM + a Bradley-Terry head (``rso reward train --mode head``) fitted on bundled HH-RLHF
-    rows [256, 256 + max_pairs), a fifth of their prompts held out; returns its directory.
-
-    Features: MiniLM's own classifier input (its pooler output), each dialogue cut from the
-    left to 384 tokens; C by 5-fold cross-validation. ``reward_fit.json`` in the directory holds
-    the held-out accuracy and its 95% interval. Inputs are laid out as the pipeline's
-    reward stage lays them out (no chat template: :func:`rso.transcript.hh_transcript`).
-    """
-    out = os.path.join(cache_dir, "minilm-hh-harmless-bt-rm")
+def fit_head_model(out: str, backbone: str, rows: tuple[int, int], what: str,
+                   max_pairs: int | None = None, seed: int = 0) -> str:
+    """``backbone``'s features + a Bradley-Terry head (``rso reward train --mode head``) on
+    bundled HH-RLHF rows ``[start, end)``, a fifth of their prompts held out, saved in ``out``
+    (cached: fitted once); ``reward_fit.json`` there holds the held-out accuracy and its 95%
+    interval."""
     if os.path.exists(os.path.join(out, "model.safetensors")):
         return out
     import shutil
@@ -96,47 +92,37 @@ def prepare_reward_model(cache_dir: str, max_pairs: int = 768, seed: int = 0) ->
 
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    log.info("fitting the demo reward model (MiniLM + Bradley-Terry head) on HH-RLHF rows "
-             "%d-%d (a minute or two, once)", NUM_PROMPT_ROWS, NUM_PROMPT_ROWS + max_pairs)
+    log.info("fitting the %s (%s features + Bradley-Terry head) on HH-RLHF rows %d-%d (once)",
+             what, os.path.basename(os.path.normpath(backbone)), *rows)
     result = train_reward(RewardConfig(
-        data=[bundled_data()], rows=f"{NUM_PROMPT_ROWS}:{NUM_PROMPT_ROWS + max_pairs}",
-        model=minilm_dir(), output=tmp,
-        mode="head", eval_fraction=0.2, seed=seed, plots=False))
+        data=[bundled_data()], rows=f"{rows[0]}:{rows[1]}", model=backbone, output=tmp,
+        mode="head", eval_fraction=0.2, max_train_pairs=max_pairs, seed=seed, plots=False))
     os.remove(os.path.join(tmp, FEATURES_FILE))
     os.replace(tmp, out)
     fit = result.fit
-    log.info("demo reward model: held-out pairwise accuracy %.3f [%.3f, %.3f] on %d pairs",
+    log.info("%s: held-out pairwise accuracy %.3f [%.3f, %.3f] on %d pairs", what,
              fit["heldout_accuracy"], *fit["heldout_accuracy_ci95"], fit["heldout_pairs"])
     return out
+
+
+def prepare_reward_model(cache_dir: str, max_pairs: int = 768, seed: int = 0) -> str:
+    """The proxy: MiniLM (its pooler output, the input of its own classifier head, each dialogue
+    cut from the left to 384 tokens) + a Bradley-Terry head on bundled HH-RLHF rows
+    [256, 256 + max_pairs), laid out as the pipeline's reward stage lays them out (no chat
+    template: :func:`rso.transcript.hh_transcript`)."""
+    return fit_head_model(os.path.join(cache_dir, "minilm-hh-harmless-bt-rm"), minilm_dir(),
+                          (NUM_PROMPT_ROWS, NUM_PROMPT_ROWS + max_pairs), "demo reward model",
+                          seed=seed)
 
 
 def prepare_judge(cache_dir: str, backbone: str, max_pairs: int = 800, seed: int = 0) -> str:
-    """The judge: ``backbone``'s features + a Bradley-Terry head (``rso reward train --mode
-    head``) on bundled HH-RLHF rows 1280-2311, data the proxy never saw. The default run uses
-    all-MiniLM-L6-v2 (a disjoint data split: minutes on 2 cores); ``--full`` uses SmolLM2-135M
-    (a different backbone too: about half an hour of feature extraction on 2 cores, once)."""
+    """The judge: ``backbone``'s features + a Bradley-Terry head on bundled HH-RLHF rows
+    1280-2311, data the proxy never saw. The default run uses all-MiniLM-L6-v2 (a disjoint data
+    split: minutes on 2 cores); ``--full`` uses SmolLM2-135M (a different backbone too: about
+    half an hour of feature extraction on 2 cores, once)."""
     name = os.path.basename(os.path.normpath(backbone)).lower()
-    out = os.path.join(cache_dir, f"judge-{name}-hh-harmless-bt")
-    if os.path.exists(os.path.join(out, "model.safetensors")):
-        return out
-    import shutil
-
-    from trainer.reward_train import FEATURES_FILE, RewardConfig, train_reward
-
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    log.info("fitting the judge (%s features + Bradley-Terry head) on HH-RLHF rows %d-%d "
-             "(once)", name, *JUDGE_ROWS)
-    result = train_reward(RewardConfig(
-        data=[bundled_data()], rows=f"{JUDGE_ROWS[0]}:{JUDGE_ROWS[1]}", model=backbone,
-        output=tmp, mode="head", eval_fraction=0.2, max_train_pairs=max_pairs, seed=seed,
-        plots=False))
-    os.remove(os.path.join(tmp, FEATURES_FILE))
-    os.replace(tmp, out)
-    fit = result.fit
-    log.info("judge: held-out pairwise accuracy %.3f [%.3f, %.3f] on %d pairs",
-             fit["heldout_accuracy"], *fit["heldout_accuracy_ci95"], fit["heldout_pairs"])
-    return out
+    return fit_head_model(os.path.join(cache_dir, f"judge-{name}-hh-harmless-bt"), backbone,
+                          JUDGE_ROWS, "judge", max_pairs, seed)
 
 
 def minilm_dir() -> str:

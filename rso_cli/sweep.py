@@ -16,7 +16,7 @@ import sys
 from collections import defaultdict
 from collections.abc import Sequence
 
-from rso import checksums, layout
+from rso import layout
 from rso.storage import join, makedirs, open_file
 
 DEFAULT_BETAS = "0,0.1,0.25,0.5,1,2,inf"
@@ -38,14 +38,9 @@ def read_candidate_rewards(directory: str, dedup: bool = True) -> dict[str, list
     their first occurrence when ``dedup``, as the select stage does)."""
     import pyarrow.parquet as pq
 
-    if not layout.is_complete(directory):
-        raise ValueError(f"{directory}: no {layout.SUCCESS}: not a complete run")
-    files = layout.candidate_files(directory)
-    if not files:
-        raise ValueError(f"{directory}: no candidate store (run rso generate with "
-                         f"--write-candidates)")
-    with open_file(join(directory, layout.MANIFEST), "r") as f:
-        checksums.verify(files, json.load(f), directory)  # ChecksumError is a ValueError
+    from beam_pipelines.candidates import verified_store_files
+
+    files = verified_store_files(directory)  # ConfigError (a ValueError) names the problem
     rows: dict[str, list[tuple[int, tuple[int, ...], float]]] = defaultdict(list)
     for path in files:
         with open_file(path, "rb") as f:
