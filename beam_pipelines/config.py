@@ -230,6 +230,22 @@ class GenerateConfig(Config):
             reward = store_identity(self.candidates)[1]
         return {"policy": model_id(self.policy), "reward": reward}
 
+    def input_id(self) -> str:
+        """Content id of the data: the input files' (:func:`rso.model_id.content_id`), or, when
+        selecting from a store, that of the input of the run that wrote it. Computed once per
+        (input, candidates) value: hashing a large input is the slow part of start-up."""
+        key = (self.input, self.candidates)
+        cached = self.__dict__.get("_input_id")
+        if cached is None or cached[0] != key:
+            if self.candidates:  # the same data as the run that wrote the store
+                from beam_pipelines.candidates import store_identity
+
+                value = store_identity(self.candidates)[0]
+            else:
+                value = content_id(self.input)
+            self.__dict__["_input_id"] = cached = (key, value)
+        return cached[1]
+
     def resolved_run_id(self) -> str:
         """The given run_id, else ``run-<12 hex>``: a hash of what shapes the records, by
         content: the input's :func:`rso.model_id.content_id`, the models'
@@ -241,12 +257,7 @@ class GenerateConfig(Config):
         data = {k: v for k, v in self.to_dict().items()
                 if k not in ("output", "overwrite", "run_id", "input", "policy", "reward_model",
                              "candidates", "write_candidates")}
-        if self.candidates:  # the same data as the run that wrote the store
-            from beam_pipelines.candidates import store_identity
-
-            data["input"] = store_identity(self.candidates)[0]
-        else:
-            data["input"] = content_id(self.input)
+        data["input"] = self.input_id()
         data["policy"] = _content_part(model_id(self.policy))
         # "name@sha256:x*1+..." without the names: content and weights only
         data["reward_model"] = [_content_part(part) for part in

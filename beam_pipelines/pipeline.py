@@ -28,7 +28,6 @@ from beam_pipelines.candidates import (
     candidate_rows,
     clear_rewards,
     sampling_params_json,
-    store_identity,
     store_manifest,
 )
 from beam_pipelines.config import GenerateConfig
@@ -45,7 +44,6 @@ from beam_pipelines.write import WriteOutputs, prepare_output
 from rso import layout, schema
 from rso.config import ConfigError
 from rso.layout import is_complete
-from rso.model_id import content_id
 from rso.ownership import OutputLock, OutputLockedError
 from rso.storage import join, open_file
 
@@ -92,8 +90,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: GenerateConfig,
     config.validate()
     run_id = config.resolved_run_id()
     ids = config.model_ids()
-    input_id = (store_identity(config.candidates)[0] if config.candidates
-                else content_id(config.input))
+    input_id = config.input_id()
     warn_if_not_pi_sft(config)
 
     scored, stages, counts = add_scored_candidates(pipeline, config)
