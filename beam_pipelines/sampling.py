@@ -13,15 +13,12 @@ from typing import NamedTuple
 
 import numpy as np
 
+from rso.stats import finite_1d
+
 
 def finite_rewards(rewards: Sequence[float]) -> np.ndarray:
     """``rewards`` as a 1-D float64 array; ValueError unless every value is finite."""
-    r = np.asarray(rewards, dtype=np.float64)
-    if r.ndim != 1:
-        raise ValueError(f"rewards must be a 1-D sequence of floats, got shape {r.shape}")
-    if not np.all(np.isfinite(r)):
-        raise ValueError(f"rewards must be finite, got {r[~np.isfinite(r)].tolist()[:5]}")
-    return r
+    return finite_1d(rewards, "rewards")
 
 
 def _positive_count(num_samples: int) -> int:

@@ -20,7 +20,9 @@ WIN, TIE, LOSS = 1.0, 0.5, 0.0
 QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
-def _finite_1d(values: Sequence[float], name: str) -> np.ndarray:
+def finite_1d(values: Sequence[float], name: str) -> np.ndarray:
+    """``values`` as a 1-D float64 array; ValueError naming ``name`` unless every value is
+    finite."""
     a = np.asarray(values, dtype=np.float64)
     if a.ndim != 1:
         raise ValueError(f"{name} must be a 1-D sequence of floats, got shape {a.shape}")
@@ -42,8 +44,8 @@ def match_scores(policy_rewards: Sequence[float], baseline_rewards: Sequence[flo
     Shapes: two sequences of the same length n (one entry per prompt) -> float array (n,).
     Raises ValueError for different lengths, a non-finite reward or a negative margin.
     """
-    p = _finite_1d(policy_rewards, "policy_rewards")
-    b = _finite_1d(baseline_rewards, "baseline_rewards")
+    p = finite_1d(policy_rewards, "policy_rewards")
+    b = finite_1d(baseline_rewards, "baseline_rewards")
     if p.shape != b.shape:
         raise ValueError(f"policy and baseline rewards differ in length: {p.size} vs {b.size}")
     margin = float(tie_margin)
