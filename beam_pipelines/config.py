@@ -67,7 +67,8 @@ class GenerateConfig(Config):
     policy: str = option("", "SFT policy: Hugging Face causal LM directory")
     engine: Literal["vllm", "transformers"] = option("vllm", "decoding engine")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
-        "auto", "generation precision; auto = bfloat16 for vLLM, float32 for transformers")
+        "auto", "generation precision; auto = bfloat16 for vLLM on a GPU or a CPU with native "
+        "bf16 (AVX512-BF16/AMX), else float32 (bf16 is emulated, and far slower, elsewhere)")
     rescore: Literal["auto", "on", "off"] = option(
         "auto", "recompute sft_logp of kept responses in float32; auto = on whenever "
         "generation ran in reduced precision")
@@ -191,9 +192,19 @@ class GenerateConfig(Config):
     # ---- derived values
     @property
     def generation_dtype(self) -> str:
+        """The precision candidates are generated in. ``auto``: bfloat16 for vLLM where bf16 is
+        native (a CUDA device, or a CPU with AVX512-BF16/AMX: :func:`rso.hf.native_bf16`),
+        float32 otherwise and for transformers. Resolved once, on the machine that builds the
+        job, and kept with the config (pickled to the workers): give --dtype explicitly when
+        the workers' hardware differs from the launcher's (deploy/dataflow's example does)."""
         if self.dtype != "auto":
             return self.dtype
-        return "bfloat16" if self.engine == "vllm" else "float32"
+        if "_auto_dtype" not in self.__dict__:
+            from rso.hf import native_bf16
+
+            native = self.engine == "vllm" and native_bf16()
+            self.__dict__["_auto_dtype"] = "bfloat16" if native else "float32"
+        return self.__dict__["_auto_dtype"]
 
     @property
     def rescore_in_fp32(self) -> bool:
@@ -257,6 +268,7 @@ class GenerateConfig(Config):
         data = {k: v for k, v in self.to_dict().items()
                 if k not in ("output", "overwrite", "run_id", "input", "policy", "reward_model",
                              "candidates", "write_candidates")}
+        data["dtype"] = self.generation_dtype  # "auto" resolves by hardware
         data["input"] = self.input_id()
         data["policy"] = _content_part(model_id(self.policy))
         # "name@sha256:x*1+..." without the names: content and weights only

@@ -119,7 +119,8 @@ def build_pipeline(pipeline: beam.Pipeline, config: GenerateConfig,
         "summaries": selected.side[SUMMARY],
         "counts": tuple(counts) | "Counts" >> beam.Flatten(),
     } | "Write" >> WriteOutputs(
-        write_to or config.output, config.to_dict(), run_id, manifest.package_versions(),
+        write_to or config.output, {**config.to_dict(), "dtype": config.generation_dtype},
+        run_id, manifest.package_versions(),
         {**ids, "input": input_id},
         columns=schema.SFT_COLUMNS if best_of_n else schema.COLUMNS,
         prefix=layout.SFT_PREFIX if best_of_n else layout.PAIRS_PREFIX)

@@ -42,7 +42,7 @@ def main() -> None:
     from beam_pipelines.pipeline import main as run_pipeline
     from beam_pipelines.prompts import parse_json_line
     from beam_pipelines.render import context_length, max_prompt_tokens, render_prompt
-    from rso import demo
+    from rso_cli import demo
 
     work = tempfile.mkdtemp(prefix="rso-bench-")
     policy = args.policy or demo.prepare_policy(args.cache_dir)

@@ -196,3 +196,33 @@ def test_run_id_is_a_hash_of_content_not_paths(tmp_path, dirs, monkeypatch):
         f.write(json.dumps({"prompt_id": "p1", "prompt": "more"}) + "\n")
     more, _ = GenerateConfig.parse_args(_args(policy, rm, prompts))
     assert more.resolved_run_id() != original
+
+
+@pytest.mark.parametrize("flags,native", [
+    ("fpu sse2 avx2 fma", False),
+    ("fpu avx2 avx512f avx512_bf16", True),
+    ("fpu avx2 amx_bf16 amx_tile", True),
+    ("", False),
+])
+def test_native_bf16_reads_the_cpu_flags(flags, native):
+    from rso.hf import native_bf16
+
+    assert native_bf16(f"processor\t: 0\nflags\t\t: {flags}\nbugs\t: \n") is native
+
+
+def test_auto_dtype_is_resolved_once_and_travels_with_the_config(monkeypatch):
+    """auto = bf16 for vLLM only where bf16 is native; the launcher's answer is kept in the
+    config that is pickled to the workers, whose own hardware is not asked again."""
+    import pickle
+
+    import rso.hf
+
+    monkeypatch.setattr(rso.hf, "native_bf16", lambda cpuinfo=None: False)
+    emulated = GenerateConfig(engine="vllm")
+    assert emulated.generation_dtype == "float32" and not emulated.rescore_in_fp32
+    monkeypatch.setattr(rso.hf, "native_bf16", lambda cpuinfo=None: True)
+    native = GenerateConfig(engine="vllm")
+    assert native.generation_dtype == "bfloat16" and native.rescore_in_fp32
+    assert pickle.loads(pickle.dumps(emulated)).generation_dtype == "float32"  # not re-asked
+    assert GenerateConfig(engine="transformers").generation_dtype == "float32"
+    assert GenerateConfig(engine="vllm", dtype="bfloat16").generation_dtype == "bfloat16"

@@ -95,8 +95,10 @@ def poisoned_rm(tiny_reward_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def vllm_run(tiny_policy, poisoned_rm, inputs, tmp_path_factory):
     out = str(tmp_path_factory.mktemp("vllm") / "out")
+    # bf16 explicitly: "auto" is float32 on CPUs without native bf16, and this run tests the
+    # reduced-precision generation + fp32 re-scoring path
     assert generate(_args(inputs, out, tiny_policy, poisoned_rm, "--engine", "vllm",
-                          "--enforce-eager")) == 0
+                          "--dtype", "bfloat16", "--enforce-eager")) == 0
     return out
 
 
@@ -219,7 +221,7 @@ def test_vllm_reference_logps_match_the_trainer_in_fp32(vllm_run, tiny_policy):
 def test_same_seed_writes_identical_pairs(vllm_run, tiny_policy, poisoned_rm, inputs, tmp_path):
     out = str(tmp_path / "again")
     assert generate(_args(inputs, out, tiny_policy, poisoned_rm, "--engine", "vllm",
-                          "--enforce-eager")) == 0
+                          "--dtype", "bfloat16", "--enforce-eager")) == 0
     first, second = sorted(_pairs(vllm_run), key=key), sorted(_pairs(out), key=key)
     assert first == second
 
