@@ -36,6 +36,7 @@ from beam_pipelines.read import COUNTS, ReadPrompts
 from beam_pipelines.records import ToRecords
 from beam_pipelines.render import RenderPrompts
 from beam_pipelines.rescore import RescoreCandidates
+from beam_pipelines.reuse import DECODE, RESCORE, MatchStoredCandidates, Partition, find_partitions
 from beam_pipelines.reward import ScoreRewards
 from beam_pipelines.selection import SUMMARY, SelectAndPair
 from beam_pipelines.stage import NAMESPACE
@@ -50,12 +51,16 @@ from rso.storage import join, open_file
 log = logging.getLogger("rso.generate")
 
 
-def add_scored_candidates(pipeline: beam.Pipeline, config: GenerateConfig
-                          ) -> tuple[beam.PCollection, list, list]:
+def add_scored_candidates(pipeline: beam.Pipeline, config: GenerateConfig,
+                          partitions: Sequence[Partition] = ()
+                          ) -> tuple[beam.PCollection, beam.PCollection, list, list]:
     """read -> render -> generate -> reward, or, with ``config.candidates``, the stored
-    candidates (re-scored when reward models are given). Returns the scored
-    ``(prompt_id, PromptCandidates)``, the stages (for their dead letters) and the accounting
-    counts."""
+    candidates (re-scored when reward models are given). With ``config.reuse_candidates``,
+    rendered prompts that one of ``partitions`` stored (:mod:`beam_pipelines.reuse`) skip
+    generation; their stored rewards are kept, or, when that partition's reward models differ,
+    cleared and re-scored. Returns the scored ``(prompt_id, PromptCandidates)`` of every prompt,
+    those scored by this run (what its candidate store holds), the stages (for their dead
+    letters) and the accounting counts."""
     if config.candidates:
         stored = pipeline | "ReadCandidates" >> ReadCandidates(config.candidates)
         counts = [stored | "CountGenerated" >> manifest.CountAs(
@@ -63,23 +68,42 @@ def add_scored_candidates(pipeline: beam.Pipeline, config: GenerateConfig
                   stored | "CountReused" >> manifest.CountAs(
                       "candidates_reused", lambda kv: len(kv[1].candidates))]
         if not config.reward_model:
-            return stored, [], counts
+            return stored, stored, [], counts
         cleared = stored | "ClearRewards" >> beam.MapTuple(lambda k, g: (k, clear_rewards(g)))
         scored = cleared | "Reward" >> ScoreRewards(config)
-        return scored.main, [scored], counts
+        return scored.main, scored.main, [scored], counts
     read = pipeline | "Read" >> ReadPrompts(
         config.input, config.input_format, config.max_prompts, config.seed)
     rendered = read.main | "Render" >> RenderPrompts(config)
-    generated = rendered.main | "Generate" >> GenerateCandidates(config)
-    scored = generated.main | "Reward" >> ScoreRewards(config)
-    counts = [read.side[COUNTS],
-              generated.main | "CountGenerated" >> manifest.CountAs(
-                  "candidates_generated", lambda kv: len(kv[1].candidates)),
-              generated.main | "CountDecoded" >> manifest.CountAs(
-                  "candidates_decoded", lambda kv: len(kv[1].candidates)),
-              generated.main | "CountTokens" >> manifest.CountAs(
-                  "tokens_decoded", lambda kv: sum(c.num_tokens for c in kv[1].candidates))]
-    return scored.main, [read, rendered, generated, scored], counts
+    stages: list = [read, rendered]
+    to_decode, reused, to_rescore = rendered.main, [], []
+    counts = [read.side[COUNTS]]
+    if config.reuse_candidates:
+        match = rendered.main | "MatchStored" >> MatchStoredCandidates(partitions)
+        stages.append(match)
+        to_decode, reused, to_rescore = match.side[DECODE], [match.main], [match.side[RESCORE]]
+        every_reused = (*reused, *to_rescore) | "AllReused" >> beam.Flatten()
+        counts += [match.side["counts"],
+                   every_reused | "CountPromptsReused" >> manifest.CountAs("prompts_reused"),
+                   every_reused | "CountReused" >> manifest.CountAs(
+                       "candidates_reused", lambda kv: len(kv[1].candidates))]
+    generated = to_decode | "Generate" >> GenerateCandidates(config)
+    stages.append(generated)
+    new = ((generated.main, *to_rescore) | "ToScore" >> beam.Flatten()) if to_rescore \
+        else generated.main
+    scored = new | "Reward" >> ScoreRewards(config)
+    stages.append(scored)
+    every = ((scored.main, *reused) | "ScoredAndReused" >> beam.Flatten()) if reused \
+        else scored.main
+    before_reward = ((new, *reused) | "BeforeReward" >> beam.Flatten()) if reused else new
+    counts += [before_reward | "CountGenerated" >> manifest.CountAs(
+                   "candidates_generated", lambda kv: len(kv[1].candidates)),
+               generated.main | "CountPromptsDecoded" >> manifest.CountAs("prompts_decoded"),
+               generated.main | "CountDecoded" >> manifest.CountAs(
+                   "candidates_decoded", lambda kv: len(kv[1].candidates)),
+               generated.main | "CountTokens" >> manifest.CountAs(
+                   "tokens_decoded", lambda kv: sum(c.num_tokens for c in kv[1].candidates))]
+    return every, scored.main, stages, counts
 
 
 def build_pipeline(pipeline: beam.Pipeline, config: GenerateConfig,
@@ -93,14 +117,16 @@ def build_pipeline(pipeline: beam.Pipeline, config: GenerateConfig,
     input_id = config.input_id()
     warn_if_not_pi_sft(config)
 
-    scored, stages, counts = add_scored_candidates(pipeline, config)
+    partitions, skipped = find_partitions(config) if config.reuse_candidates else ([], [])
+    scored, scored_here, stages, counts = add_scored_candidates(pipeline, config, partitions)
     outputs = {}
-    if config.write_candidates:
+    if config.stores_candidates:
         rows = functools.partial(
             candidate_rows, sft_logp_dtype=config.generation_dtype, policy_model=ids["policy"],
             reward_model=ids["reward"], sampling_params=sampling_params_json(config),
             run_id=run_id)
-        outputs["candidates"] = scored | "CandidateRows" >> beam.FlatMap(lambda kv: rows(kv[1]))
+        outputs["candidates"] = scored_here | "CandidateRows" >> beam.FlatMap(
+            lambda kv: rows(kv[1]))
     selected = scored | "Select" >> SelectAndPair(config)
     stages.append(selected)
     kept = selected.main
@@ -122,7 +148,12 @@ def build_pipeline(pipeline: beam.Pipeline, config: GenerateConfig,
         write_to or config.output, config.to_dict(), run_id, manifest.package_versions(),
         {**ids, "input": input_id},
         columns=schema.SFT_COLUMNS if best_of_n else schema.COLUMNS,
-        prefix=layout.SFT_PREFIX if best_of_n else layout.PAIRS_PREFIX)
+        prefix=layout.SFT_PREFIX if best_of_n else layout.PAIRS_PREFIX,
+        reuse=None if not config.reuse_candidates else {
+            "root": config.reuse_candidates,
+            "partitions": [{"path": p.path, "run_id": p.run_id, "rescored": not p.same_rewards}
+                           for p in partitions],
+            "skipped": skipped})
 
 
 def run(config: GenerateConfig, beam_args: Sequence[str] = ()) -> dict:
