@@ -9,12 +9,12 @@ import dataclasses
 import fnmatch
 import hashlib
 import json
-import logging
 import math
 import os
 from typing import Literal
 
 from rso.config import Config, ConfigError, option
+from rso.console import command_log
 from rso.model_id import content_id, model_id
 
 Selection = Literal["rso", "top-k", "random", "best-of-n", "rest"]
@@ -363,5 +363,5 @@ def check_input(pattern: str, input_format: str) -> list[str]:
     if problems and len(problems) == len(sniffed):
         raise ConfigError(problems[0])
     for problem in problems:
-        logging.getLogger("rso.generate").warning("%s (it will be a dead letter)", problem)
+        command_log().warning("%s (it will be a dead letter)", problem)
     return files

@@ -44,11 +44,10 @@ from beam_pipelines.staging import commit, discard, recover, staging_dir
 from beam_pipelines.write import WriteOutputs, prepare_output
 from rso import layout, schema
 from rso.config import ConfigError
+from rso.console import command, command_log
 from rso.layout import is_complete
 from rso.ownership import OutputLock, OutputLockedError
 from rso.storage import join, open_file
-
-log = logging.getLogger("rso.generate")
 
 
 def add_scored_candidates(pipeline: beam.Pipeline, config: GenerateConfig,
@@ -183,20 +182,21 @@ def run(config: GenerateConfig, beam_args: Sequence[str] = ()) -> dict:
     build_pipeline(pipeline, config, write_to=staging)  # every construction-time check
     if template:
         pipeline.run().wait_until_finish()
-        log.info("no job was run (template or graph only)")
+        command_log().info("no job was run (template or graph only)")
         return {}
     start = time.time()
     with OutputLock.acquire(output, run_id):
         recover(output, keep=staging)
         if is_complete(output) and not config.overwrite:
             prepare_output(output)  # a run that finished while this one was starting
-        log.info("run %s: %s -> %s (policy %s, engine %s)", run_id, config.input, output,
-                 config.policy, config.engine)
+        command_log().info("run %s: %s -> %s (policy %s, engine %s)", run_id,
+                           config.candidates or config.input, output, config.policy,
+                           config.engine)
         try:
             result = pipeline.run()
             result.wait_until_finish()
             if not getattr(result, "has_job", True):
-                log.info("no job was run (template or graph only)")
+                command_log().info("no job was run (template or graph only)")
                 return {}
             _log_counters(result)
             if not is_complete(staging):
@@ -208,8 +208,8 @@ def run(config: GenerateConfig, beam_args: Sequence[str] = ()) -> dict:
             discard(staging)
     with open_file(join(output, layout.MANIFEST), "r") as f:
         written = json.load(f)
-    log.info("done in %.0f s: %s", time.time() - start,
-             json.dumps(written.get("counters", {}), sort_keys=True))
+    command_log().info("done in %.0f s: %s", time.time() - start,
+                       json.dumps(written.get("counters", {}), sort_keys=True))
     return written
 
 
@@ -239,7 +239,7 @@ def _log_counters(result: beam.runners.runner.PipelineResult) -> None:
     for c in counters:
         if c.key.metric.namespace.startswith(NAMESPACE):
             totals[c.key.metric.name] = totals.get(c.key.metric.name, 0) + c.committed
-    log.info("beam counters: %s", json.dumps(totals, sort_keys=True))
+    command_log().info("beam counters: %s", json.dumps(totals, sort_keys=True))
 
 
 def beam_option_parser() -> argparse.ArgumentParser:
@@ -283,14 +283,55 @@ def main(argv: Sequence[str] | None = None, prog: str = "rso generate") -> int:
 # Settings that shaped the stored candidates: `rso select` takes them from the store.
 GENERATION_KEYS = ("num_candidates", "max_new_tokens", "temperature", "top_p", "top_k",
                    "engine", "dtype", "max_model_len")
+# Selection settings: `rso select` defaults each one the user does not give (flag or --config)
+# to the store's run, so `--beta 1` changes only beta.
+SELECTION_KEYS = ("selection", "num_samples", "beta", "beta_scale", "rest_threshold", "dedup",
+                  "pairing", "tie_margin", "seed", "rescore", "reward_combination",
+                  "reward_std_penalty", "pairwise_debias", "reward_max_length")
+
+
+def _inherited_flags(stored: dict, keys: Sequence[str]) -> list[str]:
+    """``--flag value`` for each of ``keys`` the store's run config sets (booleans as
+    ``--flag`` / ``--no-flag``)."""
+    flags: list[str] = []
+    for key in keys:
+        value, flag = stored.get(key), "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif value is not None:
+            flags += [flag, str(value)]
+    return flags
+
+
+def _config_file_keys(argv: Sequence[str]) -> set[str]:
+    """The keys of the ``--config`` YAML in ``argv`` (none when it is absent or unreadable:
+    parsing reports that)."""
+    path = next((b for a, b in zip(argv, argv[1:]) if a == "--config"), None) or next(
+        (a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if not path:
+        return set()
+    import yaml
+
+    try:
+        with open_file(path, "r") as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return set()
+    return {str(k).replace("-", "_") for k in data} if isinstance(data, dict) else set()
 
 
 def select_main(argv: Sequence[str] | None = None) -> int:
     """``rso select --candidates DIR --output OUT --policy SFT [--selection --beta ...]``: the
     select, pair, fp32 re-score and write stages on a stored candidate set, no decoding (and no
-    reward model unless ``--reward-model`` re-scores the stored candidates). For the same seed
-    and settings it writes the records the run that stored the candidates wrote."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    reward model unless ``--reward-model`` re-scores the stored candidates). The generation
+    settings are the store's; every selection setting not given defaults to the store's run
+    (:data:`SELECTION_KEYS`), so for the same settings it writes the records the run that
+    stored the candidates wrote, and ``--beta 1`` alone changes only beta."""
+    with command("rso.select"):
+        return _select_main(list(sys.argv[1:] if argv is None else argv))
+
+
+def _select_main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         return main(argv, prog="rso select")
     store = next((b for a, b in zip(argv, argv[1:]) if a == "--candidates"), None) or next(
@@ -312,8 +353,11 @@ def select_main(argv: Sequence[str] | None = None) -> int:
                   f"{store} were generated with {key}={stored.get(key)!r} (leave it out)",
                   file=sys.stderr)
             return 2
-    inherited = [x for key in GENERATION_KEYS if stored.get(key) is not None
-                 for x in ("--" + key.replace("_", "-"), str(stored[key]))]
+    named = {f[len("--no-"):] if f.startswith("--no-") else f[2:] for f in given}
+    from_file = _config_file_keys(argv)
+    defaults = [k for k in SELECTION_KEYS
+                if k.replace("_", "-") not in named and k not in from_file]
+    inherited = _inherited_flags(stored, GENERATION_KEYS) + _inherited_flags(stored, defaults)
     return main(inherited + argv, prog="rso select")
 
 

@@ -15,7 +15,6 @@ candidates no earlier run under ROOT stored (docs/CANDIDATES.md, "Incremental ru
 from __future__ import annotations
 
 import dataclasses
-import logging
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -35,10 +34,9 @@ from beam_pipelines.manifest import reused_from_count
 from beam_pipelines.stage import StageOutput, StageParDo
 from rso import layout
 from rso.config import ConfigError
+from rso.console import command_log
 from rso.model_id import model_id
 from rso.storage import exists, glob, join
-
-log = logging.getLogger("rso.generate")
 
 STAGE = "reuse"
 FLAG = "--reuse-candidates"
@@ -81,7 +79,7 @@ def find_partitions(config: Any) -> tuple[list[Partition], list[dict[str, str]]]
     differ from their recorded checksums."""
     root = config.reuse_candidates
     if not exists(root):
-        log.info("%s %s does not exist yet: nothing to reuse", FLAG, root)
+        command_log().info("%s %s does not exist yet: nothing to reuse", FLAG, root)
         return [], []
     policy = content_part(model_id(config.policy))
     sampling = sampling_params_json(config)
@@ -116,9 +114,9 @@ def find_partitions(config: Any) -> tuple[list[Partition], list[dict[str, str]]]
     if len(set(names)) != len(names):  # direct subdirectories of one root: cannot happen
         raise ConfigError(f"{FLAG} {root}: two partitions share a name")
     for p in found:
-        log.info("reusing candidates of %s (run %s)", p.path, p.run_id)
+        command_log().info("reusing candidates of %s (run %s)", p.path, p.run_id)
     for s in skipped:
-        log.info("not reusing %s: %s", s["path"], s["reason"])
+        command_log().info("not reusing %s: %s", s["path"], s["reason"])
     return found, skipped
 
 

@@ -126,12 +126,13 @@ def nightly_portable_run(tmp_path_factory, job_service, prompts_file, tiny_polic
     _complete_run(root, "2025-01-03")
     proc = subprocess.run(
         [REFRESH, *SMALL_RUN],
-        env=_env(OUTPUT_ROOT=root, RUN_DATE="2025-01-05", KEEP="2", RUNNER_SCRIPT=FLINK_RUN,
+        env=_env(OUTPUT_ROOT=root, RUN_DATE="2025-01-05", KEEP="2", REUSE="0",
+                 RUNNER_SCRIPT=FLINK_RUN,
                  LOCK_FILE=os.path.join(root, ".lock"), JOB_ENDPOINT=endpoint,
                  ENVIRONMENT_TYPE="LOOPBACK", INPUT=prompts_file, POLICY=tiny_policy,
                  REWARD_MODEL=tiny_reward_model),
         capture_output=True, text=True, timeout=600)
-    return {"proc": proc, "root": root, "run": os.path.join(root, "2025-01-05"), "old": old,
+    return {"proc": proc, "root": root, "run": os.path.join(root, "dt=2025-01-05"), "old": old,
             "job_service_log": log_path}
 
 
@@ -164,8 +165,9 @@ def test_refresh_publishes_the_new_night_and_keeps_the_newest(nightly_portable_r
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert P.read_latest(root) == run
     assert P.latest_complete(root) == run
-    # KEEP=2: the two newest complete nights stay; the older one and the stale failure go.
-    assert P.list_runs(root) == ["2025-01-03", "2025-01-05"]
+    # KEEP=2: the two newest complete nights stay; the older one and the stale failure go
+    # (older bare-date nights are ordered with the dt= partitions by their date).
+    assert P.list_runs(root) == ["2025-01-03", "dt=2025-01-05"]
     assert f"pruned {nightly_portable_run['old']}" in proc.stdout
 
 
@@ -180,6 +182,75 @@ def test_refresh_rerun_on_a_complete_night_skips_the_pipeline(nightly_portable_r
     assert "already complete" in proc.stdout
     assert os.stat(os.path.join(run, "_SUCCESS")).st_mtime_ns == before
     assert P.read_latest(root) == run
+
+
+@pytest.fixture(scope="module")
+def nightly_reuse_runs(tmp_path_factory, job_service, tiny_policy, tiny_reward_model):
+    """Two nights through refresh.sh -> flink/run.sh -> the portable job service, with reuse on
+    (the default): night 2's prompt file is night 1's plus one new prompt."""
+    endpoint, _ = job_service
+    base = tmp_path_factory.mktemp("reuse-nights")
+    root = str(base / "root")
+    procs = {}
+    for date, prompts in (("2025-06-01", PROMPTS[:2]), ("2025-06-02", PROMPTS)):
+        path = base / f"{date}.jsonl"
+        path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+        procs[date] = subprocess.run(
+            [REFRESH, *SMALL_RUN],
+            env=_env(OUTPUT_ROOT=root, RUN_DATE=date, RUNNER_SCRIPT=FLINK_RUN, LOCK_FILE="",
+                     JOB_ENDPOINT=endpoint, ENVIRONMENT_TYPE="LOOPBACK", INPUT=str(path),
+                     POLICY=tiny_policy, REWARD_MODEL=tiny_reward_model),
+            capture_output=True, text=True, timeout=600)
+    return {"root": root, "procs": procs}
+
+
+def _manifest(run: str) -> dict:
+    with open(os.path.join(run, "manifest.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.slow
+def test_refresh_writes_dt_partitions_and_the_second_night_decodes_only_new_prompts(
+        nightly_reuse_runs):
+    root, procs = nightly_reuse_runs["root"], nightly_reuse_runs["procs"]
+    for proc in procs.values():
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert P.list_runs(root) == ["dt=2025-06-01", "dt=2025-06-02"]
+    night1, night2 = (os.path.join(root, n) for n in P.list_runs(root))
+    assert P.latest_complete(root) == night2
+    assert _manifest(night1)["accounting"]["decoding"]["prompts_decoded"] == 2
+    decoding = _manifest(night2)["accounting"]["decoding"]
+    assert (decoding["prompts_decoded"], decoding["prompts_reused"]) == (1, 2)
+    assert [p["path"] for p in _manifest(night2)["reuse"]["reused_from"]] == [night1]
+    stored = [pq.read_table(os.path.join(n, f)).column("prompt_id").to_pylist()
+              for n in (night1, night2) for f in os.listdir(n) if f.startswith("candidates-")]
+    per_night = [set(ids) for ids in stored]
+    assert sum(len(s) for s in per_night) == len(set().union(*per_night)) == len(PROMPTS)
+    pairs = pq.read_table([os.path.join(night2, f) for f in os.listdir(night2)
+                           if f.startswith("pairs-") and f.endswith(".parquet")])
+    assert set(pairs.column("prompt_id").to_pylist()) <= {p["prompt_id"] for p in PROMPTS}
+
+
+def test_refresh_refuses_keep_with_reuse_before_running(tmp_path):
+    marker = tmp_path / "ran"
+    runner = _runner_script(tmp_path, f'touch "{marker}"\n')
+    proc = subprocess.run([REFRESH], env=_env(OUTPUT_ROOT=str(tmp_path / "nightly"), KEEP="3",
+                                              RUNNER_SCRIPT=runner, LOCK_FILE=""),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "REUSE=1 is refused" in proc.stderr
+    assert not marker.exists()
+
+
+def test_refresh_passes_reuse_to_the_runner_unless_reuse_is_0(tmp_path):
+    runner = _runner_script(tmp_path, 'mkdir -p "$OUTPUT"; echo "$@" > "$OUTPUT/args"\n')
+    root = tmp_path / "nightly"
+    for reuse, date in (("1", "2025-07-01"), ("0", "2025-07-02")):
+        subprocess.run([REFRESH, "--beta", "1"], env=_env(
+            OUTPUT_ROOT=str(root), RUN_DATE=date, REUSE=reuse, RUNNER_SCRIPT=runner,
+            LOCK_FILE=""), capture_output=True, text=True, timeout=120)
+    assert (root / "dt=2025-07-01" / "args").read_text().split() == [
+        "--beta", "1", "--reuse-candidates", str(root)]
+    assert (root / "dt=2025-07-02" / "args").read_text().split() == ["--beta", "1"]
 
 
 # ------------------------------------------------------------------ refresh.sh failure paths
@@ -215,7 +286,7 @@ def test_refresh_does_not_move_latest_without_success_marker(tmp_path):
     assert proc.returncode == 1
     assert "no _SUCCESS" in proc.stderr
     assert P.read_latest(root) == previous
-    with open(os.path.join(root, "2025-02-02", "pairs-0.parquet")) as f:
+    with open(os.path.join(root, "dt=2025-02-02", "pairs-0.parquet")) as f:
         assert f.read().startswith("rso-nightly-2025-02-02-")  # JOB_NAME reached the runner
 
 
@@ -239,6 +310,7 @@ def test_refresh_rejects_a_bad_run_date(tmp_path):
     assert proc.returncode != 0
     assert "not a date" in proc.stderr
     assert not os.path.exists(os.path.join(str(tmp_path), "2025-13-01"))
+    assert not os.path.exists(os.path.join(str(tmp_path), "dt=2025-13-01"))
 
 
 # ------------------------------------------------------------------ publish.py
@@ -334,7 +406,37 @@ def test_latest_that_is_not_a_date_fails_loudly_until_forced(tmp_path, capsys):
     assert P.read_latest(root) == run
 
 
-@pytest.mark.parametrize("name", ["2025-1-01", "latest", "2025-02-30", "../2025-01-01"])
+def test_dt_partitions_and_older_bare_dates_are_one_sequence(tmp_path):
+    root = str(tmp_path)
+    old = _complete_run(root, "2025-03-01")  # an older refresh's bare date
+    P.publish(root, "2025-03-01")
+    assert P.read_latest(root) == old
+    new = _complete_run(root, "dt=2025-03-02")
+    assert P.publish(root, "2025-03-02").latest == new  # a date means dt=<date>
+    assert P.list_runs(root) == ["2025-03-01", "dt=2025-03-02"]
+    # a backfilled dt= night older than LATEST does not move it back
+    _complete_run(root, "dt=2025-02-28")
+    assert P.publish(root, "dt=2025-02-28") == P.PublishResult(latest=new, moved=False)
+    assert P.prune(root, keep=1, latest="dt=2025-03-02") == [
+        os.path.join(root, "dt=2025-02-28"), old]
+
+
+def test_retention_is_refused_while_a_night_holds_a_candidate_store(tmp_path, capsys):
+    root = str(tmp_path)
+    _complete_run(root, "dt=2025-03-01")
+    run = _complete_run(root, "dt=2025-03-02")
+    with open(os.path.join(run, "candidates-00000-of-00001.parquet"), "wb") as f:
+        f.write(b"store")
+    _complete_run(root, "dt=2025-03-03")
+    assert P.main(["publish", root, "dt=2025-03-03", "--keep", "1"]) == 1
+    assert "candidate store" in capsys.readouterr().err
+    assert P.read_latest(root) is None  # nothing moved, nothing deleted
+    assert len(P.list_runs(root)) == 3
+    assert P.main(["publish", root, "dt=2025-03-03"]) == 0  # without --keep: published
+
+
+@pytest.mark.parametrize("name", ["2025-1-01", "latest", "2025-02-30", "../2025-01-01",
+                                  "dt=2025-02-30", "dt=latest"])
 def test_run_names_must_be_dates(tmp_path, name):
     with pytest.raises(P.PublishError, match="not a date"):
         P.publish(str(tmp_path), name)
