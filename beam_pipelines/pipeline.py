@@ -155,7 +155,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: GenerateConfig,
             "skipped": skipped})
 
 
-def run(config: GenerateConfig, beam_args: Sequence[str] = ()) -> dict:
+def run(config: GenerateConfig, beam_args: Sequence[str] = (), wait: bool = True) -> dict:
     """Builds and runs the pipeline, waits for it; returns the manifest it wrote (empty when
     no job ran, e.g. ``--template_location`` only stages a Dataflow template).
 
@@ -165,6 +165,11 @@ def run(config: GenerateConfig, beam_args: Sequence[str] = ()) -> dict:
     and replaces the previous run only once its own output is complete
     (:mod:`beam_pipelines.staging`): a run that fails leaves the previous output as it was.
     Raises ConfigError (e.g. :class:`OutputExistsError`) before any work.
+
+    ``wait=False`` (a Dataflow Flex Template launcher, which must not outlive the submission):
+    the job is submitted and not waited for; it writes OUTPUT directly, ``_SUCCESS`` last, as a
+    staged template does (no lock, no staging; ``--overwrite`` is refused, since a failing job
+    would leave a mix of two runs).
     """
     beam_args = list(beam_args)
     if not any(a == "--runner" or a.startswith("--runner=") for a in beam_args):
@@ -174,15 +179,24 @@ def run(config: GenerateConfig, beam_args: Sequence[str] = ()) -> dict:
     output = config.output
     run_id = config.resolved_run_id()
     template = any(a.split("=", 1)[0] == "--template_location" for a in beam_args)
+    if not wait and config.overwrite:
+        raise ConfigError("--overwrite is refused for a job that is not waited for (Flex "
+                          "Template): it writes --output directly; choose a new directory")
     if is_complete(output) and not config.overwrite:
         prepare_output(output)  # raises OutputExistsError with the message users see
     # A staged template runs later, without this launcher: it writes OUTPUT directly.
-    staging = None if template else staging_dir(output, f"{run_id}-{uuid.uuid4().hex[:8]}")
+    direct = template or not wait
+    staging = None if direct else staging_dir(output, f"{run_id}-{uuid.uuid4().hex[:8]}")
     pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
     build_pipeline(pipeline, config, write_to=staging)  # every construction-time check
     if template:
         pipeline.run().wait_until_finish()
         command_log().info("no job was run (template or graph only)")
+        return {}
+    if not wait:
+        pipeline.run()
+        command_log().info("submitted run %s -> %s (not waiting; _SUCCESS marks it done)",
+                           run_id, output)
         return {}
     start = time.time()
     with OutputLock.acquire(output, run_id):
@@ -262,21 +276,23 @@ def beam_option_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "rso generate") -> int:
-    """``rso generate``: 0 when done; 2 for a configuration that cannot run (one line on
-    stderr, nothing written); 75 when another run owns --output."""
+def main(argv: Sequence[str] | None = None, prog: str = "rso generate", wait: bool = True
+         ) -> int:
+    """``rso generate``: 0 when done (``wait=False``: submitted, see :func:`run`); 2 for a
+    configuration that cannot run (one line on stderr, nothing written); 75 when another run
+    owns --output."""
     try:
         config, beam_args = GenerateConfig.parse_args(
             argv, prog=prog, description=__doc__, passthrough=beam_option_parser())
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-        run(config, beam_args)
+        run(config, beam_args, wait=wait)
     except OutputLockedError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 75  # EX_TEMPFAIL, as deploy/nightly/refresh.sh uses for its own lock
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {config.output}")
+    print(f"wrote {config.output}" if wait else f"submitted; it writes {config.output}")
     return 0
 
 

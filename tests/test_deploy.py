@@ -650,3 +650,139 @@ def test_readme_documents_every_deploy_file_and_the_example_config_loads():
     for script in ["dataflow/run.sh", "dataflow/entrypoint.sh", "flink/run.sh",
                    "nightly/refresh.sh", "nightly/cloud_scheduler.sh"]:
         assert os.access(os.path.join(deploy, script), os.X_OK), script
+
+
+# ------------------------------------------------------------------ Flex Template
+FLEX = os.path.join(REPO, "deploy", "dataflow", "flex_template")
+SCHEDULER = os.path.join(REPO, "deploy", "nightly", "cloud_scheduler.sh")
+
+
+def test_flex_template_metadata_is_generated_from_the_config():
+    import dataclasses
+    import typing
+
+    from beam_pipelines.config import GenerateConfig
+    from deploy.dataflow.flex_template import parameters as T
+
+    with open(os.path.join(FLEX, "metadata.json"), encoding="utf-8") as f:
+        committed = f.read()
+    assert committed == T.render(), "regenerate metadata.json (parameters.py module doc)"
+    assert T.main(["--check"]) == 0
+    params = {p["name"]: p for p in json.loads(committed)["parameters"]}
+    fields = {f.name: f for f in dataclasses.fields(GenerateConfig)}
+    assert set(params) == {"config"} | set(fields) - set(T.NOT_EXPOSED)
+    hints = typing.get_type_hints(GenerateConfig)
+    for name, p in params.items():
+        assert {"name", "label", "helpText", "isOptional", "paramType"} <= set(p), name
+        if name == "config":
+            continue
+        inner = typing.get_args(hints[name])[0] if typing.get_origin(hints[name]) in (
+            typing.Union, getattr(__import__("types"), "UnionType", None)) else hints[name]
+        regexes = p.get("regexes", [])
+        default = fields[name].default
+        if inner is bool:
+            assert regexes == [T.BOOL]
+        elif inner in (int, float):
+            assert regexes == [T.INT if inner is int else T.FLOAT], name
+            if default is not None:
+                assert re.match(regexes[0], str(default)), name
+            assert not re.match(regexes[0], "1; rm")
+        elif typing.get_origin(inner) is typing.Literal:
+            for choice in typing.get_args(inner):
+                assert re.match(regexes[0], choice)
+            assert not re.match(regexes[0], "nonsense")
+        else:
+            assert not regexes, name
+    # the launcher's --name=value arguments become rso generate flags that parse
+    import datetime
+
+    flags = T.to_flags(["--output=gs://b/root/dt={run_date}", "--dedup=false",
+                        "--reward_model=/m/a,weight=0.5;/m/b", "--num_candidates=4",
+                        "--runner=DataflowRunner"], today=datetime.date(2025, 8, 1))
+    assert flags == ["--output", "gs://b/root/dt=2025-08-01", "--no-dedup",
+                     "--reward-model", "/m/a,weight=0.5", "--reward-model", "/m/b",
+                     "--num-candidates", "4", "--runner=DataflowRunner"]
+
+
+def _dag_literal(name: str):
+    with open(os.path.join(REPO, "deploy", "nightly", "airflow_dag.py")) as f:
+        (value,) = [ast.literal_eval(node.value) for node in ast.parse(f.read()).body
+                    if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == name]
+    return value
+
+
+def _scheduler_parameters(tmp_path, **env) -> dict:
+    proc = subprocess.run([SCHEDULER], env=_env(DRY_RUN="1", **env), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    argv = shlex.split(proc.stdout)
+    assert argv[:5] == ["gcloud", "scheduler", "jobs", "create", "http"]
+    assert argv[argv.index("--uri") + 1].endswith("/flexTemplates:launch")
+    body = json.loads(argv[argv.index("--message-body") + 1])["launchParameter"]
+    assert body["containerSpecGcsPath"] == env["TEMPLATE"]
+    assert body["environment"]["sdkContainerImage"] == env["IMAGE"]
+    return body["parameters"]
+
+
+@pytest.mark.parametrize("source", ["airflow_dag", "cloud_scheduler"])
+def test_nightly_template_parameters_parse_and_build_the_job_offline(
+        tmp_path, gcs_bucket, prompts_file, tiny_policy, tiny_reward_model, source):
+    """What the DAG / the scheduler pass to the Flex Template goes through the launcher's
+    translation, parses with GenerateConfig and builds the Dataflow job (a template file,
+    staged to the GCS emulator, nothing submitted), reuse stage included."""
+    import datetime
+
+    import apache_beam as beam
+    import yaml
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.portability.api import beam_runner_api_pb2
+
+    from beam_pipelines.config import GenerateConfig
+    from beam_pipelines.pipeline import build_pipeline
+    from deploy.dataflow.flex_template.parameters import metadata, to_flags
+
+    config = tmp_path / "rso.yaml"
+    config.write_text(yaml.safe_dump({
+        "input": prompts_file, "policy": tiny_policy, "reward_model": [{"path": tiny_reward_model}],
+        "engine": "transformers", "num_candidates": 4, "num_samples": 2, "max_new_tokens": 8}))
+    root = str(tmp_path / "nightly")
+    if source == "airflow_dag":
+        values = {"{{ var.value.rso_config }}": str(config),
+                  "{{ var.value.rso_output_root }}": root, "{{ ds }}": "2025-08-01"}
+        params = {}
+        for key, text in _dag_literal("TEMPLATE_PARAMETERS").items():
+            for placeholder, value in values.items():
+                text = text.replace(placeholder, value)
+            params[key] = text
+        assert "sdkContainerImage" in _dag_literal("ENVIRONMENT")
+    else:
+        params = _scheduler_parameters(
+            tmp_path, PROJECT="p", REGION="r", BUCKET="gs://b", IMAGE=IMAGE,
+            CONFIG=str(config), OUTPUT_ROOT=root, TEMPLATE="gs://b/templates/rso.json",
+            SCHEDULER_SA="s@p.iam.gserviceaccount.com")
+    assert set(params) <= {p["name"] for p in metadata()["parameters"]}
+    argv = to_flags([f"--{k}={v}" for k, v in params.items()], today=datetime.date(2025, 8, 1))
+    cfg, rest = GenerateConfig.parse_args(argv)
+    assert rest == []
+    assert cfg.output == os.path.join(root, "dt=2025-08-01")
+    assert cfg.reuse_candidates == root and cfg.stores_candidates
+
+    template = str(tmp_path / "template.json")
+    pipeline = beam.Pipeline(options=PipelineOptions([
+        "--runner", "DataflowRunner", "--project", "rso-offline", "--region", "us-central1",
+        "--temp_location", f"{gcs_bucket}/flex/tmp", "--staging_location",
+        f"{gcs_bucket}/flex/staging", "--sdk_container_image", IMAGE,
+        "--sdk_location", "container", "--experiments", "use_runner_v2",
+        "--template_location", template, "--dataflow_endpoint", "http://localhost:1",
+        "--no_auth"]))
+    build_pipeline(pipeline, cfg)
+    assert not pipeline.run().has_job
+    with open(template) as f:
+        options = json.load(f)["environment"]["sdkPipelineOptions"]["options"]
+    with rso_io.open_file(options["pipelineUrl"], "rb") as f:
+        graph = beam_runner_api_pb2.Pipeline.FromString(f.read())
+    names = {t.unique_name for t in graph.components.transforms.values()}
+    for stage in ["Read/ReadLines", "Render", "MatchStored", "Generate", "Reward", "Select",
+                  "Write/WriteCandidates", "Write/Finish"]:
+        assert stage in names, stage
+    assert not os.path.exists(cfg.output)

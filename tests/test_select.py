@@ -119,9 +119,9 @@ def test_selection_flags_not_given_default_to_the_stores_run(store, tiny_policy,
     config, stored = manifest(out)["config"], manifest(store)["config"]
     assert config["beta"] == 1.0 != stored["beta"]
     # --num-samples 4 and --seed 11 (not the defaults) came from the store's run
-    for key in ("num_samples", "seed", "selection", "pairing", "tie_margin", "dedup",
+    for name in ("num_samples", "seed", "selection", "pairing", "tie_margin", "dedup",
                 "beta_scale", "rest_threshold", "reward_combination"):
-        assert config[key] == stored[key], key
+        assert config[name] == stored[name], name
     names = {r.name for r in caplog.records if r.name.startswith("rso.")}
     assert "rso.select" in names and "rso.generate" not in names
     # a setting given in --config wins over the store's, as a flag does
