@@ -154,3 +154,12 @@ def test_reuse_refuses_its_own_root_and_candidates(nights, tmp_path, capsys):
     assert generate(["--candidates", nights["night1"], "--output", str(tmp_path / "x"),
                      *nights["common"]]) == 2
     assert "give one of them" in capsys.readouterr().err
+
+
+def test_the_reuse_keys_of_the_manifest_are_documented(nights):
+    import pathlib
+
+    doc = (pathlib.Path(__file__).parent.parent / "docs" / "MANIFEST.md").read_text()
+    m = manifest(nights["night2"])
+    keys = [*m["reuse"], *m["reuse"]["reused_from"][0], *m["accounting"]["decoding"]]
+    assert not [k for k in keys if f"`{k}`" not in doc]
