@@ -26,6 +26,10 @@ from rso import layout
 from rso.config import ConfigError
 from rso.storage import join, open_file
 
+# The settings that shape the candidates a policy samples for a rendered prompt.
+SAMPLING_KEYS = ("num_candidates", "temperature", "top_p", "top_k", "max_new_tokens", "seed",
+                 "max_model_len", "engine", "dtype")
+
 
 def sampling_params_json(config: Any) -> str:
     """The sampling parameters that shaped the candidates, as canonical JSON (sorted keys): the
@@ -35,6 +39,15 @@ def sampling_params_json(config: Any) -> str:
         "top_k": config.top_k, "max_new_tokens": config.max_new_tokens, "seed": config.seed,
         "max_model_len": config.max_model_len, "engine": config.engine,
         "dtype": config.generation_dtype}, sort_keys=True)
+
+
+def stored_sampling_params(stored_config: Mapping[str, Any]) -> str:
+    """:func:`sampling_params_json` of the run whose manifest ``config`` is ``stored_config``
+    (ConfigError when its sampling settings are not valid settings)."""
+    from beam_pipelines.config import GenerateConfig
+
+    return sampling_params_json(GenerateConfig.from_dict(
+        {k: stored_config[k] for k in SAMPLING_KEYS if k in stored_config}))
 
 
 def candidate_rows(group: PromptCandidates, *, sft_logp_dtype: str, policy_model: str,
@@ -73,29 +86,30 @@ def group_from_rows(rows: Sequence[Mapping[str, Any]]) -> PromptCandidates:
         for r in rows])
 
 
-def store_files(directory: str) -> list[str]:
-    """The store's files; ConfigError when ``directory`` is not a complete run with a store."""
+def store_files(directory: str, flag: str = "--candidates") -> list[str]:
+    """The store's files; ConfigError (naming ``flag``) when ``directory`` is not a complete
+    run with a store."""
     from rso import storage
 
     if not storage.exists(directory):
-        raise ConfigError(f"--candidates {directory}: no such directory")
+        raise ConfigError(f"{flag} {directory}: no such directory")
     if not layout.is_complete(directory):
-        raise ConfigError(f"--candidates {directory}: no {layout.SUCCESS}: not a complete run")
+        raise ConfigError(f"{flag} {directory}: no {layout.SUCCESS}: not a complete run")
     files = layout.candidate_files(directory)
     if not files:
-        raise ConfigError(f"--candidates {directory}: the run wrote no candidate store (run "
+        raise ConfigError(f"{flag} {directory}: the run wrote no candidate store (run "
                           f"rso generate with --write-candidates)")
     return files
 
 
-def store_manifest(directory: str) -> dict:
+def store_manifest(directory: str, flag: str = "--candidates") -> dict:
     """The manifest of the run that wrote a store (ConfigError when it is missing)."""
-    store_files(directory)
+    store_files(directory, flag)
     try:
         with open_file(join(directory, layout.MANIFEST), "r") as f:
             return json.load(f)
     except (OSError, ValueError) as e:
-        raise ConfigError(f"--candidates {directory}: cannot read its {layout.MANIFEST}: {e}") \
+        raise ConfigError(f"{flag} {directory}: cannot read its {layout.MANIFEST}: {e}") \
             from None
 
 
@@ -119,16 +133,16 @@ def check_store(directory: str, policy: str) -> None:
                           f"{policy} is {given}: give the policy that generated them")
 
 
-def verified_store_files(directory: str) -> list[str]:
+def verified_store_files(directory: str, flag: str = "--candidates") -> list[str]:
     """:func:`store_files`, each checked against the sha256 its run recorded in the manifest
     (ConfigError naming a corrupt, truncated or replaced file)."""
     from rso.checksums import ChecksumError, verify
 
-    files = store_files(directory)
+    files = store_files(directory, flag)
     try:
-        verify(files, store_manifest(directory), directory)
+        verify(files, store_manifest(directory, flag), directory)
     except ChecksumError as e:
-        raise ConfigError(f"--candidates: {e}") from None
+        raise ConfigError(f"{flag}: {e}") from None
     return files
 
 

@@ -9,12 +9,12 @@ import dataclasses
 import fnmatch
 import hashlib
 import json
-import logging
 import math
 import os
 from typing import Literal
 
 from rso.config import Config, ConfigError, option
+from rso.console import command_log
 from rso.model_id import content_id, model_id
 
 Selection = Literal["rso", "top-k", "random", "best-of-n", "rest"]
@@ -121,6 +121,11 @@ class GenerateConfig(Config):
     candidates: str | None = option(
         None, "select from this candidate store (a complete run written with "
         "--write-candidates) instead of reading and decoding prompts (rso select)")
+    reuse_candidates: str | None = option(
+        None, "incremental run: reuse the stored candidates of the complete earlier runs in "
+        "this directory's subdirectories (same policy, rendered prompt and sampling parameters) "
+        "instead of decoding those prompts again; implies --write-candidates "
+        "(docs/CANDIDATES.md, Incremental runs)")
     # ---- select and pair
     selection: Selection = option("rso", "rso | top-k | random | best-of-n | rest (SPEC 3)")
     num_samples: int = option(8, "k: responses kept per prompt (a pairing needs k >= 2)", min=1)
@@ -179,10 +184,16 @@ class GenerateConfig(Config):
             if self.max_model_len > limit:
                 fail(f"--max-model-len {self.max_model_len} exceeds the policy's context "
                      f"length ({limit})")
+        if self.candidates and self.reuse_candidates:
+            fail("--reuse-candidates is for rso generate (decoding what is not stored yet); "
+                 "--candidates re-selects one store without decoding: give one of them")
+        if self.reuse_candidates and same_path(self.reuse_candidates, self.output):
+            fail(f"--output {self.output} is the --reuse-candidates root itself; write each run "
+                 f"to a subdirectory of it (e.g. ROOT/dt=YYYY-MM-DD)")
         if self.candidates:
             from beam_pipelines.candidates import check_store
 
-            if _same_path(self.candidates, self.output):
+            if same_path(self.candidates, self.output):
                 fail(f"--output {self.output} is the --candidates store itself: re-selecting "
                      f"would replace the candidates it reads; choose another --output")
             check_store(self.candidates, self.policy)
@@ -205,6 +216,12 @@ class GenerateConfig(Config):
             native = self.engine == "vllm" and native_bf16()
             self.__dict__["_auto_dtype"] = "bfloat16" if native else "float32"
         return self.__dict__["_auto_dtype"]
+
+    @property
+    def stores_candidates(self) -> bool:
+        """Whether the run writes a candidate store: --write-candidates, or --reuse-candidates
+        (the next incremental run reuses what this one decodes)."""
+        return self.write_candidates or bool(self.reuse_candidates)
 
     @property
     def rescore_in_fp32(self) -> bool:
@@ -262,30 +279,31 @@ class GenerateConfig(Config):
         content: the input's :func:`rso.model_id.content_id`, the models'
         :func:`rso.model_id.model_id` and every other setting. Paths do not count (relative or
         absolute, or a copy elsewhere, give the same id; new weights at the same path do not),
-        nor where the output goes."""
+        nor where the output goes, nor whether candidates were reused (--reuse-candidates gives
+        the records a full run would)."""
         if self.run_id:
             return self.run_id
         data = {k: v for k, v in self.to_dict().items()
                 if k not in ("output", "overwrite", "run_id", "input", "policy", "reward_model",
-                             "candidates", "write_candidates")}
+                             "candidates", "write_candidates", "reuse_candidates")}
         data["dtype"] = self.generation_dtype  # "auto" resolves by hardware
         data["input"] = self.input_id()
-        data["policy"] = _content_part(model_id(self.policy))
+        data["policy"] = content_part(model_id(self.policy))
         # "name@sha256:x*1+..." without the names: content and weights only
-        data["reward_model"] = [_content_part(part) for part in
+        data["reward_model"] = [content_part(part) for part in
                                 self.model_ids()["reward"].split("+")]
         digest = hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode())
         return "run-" + digest.hexdigest()[:12]
 
 
-def _same_path(a: str, b: str) -> bool:
+def same_path(a: str, b: str) -> bool:
     """Whether two local paths (or URLs) name the same directory."""
     if "://" in a or "://" in b:
         return a.rstrip("/") == b.rstrip("/")
     return os.path.realpath(a) == os.path.realpath(b)
 
 
-def _content_part(model: str) -> str:
+def content_part(model: str) -> str:
     """``sha256:...`` of a model id ``name@sha256:...`` (the directory's name does not count)."""
     return model.rsplit("@", 1)[-1]
 
@@ -357,5 +375,5 @@ def check_input(pattern: str, input_format: str) -> list[str]:
     if problems and len(problems) == len(sniffed):
         raise ConfigError(problems[0])
     for problem in problems:
-        logging.getLogger("rso.generate").warning("%s (it will be a dead letter)", problem)
+        command_log().warning("%s (it will be a dead letter)", problem)
     return files

@@ -450,14 +450,18 @@ def accounting_section(config: Mapping[str, Any], totals: Mapping[str, Any],
                                   inputs["read_dead_letters"], inputs["blank_lines"],
                                   inputs["prompts_not_in_shard"])
     decoding = {"tokens_decoded": count("tokens_decoded") or 0,
+                "prompts_decoded": count("prompts_decoded") or 0,
+                "prompts_reused": count("prompts_reused") or 0,
                 "candidates_decoded": count("candidates_decoded") or 0,
                 "candidates_reused": count("candidates_reused") or 0}
     prompts = {"prompts_read": count("prompts_read"), "selected": totals["prompts"],
                "render_dead_letters": by_stage.get("render", 0),
+               "reuse_dead_letters": by_stage.get("reuse", 0),
                "generate_dead_letters": dead("generate", "generation_failed"),
                "reward_dead_letters": dead("reward", exclude=("non_finite_reward",))}
     prompts["balanced"] = balanced(prompts["prompts_read"], prompts["selected"],
                                    prompts["render_dead_letters"],
+                                   prompts["reuse_dead_letters"],
                                    prompts["generate_dead_letters"],
                                    prompts["reward_dead_letters"])
     generated = count("candidates_generated")
@@ -493,11 +497,13 @@ def build_manifest(*, config: Mapping[str, Any], run_id: str, versions: Mapping[
                    models: Mapping[str, Any], totals: Mapping[str, Any],
                    dead_letters: Mapping[str, Any], reward_stats: Mapping[str, Any],
                    records_written: int, files: Mapping[str, Any],
-                   counts: Mapping[str, int] | None = None) -> dict[str, Any]:
+                   counts: Mapping[str, int] | None = None,
+                   reuse: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """The manifest.json document. Every number comes from the pipeline's own PCollections.
 
     ``counts``: the stage counts of :func:`accounting_section` (``{name: n}``); without them
-    the accounting identities that need them are None.
+    the accounting identities that need them are None. ``reuse`` (``--reuse-candidates``):
+    see :func:`reuse_section`.
     """
     prompts = totals["prompts"]
     counts = dict(counts or {})
@@ -538,7 +544,28 @@ def build_manifest(*, config: Mapping[str, Any], run_id: str, versions: Mapping[
         # name lists sorted; "checksums" ({name: {"sha256", "bytes"}}, rso.checksums) by name
         "files": {k: dict(sorted(v.items())) if isinstance(v, Mapping) else sorted(v)
                   for k, v in files.items()},
+        **({} if reuse is None else {"reuse": reuse_section(reuse, counts)}),
     })
+
+
+def reused_from_count(rank: int) -> str:
+    """The accounting count of the prompts an incremental run reused from its partition of
+    this rank (newest first)."""
+    return f"prompts_reused_from_{rank}"
+
+
+def reuse_section(reuse: Mapping[str, Any], counts: Mapping[str, int]) -> dict[str, Any]:
+    """Where an incremental run's reused candidates came from: ``root``; ``reused_from``, the
+    partitions it took at least one prompt from (``path``, ``run_id``, ``prompts_reused``,
+    ``rescored``: whether their rewards were recomputed), newest first; ``considered``, how
+    many partitions matched the policy and sampling parameters; ``skipped``, the complete
+    partitions that did not (``path``, ``reason``). ``counts`` holds
+    ``prompts_reused_from_<rank>`` per partition (:mod:`beam_pipelines.reuse`)."""
+    partitions = [{**p, "prompts_reused": counts.get(reused_from_count(i), 0)}
+                  for i, p in enumerate(reuse.get("partitions", []))]
+    return {"root": reuse.get("root"), "considered": len(partitions),
+            "reused_from": [p for p in partitions if p["prompts_reused"]],
+            "skipped": list(reuse.get("skipped", []))}
 
 
 # An indented list of numbers (JSON strings cannot hold a raw newline, so no string matches).

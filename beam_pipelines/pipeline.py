@@ -36,6 +36,7 @@ from beam_pipelines.read import COUNTS, ReadPrompts
 from beam_pipelines.records import ToRecords
 from beam_pipelines.render import RenderPrompts
 from beam_pipelines.rescore import RescoreCandidates
+from beam_pipelines.reuse import DECODE, RESCORE, MatchStoredCandidates, Partition, find_partitions
 from beam_pipelines.reward import ScoreRewards
 from beam_pipelines.selection import SUMMARY, SelectAndPair
 from beam_pipelines.stage import NAMESPACE
@@ -43,19 +44,22 @@ from beam_pipelines.staging import commit, discard, recover, staging_dir
 from beam_pipelines.write import WriteOutputs, prepare_output
 from rso import layout, schema
 from rso.config import ConfigError
+from rso.console import command, command_log
 from rso.layout import is_complete
 from rso.ownership import OutputLock, OutputLockedError
 from rso.storage import join, open_file
 
-log = logging.getLogger("rso.generate")
 
-
-def add_scored_candidates(pipeline: beam.Pipeline, config: GenerateConfig
-                          ) -> tuple[beam.PCollection, list, list]:
+def add_scored_candidates(pipeline: beam.Pipeline, config: GenerateConfig,
+                          partitions: Sequence[Partition] = ()
+                          ) -> tuple[beam.PCollection, beam.PCollection, list, list]:
     """read -> render -> generate -> reward, or, with ``config.candidates``, the stored
-    candidates (re-scored when reward models are given). Returns the scored
-    ``(prompt_id, PromptCandidates)``, the stages (for their dead letters) and the accounting
-    counts."""
+    candidates (re-scored when reward models are given). With ``config.reuse_candidates``,
+    rendered prompts that one of ``partitions`` stored (:mod:`beam_pipelines.reuse`) skip
+    generation; their stored rewards are kept, or, when that partition's reward models differ,
+    cleared and re-scored. Returns the scored ``(prompt_id, PromptCandidates)`` of every prompt,
+    those scored by this run (what its candidate store holds), the stages (for their dead
+    letters) and the accounting counts."""
     if config.candidates:
         stored = pipeline | "ReadCandidates" >> ReadCandidates(config.candidates)
         counts = [stored | "CountGenerated" >> manifest.CountAs(
@@ -63,23 +67,42 @@ def add_scored_candidates(pipeline: beam.Pipeline, config: GenerateConfig
                   stored | "CountReused" >> manifest.CountAs(
                       "candidates_reused", lambda kv: len(kv[1].candidates))]
         if not config.reward_model:
-            return stored, [], counts
+            return stored, stored, [], counts
         cleared = stored | "ClearRewards" >> beam.MapTuple(lambda k, g: (k, clear_rewards(g)))
         scored = cleared | "Reward" >> ScoreRewards(config)
-        return scored.main, [scored], counts
+        return scored.main, scored.main, [scored], counts
     read = pipeline | "Read" >> ReadPrompts(
         config.input, config.input_format, config.max_prompts, config.seed)
     rendered = read.main | "Render" >> RenderPrompts(config)
-    generated = rendered.main | "Generate" >> GenerateCandidates(config)
-    scored = generated.main | "Reward" >> ScoreRewards(config)
-    counts = [read.side[COUNTS],
-              generated.main | "CountGenerated" >> manifest.CountAs(
-                  "candidates_generated", lambda kv: len(kv[1].candidates)),
-              generated.main | "CountDecoded" >> manifest.CountAs(
-                  "candidates_decoded", lambda kv: len(kv[1].candidates)),
-              generated.main | "CountTokens" >> manifest.CountAs(
-                  "tokens_decoded", lambda kv: sum(c.num_tokens for c in kv[1].candidates))]
-    return scored.main, [read, rendered, generated, scored], counts
+    stages: list = [read, rendered]
+    to_decode, reused, to_rescore = rendered.main, [], []
+    counts = [read.side[COUNTS]]
+    if config.reuse_candidates:
+        match = rendered.main | "MatchStored" >> MatchStoredCandidates(partitions)
+        stages.append(match)
+        to_decode, reused, to_rescore = match.side[DECODE], [match.main], [match.side[RESCORE]]
+        every_reused = (*reused, *to_rescore) | "AllReused" >> beam.Flatten()
+        counts += [match.side["counts"],
+                   every_reused | "CountPromptsReused" >> manifest.CountAs("prompts_reused"),
+                   every_reused | "CountReused" >> manifest.CountAs(
+                       "candidates_reused", lambda kv: len(kv[1].candidates))]
+    generated = to_decode | "Generate" >> GenerateCandidates(config)
+    stages.append(generated)
+    new = ((generated.main, *to_rescore) | "ToScore" >> beam.Flatten()) if to_rescore \
+        else generated.main
+    scored = new | "Reward" >> ScoreRewards(config)
+    stages.append(scored)
+    every = ((scored.main, *reused) | "ScoredAndReused" >> beam.Flatten()) if reused \
+        else scored.main
+    before_reward = ((new, *reused) | "BeforeReward" >> beam.Flatten()) if reused else new
+    counts += [before_reward | "CountGenerated" >> manifest.CountAs(
+                   "candidates_generated", lambda kv: len(kv[1].candidates)),
+               generated.main | "CountPromptsDecoded" >> manifest.CountAs("prompts_decoded"),
+               generated.main | "CountDecoded" >> manifest.CountAs(
+                   "candidates_decoded", lambda kv: len(kv[1].candidates)),
+               generated.main | "CountTokens" >> manifest.CountAs(
+                   "tokens_decoded", lambda kv: sum(c.num_tokens for c in kv[1].candidates))]
+    return every, scored.main, stages, counts
 
 
 def build_pipeline(pipeline: beam.Pipeline, config: GenerateConfig,
@@ -93,14 +116,16 @@ def build_pipeline(pipeline: beam.Pipeline, config: GenerateConfig,
     input_id = config.input_id()
     warn_if_not_pi_sft(config)
 
-    scored, stages, counts = add_scored_candidates(pipeline, config)
+    partitions, skipped = find_partitions(config) if config.reuse_candidates else ([], [])
+    scored, scored_here, stages, counts = add_scored_candidates(pipeline, config, partitions)
     outputs = {}
-    if config.write_candidates:
+    if config.stores_candidates:
         rows = functools.partial(
             candidate_rows, sft_logp_dtype=config.generation_dtype, policy_model=ids["policy"],
             reward_model=ids["reward"], sampling_params=sampling_params_json(config),
             run_id=run_id)
-        outputs["candidates"] = scored | "CandidateRows" >> beam.FlatMap(lambda kv: rows(kv[1]))
+        outputs["candidates"] = scored_here | "CandidateRows" >> beam.FlatMap(
+            lambda kv: rows(kv[1]))
     selected = scored | "Select" >> SelectAndPair(config)
     stages.append(selected)
     kept = selected.main
@@ -123,10 +148,15 @@ def build_pipeline(pipeline: beam.Pipeline, config: GenerateConfig,
         run_id, manifest.package_versions(),
         {**ids, "input": input_id},
         columns=schema.SFT_COLUMNS if best_of_n else schema.COLUMNS,
-        prefix=layout.SFT_PREFIX if best_of_n else layout.PAIRS_PREFIX)
+        prefix=layout.SFT_PREFIX if best_of_n else layout.PAIRS_PREFIX,
+        reuse=None if not config.reuse_candidates else {
+            "root": config.reuse_candidates,
+            "partitions": [{"path": p.path, "run_id": p.run_id, "rescored": not p.same_rewards}
+                           for p in partitions],
+            "skipped": skipped})
 
 
-def run(config: GenerateConfig, beam_args: Sequence[str] = ()) -> dict:
+def run(config: GenerateConfig, beam_args: Sequence[str] = (), wait: bool = True) -> dict:
     """Builds and runs the pipeline, waits for it; returns the manifest it wrote (empty when
     no job ran, e.g. ``--template_location`` only stages a Dataflow template).
 
@@ -136,6 +166,11 @@ def run(config: GenerateConfig, beam_args: Sequence[str] = ()) -> dict:
     and replaces the previous run only once its own output is complete
     (:mod:`beam_pipelines.staging`): a run that fails leaves the previous output as it was.
     Raises ConfigError (e.g. :class:`OutputExistsError`) before any work.
+
+    ``wait=False`` (a Dataflow Flex Template launcher, which must not outlive the submission):
+    the job is submitted and not waited for; it writes OUTPUT directly, ``_SUCCESS`` last, as a
+    staged template does (no lock, no staging; ``--overwrite`` is refused, since a failing job
+    would leave a mix of two runs).
     """
     beam_args = list(beam_args)
     if not any(a == "--runner" or a.startswith("--runner=") for a in beam_args):
@@ -145,28 +180,38 @@ def run(config: GenerateConfig, beam_args: Sequence[str] = ()) -> dict:
     output = config.output
     run_id = config.resolved_run_id()
     template = any(a.split("=", 1)[0] == "--template_location" for a in beam_args)
+    if not wait and config.overwrite:
+        raise ConfigError("--overwrite is refused for a job that is not waited for (Flex "
+                          "Template): it writes --output directly; choose a new directory")
     if is_complete(output) and not config.overwrite:
         prepare_output(output)  # raises OutputExistsError with the message users see
     # A staged template runs later, without this launcher: it writes OUTPUT directly.
-    staging = None if template else staging_dir(output, f"{run_id}-{uuid.uuid4().hex[:8]}")
+    direct = template or not wait
+    staging = None if direct else staging_dir(output, f"{run_id}-{uuid.uuid4().hex[:8]}")
     pipeline = beam.Pipeline(options=PipelineOptions(beam_args))
     build_pipeline(pipeline, config, write_to=staging)  # every construction-time check
     if template:
         pipeline.run().wait_until_finish()
-        log.info("no job was run (template or graph only)")
+        command_log().info("no job was run (template or graph only)")
+        return {}
+    if not wait:
+        pipeline.run()
+        command_log().info("submitted run %s -> %s (not waiting; _SUCCESS marks it done)",
+                           run_id, output)
         return {}
     start = time.time()
     with OutputLock.acquire(output, run_id):
         recover(output, keep=staging)
         if is_complete(output) and not config.overwrite:
             prepare_output(output)  # a run that finished while this one was starting
-        log.info("run %s: %s -> %s (policy %s, engine %s)", run_id, config.input, output,
-                 config.policy, config.engine)
+        command_log().info("run %s: %s -> %s (policy %s, engine %s)", run_id,
+                           config.candidates or config.input, output, config.policy,
+                           config.engine)
         try:
             result = pipeline.run()
             result.wait_until_finish()
             if not getattr(result, "has_job", True):
-                log.info("no job was run (template or graph only)")
+                command_log().info("no job was run (template or graph only)")
                 return {}
             _log_counters(result)
             if not is_complete(staging):
@@ -178,8 +223,8 @@ def run(config: GenerateConfig, beam_args: Sequence[str] = ()) -> dict:
             discard(staging)
     with open_file(join(output, layout.MANIFEST), "r") as f:
         written = json.load(f)
-    log.info("done in %.0f s: %s", time.time() - start,
-             json.dumps(written.get("counters", {}), sort_keys=True))
+    command_log().info("done in %.0f s: %s", time.time() - start,
+                       json.dumps(written.get("counters", {}), sort_keys=True))
     return written
 
 
@@ -209,7 +254,7 @@ def _log_counters(result: beam.runners.runner.PipelineResult) -> None:
     for c in counters:
         if c.key.metric.namespace.startswith(NAMESPACE):
             totals[c.key.metric.name] = totals.get(c.key.metric.name, 0) + c.committed
-    log.info("beam counters: %s", json.dumps(totals, sort_keys=True))
+    command_log().info("beam counters: %s", json.dumps(totals, sort_keys=True))
 
 
 def beam_option_parser() -> argparse.ArgumentParser:
@@ -232,35 +277,78 @@ def beam_option_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "rso generate") -> int:
-    """``rso generate``: 0 when done; 2 for a configuration that cannot run (one line on
-    stderr, nothing written); 75 when another run owns --output."""
+def main(argv: Sequence[str] | None = None, prog: str = "rso generate", wait: bool = True
+         ) -> int:
+    """``rso generate``: 0 when done (``wait=False``: submitted, see :func:`run`); 2 for a
+    configuration that cannot run (one line on stderr, nothing written); 75 when another run
+    owns --output."""
     try:
         config, beam_args = GenerateConfig.parse_args(
             argv, prog=prog, description=__doc__, passthrough=beam_option_parser())
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-        run(config, beam_args)
+        run(config, beam_args, wait=wait)
     except OutputLockedError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 75  # EX_TEMPFAIL, as deploy/nightly/refresh.sh uses for its own lock
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {config.output}")
+    print(f"wrote {config.output}" if wait else f"submitted; it writes {config.output}")
     return 0
 
 
 # Settings that shaped the stored candidates: `rso select` takes them from the store.
 GENERATION_KEYS = ("num_candidates", "max_new_tokens", "temperature", "top_p", "top_k",
                    "engine", "dtype", "max_model_len")
+# Selection settings: `rso select` defaults each one the user does not give (flag or --config)
+# to the store's run, so `--beta 1` changes only beta.
+SELECTION_KEYS = ("selection", "num_samples", "beta", "beta_scale", "rest_threshold", "dedup",
+                  "pairing", "tie_margin", "seed", "rescore", "reward_combination",
+                  "reward_std_penalty", "pairwise_debias", "reward_max_length")
+
+
+def _inherited_flags(stored: dict, keys: Sequence[str]) -> list[str]:
+    """``--flag value`` for each of ``keys`` the store's run config sets (booleans as
+    ``--flag`` / ``--no-flag``)."""
+    flags: list[str] = []
+    for key in keys:
+        value, flag = stored.get(key), "--" + key.replace("_", "-")
+        if isinstance(value, bool):
+            flags.append(flag if value else "--no-" + flag[2:])
+        elif value is not None:
+            flags += [flag, str(value)]
+    return flags
+
+
+def _config_file_keys(argv: Sequence[str]) -> set[str]:
+    """The keys of the ``--config`` YAML in ``argv`` (none when it is absent or unreadable:
+    parsing reports that)."""
+    path = next((b for a, b in zip(argv, argv[1:]) if a == "--config"), None) or next(
+        (a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if not path:
+        return set()
+    import yaml
+
+    try:
+        with open_file(path, "r") as f:
+            data = yaml.safe_load(f)
+    except (OSError, yaml.YAMLError):
+        return set()
+    return {str(k).replace("-", "_") for k in data} if isinstance(data, dict) else set()
 
 
 def select_main(argv: Sequence[str] | None = None) -> int:
     """``rso select --candidates DIR --output OUT --policy SFT [--selection --beta ...]``: the
     select, pair, fp32 re-score and write stages on a stored candidate set, no decoding (and no
-    reward model unless ``--reward-model`` re-scores the stored candidates). For the same seed
-    and settings it writes the records the run that stored the candidates wrote."""
-    argv = list(sys.argv[1:] if argv is None else argv)
+    reward model unless ``--reward-model`` re-scores the stored candidates). The generation
+    settings are the store's; every selection setting not given defaults to the store's run
+    (:data:`SELECTION_KEYS`), so for the same settings it writes the records the run that
+    stored the candidates wrote, and ``--beta 1`` alone changes only beta."""
+    with command("rso.select"):
+        return _select_main(list(sys.argv[1:] if argv is None else argv))
+
+
+def _select_main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         return main(argv, prog="rso select")
     store = next((b for a, b in zip(argv, argv[1:]) if a == "--candidates"), None) or next(
@@ -282,8 +370,11 @@ def select_main(argv: Sequence[str] | None = None) -> int:
                   f"{store} were generated with {key}={stored.get(key)!r} (leave it out)",
                   file=sys.stderr)
             return 2
-    inherited = [x for key in GENERATION_KEYS if stored.get(key) is not None
-                 for x in ("--" + key.replace("_", "-"), str(stored[key]))]
+    named = {f[len("--no-"):] if f.startswith("--no-") else f[2:] for f in given}
+    from_file = _config_file_keys(argv)
+    defaults = [k for k in SELECTION_KEYS
+                if k.replace("_", "-") not in named and k not in from_file]
+    inherited = _inherited_flags(stored, GENERATION_KEYS) + _inherited_flags(stored, defaults)
     return main(inherited + argv, prog="rso select")
 
 

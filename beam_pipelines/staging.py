@@ -23,17 +23,16 @@ from __future__ import annotations
 
 import glob
 import json
-import logging
 import os
 
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipelines.plots import PLOT_NAMES
 from beam_pipelines.write import prepare_output
+from rso.console import command_log
 from rso.layout import MANIFEST, SUCCESS
 
 STAGING_PREFIX = "_staging-"
-log = logging.getLogger("rso.generate")
 
 
 def staging_dir(output: str, token: str) -> str:
@@ -105,7 +104,7 @@ def commit(staging: str, output: str) -> None:
     # _SUCCESS first, then the old run's files: a stale shard would be read as part of this run.
     removed = prepare_output(output, overwrite=True, keep=new)
     if removed:
-        log.info("replacing the previous run in %s (%d files)", output, len(removed))
+        command_log().info("replacing the previous run in %s (%d files)", output, len(removed))
     moves = [f for f in _files(staging) if _name(f) not in (MANIFEST, SUCCESS)]
     moves += [FileSystems.join(staging, MANIFEST), FileSystems.join(staging, SUCCESS)]
     for src in moves:
@@ -126,8 +125,10 @@ def recover(output: str, keep: str | None = None) -> None:
             continue
         if _exists(FileSystems.join(staging, SUCCESS)) and not _exists(
                 FileSystems.join(output, SUCCESS)):
-            log.warning("%s: finishing the commit of %s, which was interrupted", output, staging)
+            command_log().warning("%s: finishing the commit of %s, which was interrupted",
+                                  output, staging)
             commit(staging, output)
         else:
-            log.info("%s: deleting %s, left by a run that did not finish", output, staging)
+            command_log().info("%s: deleting %s, left by a run that did not finish", output,
+                               staging)
             discard(staging)

@@ -133,9 +133,10 @@ class _Finish(beam.DoFn):
     """
 
     def __init__(self, output: str, config: Mapping, run_id: str, versions: Mapping,
-                 models: Mapping):
+                 models: Mapping, reuse: Mapping | None = None):
         self._output, self._config, self._run_id = output, dict(config), run_id
         self._versions, self._models = dict(versions), dict(models)
+        self._reuse = None if reuse is None else dict(reuse)
 
     def process(self, _, totals, dead_counts, reward_stats, records_written, record_files,
                 example_files, dead_files, counts=None, candidate_files=()) -> Iterable[str]:
@@ -153,7 +154,7 @@ class _Finish(beam.DoFn):
                                versions=self._versions, models=self._models, totals=totals,
                                dead_letters=dead_counts, reward_stats=reward_stats,
                                records_written=records_written, files=files,
-                               counts=counts)
+                               counts=counts, reuse=self._reuse)
         write_file(join(self._output, MANIFEST), M.dumps(doc), "application/json")
         for name, png in render_plots(doc).items():
             write_file(join(self._output, name), png, "image/png")
@@ -186,6 +187,9 @@ class WriteOutputs(beam.PTransform):
     - ``config_dict`` (secret-looking keys are redacted), ``run_id``, ``versions`` (e.g.
       :func:`beam_pipelines.manifest.package_versions`) and ``models`` (model ids) go into
       manifest.json as given. Nothing is read from the environment.
+    - ``reuse``: with ``--reuse-candidates``, ``{"root", "partitions": [{"path", "run_id",
+      "rescored"}], "skipped": [{"path", "reason"}]}`` (newest partition first); the manifest's
+      ``reuse`` section adds each partition's ``prompts_reused`` count.
     - ``num_shards``: 0 lets the runner choose; an empty input still writes one valid empty
       Parquet file (with the schema) and one empty TFRecord file.
 
@@ -196,8 +200,9 @@ class WriteOutputs(beam.PTransform):
                  versions: Mapping[str, str], models: Mapping[str, Any],
                  columns: tuple[schema.Column, ...] = schema.COLUMNS,
                  prefix: str = layout.PAIRS_PREFIX,
-                 num_shards: int = 0):
+                 num_shards: int = 0, reuse: Mapping[str, Any] | None = None):
         super().__init__()
+        self._reuse = reuse
         self._output, self._config, self._run_id = output, config_dict, run_id
         self._versions, self._models = versions, models
         self._columns, self._prefix, self._num_shards = tuple(columns), prefix, num_shards
@@ -257,7 +262,8 @@ class WriteOutputs(beam.PTransform):
         return (p
                 | "Once" >> beam.Create([None])
                 | "Finish" >> beam.ParDo(
-                    _Finish(out, self._config, self._run_id, self._versions, self._models),
+                    _Finish(out, self._config, self._run_id, self._versions, self._models,
+                            self._reuse),
                     side.AsSingleton(totals), side.AsSingleton(dead_counts),
                     side.AsSingleton(reward_stats), side.AsSingleton(written),
                     side.AsList(record_files), side.AsList(example_files),

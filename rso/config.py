@@ -50,7 +50,7 @@ def option(default: Any = dataclasses.MISSING, help: str = "", *, flag: str | No
     return dataclasses.field(default=default, metadata=metadata)
 
 
-def _strip_optional(tp: Any) -> tuple[Any, bool]:
+def strip_optional(tp: Any) -> tuple[Any, bool]:
     if get_origin(tp) in (Union, types.UnionType):
         args = [a for a in get_args(tp) if a is not type(None)]
         if len(args) == 1 and len(get_args(tp)) == 2:
@@ -60,7 +60,7 @@ def _strip_optional(tp: Any) -> tuple[Any, bool]:
 
 def _coerce(name: str, tp: Any, value: Any) -> Any:
     """Converts a YAML or flag value to the field's declared type, or raises ConfigError."""
-    tp, optional = _strip_optional(tp)
+    tp, optional = strip_optional(tp)
     if value is None:
         if optional:
             return None
@@ -114,7 +114,7 @@ def _coerce(name: str, tp: Any, value: Any) -> Any:
 
 def check_field(label: str, tp: Any, meta: Any, value: Any) -> None:
     """Raises ConfigError if ``value`` breaks the checks :func:`option` declared (see there)."""
-    inner, optional = _strip_optional(tp)
+    inner, optional = strip_optional(tp)
     if value is None:
         return
     choices = meta.get("choices") or (get_args(inner) if get_origin(inner) is Literal else None)
@@ -233,7 +233,7 @@ class Config:
         for name, (f, tp) in cls._fields().items():
             flag = f.metadata.get("flag") or "--" + name.replace("_", "-")
             names = [flag] + ([f.metadata["short"]] if f.metadata.get("short") else [])
-            inner, _ = _strip_optional(tp)
+            inner, _ = strip_optional(tp)
             kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS,
                                   "help": f.metadata.get("help", "")}
             if inner is bool:
@@ -288,7 +288,7 @@ class Config:
         for name, value in vars(ns).items():
             if name == "config":
                 continue
-            inner, _ = _strip_optional(fields[name][1])
+            inner, _ = strip_optional(fields[name][1])
             if get_origin(inner) in (list, tuple, Sequence):
                 value = [v for item in value for v in
                          (item.split(",") if _splittable(inner) else [item])]

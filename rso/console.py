@@ -7,14 +7,38 @@ log level from ``VLLM_LOGGING_LEVEL`` when it is first imported).
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
+from collections.abc import Iterator
 
 OUR_LOGGERS = ("rso", "rso_cli", "beam_pipelines", "trainer", "deploy")
 # Libraries that log at INFO (or warn once per weight) during normal operation.
 CHATTY_LOGGERS = ("py.warnings", "apache_beam", "vllm", "transformers", "torch", "urllib3",
                   "absl", "filelock", "datasets", "huggingface_hub", "google", "gcsfs", "fsspec",
                   "numba", "jax", "tensorflow", "matplotlib", "PIL", "asyncio")
+# The command whose lines the pipeline's shared code logs: rso generate, or rso select running
+# the same stages on a candidate store.
+_COMMAND = contextvars.ContextVar("rso_command", default="rso.generate")
+
+
+def command_log() -> logging.Logger:
+    """The logger of the running command (``rso.generate`` unless :func:`command` says
+    otherwise): code shared by several commands logs through it."""
+    return logging.getLogger(_COMMAND.get())
+
+
+@contextlib.contextmanager
+def command(name: str) -> Iterator[None]:
+    """Within the block, :func:`command_log` is ``logging.getLogger(name)``."""
+    token = _COMMAND.set(name)
+    try:
+        yield
+    finally:
+        _COMMAND.reset(token)
+
+
 FORMAT = "%(asctime)s %(name)s: %(message)s"
 DATE_FORMAT = "%H:%M:%S"
 

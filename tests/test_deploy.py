@@ -126,12 +126,13 @@ def nightly_portable_run(tmp_path_factory, job_service, prompts_file, tiny_polic
     _complete_run(root, "2025-01-03")
     proc = subprocess.run(
         [REFRESH, *SMALL_RUN],
-        env=_env(OUTPUT_ROOT=root, RUN_DATE="2025-01-05", KEEP="2", RUNNER_SCRIPT=FLINK_RUN,
+        env=_env(OUTPUT_ROOT=root, RUN_DATE="2025-01-05", KEEP="2", REUSE="0",
+                 RUNNER_SCRIPT=FLINK_RUN,
                  LOCK_FILE=os.path.join(root, ".lock"), JOB_ENDPOINT=endpoint,
                  ENVIRONMENT_TYPE="LOOPBACK", INPUT=prompts_file, POLICY=tiny_policy,
                  REWARD_MODEL=tiny_reward_model),
         capture_output=True, text=True, timeout=600)
-    return {"proc": proc, "root": root, "run": os.path.join(root, "2025-01-05"), "old": old,
+    return {"proc": proc, "root": root, "run": os.path.join(root, "dt=2025-01-05"), "old": old,
             "job_service_log": log_path}
 
 
@@ -164,8 +165,9 @@ def test_refresh_publishes_the_new_night_and_keeps_the_newest(nightly_portable_r
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert P.read_latest(root) == run
     assert P.latest_complete(root) == run
-    # KEEP=2: the two newest complete nights stay; the older one and the stale failure go.
-    assert P.list_runs(root) == ["2025-01-03", "2025-01-05"]
+    # KEEP=2: the two newest complete nights stay; the older one and the stale failure go
+    # (older bare-date nights are ordered with the dt= partitions by their date).
+    assert P.list_runs(root) == ["2025-01-03", "dt=2025-01-05"]
     assert f"pruned {nightly_portable_run['old']}" in proc.stdout
 
 
@@ -180,6 +182,75 @@ def test_refresh_rerun_on_a_complete_night_skips_the_pipeline(nightly_portable_r
     assert "already complete" in proc.stdout
     assert os.stat(os.path.join(run, "_SUCCESS")).st_mtime_ns == before
     assert P.read_latest(root) == run
+
+
+@pytest.fixture(scope="module")
+def nightly_reuse_runs(tmp_path_factory, job_service, tiny_policy, tiny_reward_model):
+    """Two nights through refresh.sh -> flink/run.sh -> the portable job service, with reuse on
+    (the default): night 2's prompt file is night 1's plus one new prompt."""
+    endpoint, _ = job_service
+    base = tmp_path_factory.mktemp("reuse-nights")
+    root = str(base / "root")
+    procs = {}
+    for date, prompts in (("2025-06-01", PROMPTS[:2]), ("2025-06-02", PROMPTS)):
+        path = base / f"{date}.jsonl"
+        path.write_text("".join(json.dumps(p) + "\n" for p in prompts))
+        procs[date] = subprocess.run(
+            [REFRESH, *SMALL_RUN],
+            env=_env(OUTPUT_ROOT=root, RUN_DATE=date, RUNNER_SCRIPT=FLINK_RUN, LOCK_FILE="",
+                     JOB_ENDPOINT=endpoint, ENVIRONMENT_TYPE="LOOPBACK", INPUT=str(path),
+                     POLICY=tiny_policy, REWARD_MODEL=tiny_reward_model),
+            capture_output=True, text=True, timeout=600)
+    return {"root": root, "procs": procs}
+
+
+def _manifest(run: str) -> dict:
+    with open(os.path.join(run, "manifest.json")) as f:
+        return json.load(f)
+
+
+@pytest.mark.slow
+def test_refresh_writes_dt_partitions_and_the_second_night_decodes_only_new_prompts(
+        nightly_reuse_runs):
+    root, procs = nightly_reuse_runs["root"], nightly_reuse_runs["procs"]
+    for proc in procs.values():
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert P.list_runs(root) == ["dt=2025-06-01", "dt=2025-06-02"]
+    night1, night2 = (os.path.join(root, n) for n in P.list_runs(root))
+    assert P.latest_complete(root) == night2
+    assert _manifest(night1)["accounting"]["decoding"]["prompts_decoded"] == 2
+    decoding = _manifest(night2)["accounting"]["decoding"]
+    assert (decoding["prompts_decoded"], decoding["prompts_reused"]) == (1, 2)
+    assert [p["path"] for p in _manifest(night2)["reuse"]["reused_from"]] == [night1]
+    stored = [pq.read_table(os.path.join(n, f)).column("prompt_id").to_pylist()
+              for n in (night1, night2) for f in os.listdir(n) if f.startswith("candidates-")]
+    per_night = [set(ids) for ids in stored]
+    assert sum(len(s) for s in per_night) == len(set().union(*per_night)) == len(PROMPTS)
+    pairs = pq.read_table([os.path.join(night2, f) for f in os.listdir(night2)
+                           if f.startswith("pairs-") and f.endswith(".parquet")])
+    assert set(pairs.column("prompt_id").to_pylist()) <= {p["prompt_id"] for p in PROMPTS}
+
+
+def test_refresh_refuses_keep_with_reuse_before_running(tmp_path):
+    marker = tmp_path / "ran"
+    runner = _runner_script(tmp_path, f'touch "{marker}"\n')
+    proc = subprocess.run([REFRESH], env=_env(OUTPUT_ROOT=str(tmp_path / "nightly"), KEEP="3",
+                                              RUNNER_SCRIPT=runner, LOCK_FILE=""),
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "REUSE=1 is refused" in proc.stderr
+    assert not marker.exists()
+
+
+def test_refresh_passes_reuse_to_the_runner_unless_reuse_is_0(tmp_path):
+    runner = _runner_script(tmp_path, 'mkdir -p "$OUTPUT"; echo "$@" > "$OUTPUT/args"\n')
+    root = tmp_path / "nightly"
+    for reuse, date in (("1", "2025-07-01"), ("0", "2025-07-02")):
+        subprocess.run([REFRESH, "--beta", "1"], env=_env(
+            OUTPUT_ROOT=str(root), RUN_DATE=date, REUSE=reuse, RUNNER_SCRIPT=runner,
+            LOCK_FILE=""), capture_output=True, text=True, timeout=120)
+    assert (root / "dt=2025-07-01" / "args").read_text().split() == [
+        "--beta", "1", "--reuse-candidates", str(root)]
+    assert (root / "dt=2025-07-02" / "args").read_text().split() == ["--beta", "1"]
 
 
 # ------------------------------------------------------------------ refresh.sh failure paths
@@ -215,7 +286,7 @@ def test_refresh_does_not_move_latest_without_success_marker(tmp_path):
     assert proc.returncode == 1
     assert "no _SUCCESS" in proc.stderr
     assert P.read_latest(root) == previous
-    with open(os.path.join(root, "2025-02-02", "pairs-0.parquet")) as f:
+    with open(os.path.join(root, "dt=2025-02-02", "pairs-0.parquet")) as f:
         assert f.read().startswith("rso-nightly-2025-02-02-")  # JOB_NAME reached the runner
 
 
@@ -239,6 +310,7 @@ def test_refresh_rejects_a_bad_run_date(tmp_path):
     assert proc.returncode != 0
     assert "not a date" in proc.stderr
     assert not os.path.exists(os.path.join(str(tmp_path), "2025-13-01"))
+    assert not os.path.exists(os.path.join(str(tmp_path), "dt=2025-13-01"))
 
 
 # ------------------------------------------------------------------ publish.py
@@ -334,7 +406,37 @@ def test_latest_that_is_not_a_date_fails_loudly_until_forced(tmp_path, capsys):
     assert P.read_latest(root) == run
 
 
-@pytest.mark.parametrize("name", ["2025-1-01", "latest", "2025-02-30", "../2025-01-01"])
+def test_dt_partitions_and_older_bare_dates_are_one_sequence(tmp_path):
+    root = str(tmp_path)
+    old = _complete_run(root, "2025-03-01")  # an older refresh's bare date
+    P.publish(root, "2025-03-01")
+    assert P.read_latest(root) == old
+    new = _complete_run(root, "dt=2025-03-02")
+    assert P.publish(root, "2025-03-02").latest == new  # a date means dt=<date>
+    assert P.list_runs(root) == ["2025-03-01", "dt=2025-03-02"]
+    # a backfilled dt= night older than LATEST does not move it back
+    _complete_run(root, "dt=2025-02-28")
+    assert P.publish(root, "dt=2025-02-28") == P.PublishResult(latest=new, moved=False)
+    assert P.prune(root, keep=1, latest="dt=2025-03-02") == [
+        os.path.join(root, "dt=2025-02-28"), old]
+
+
+def test_retention_is_refused_while_a_night_holds_a_candidate_store(tmp_path, capsys):
+    root = str(tmp_path)
+    _complete_run(root, "dt=2025-03-01")
+    run = _complete_run(root, "dt=2025-03-02")
+    with open(os.path.join(run, "candidates-00000-of-00001.parquet"), "wb") as f:
+        f.write(b"store")
+    _complete_run(root, "dt=2025-03-03")
+    assert P.main(["publish", root, "dt=2025-03-03", "--keep", "1"]) == 1
+    assert "candidate store" in capsys.readouterr().err
+    assert P.read_latest(root) is None  # nothing moved, nothing deleted
+    assert len(P.list_runs(root)) == 3
+    assert P.main(["publish", root, "dt=2025-03-03"]) == 0  # without --keep: published
+
+
+@pytest.mark.parametrize("name", ["2025-1-01", "latest", "2025-02-30", "../2025-01-01",
+                                  "dt=2025-02-30", "dt=latest"])
 def test_run_names_must_be_dates(tmp_path, name):
     with pytest.raises(P.PublishError, match="not a date"):
         P.publish(str(tmp_path), name)
@@ -548,3 +650,139 @@ def test_readme_documents_every_deploy_file_and_the_example_config_loads():
     for script in ["dataflow/run.sh", "dataflow/entrypoint.sh", "flink/run.sh",
                    "nightly/refresh.sh", "nightly/cloud_scheduler.sh"]:
         assert os.access(os.path.join(deploy, script), os.X_OK), script
+
+
+# ------------------------------------------------------------------ Flex Template
+FLEX = os.path.join(REPO, "deploy", "dataflow", "flex_template")
+SCHEDULER = os.path.join(REPO, "deploy", "nightly", "cloud_scheduler.sh")
+
+
+def test_flex_template_metadata_is_generated_from_the_config():
+    import dataclasses
+    import typing
+
+    from beam_pipelines.config import GenerateConfig
+    from deploy.dataflow.flex_template import parameters as T
+
+    with open(os.path.join(FLEX, "metadata.json"), encoding="utf-8") as f:
+        committed = f.read()
+    assert committed == T.render(), "regenerate metadata.json (parameters.py module doc)"
+    assert T.main(["--check"]) == 0
+    params = {p["name"]: p for p in json.loads(committed)["parameters"]}
+    fields = {f.name: f for f in dataclasses.fields(GenerateConfig)}
+    assert set(params) == {"config"} | set(fields) - set(T.NOT_EXPOSED)
+    hints = typing.get_type_hints(GenerateConfig)
+    for name, p in params.items():
+        assert {"name", "label", "helpText", "isOptional", "paramType"} <= set(p), name
+        if name == "config":
+            continue
+        inner = typing.get_args(hints[name])[0] if typing.get_origin(hints[name]) in (
+            typing.Union, getattr(__import__("types"), "UnionType", None)) else hints[name]
+        regexes = p.get("regexes", [])
+        default = fields[name].default
+        if inner is bool:
+            assert regexes == [T.BOOL]
+        elif inner in (int, float):
+            assert regexes == [T.INT if inner is int else T.FLOAT], name
+            if default is not None:
+                assert re.match(regexes[0], str(default)), name
+            assert not re.match(regexes[0], "1; rm")
+        elif typing.get_origin(inner) is typing.Literal:
+            for choice in typing.get_args(inner):
+                assert re.match(regexes[0], choice)
+            assert not re.match(regexes[0], "nonsense")
+        else:
+            assert not regexes, name
+    # the launcher's --name=value arguments become rso generate flags that parse
+    import datetime
+
+    flags = T.to_flags(["--output=gs://b/root/dt={run_date}", "--dedup=false",
+                        "--reward_model=/m/a,weight=0.5;/m/b", "--num_candidates=4",
+                        "--runner=DataflowRunner"], today=datetime.date(2025, 8, 1))
+    assert flags == ["--output", "gs://b/root/dt=2025-08-01", "--no-dedup",
+                     "--reward-model", "/m/a,weight=0.5", "--reward-model", "/m/b",
+                     "--num-candidates", "4", "--runner=DataflowRunner"]
+
+
+def _dag_literal(name: str):
+    with open(os.path.join(REPO, "deploy", "nightly", "airflow_dag.py")) as f:
+        (value,) = [ast.literal_eval(node.value) for node in ast.parse(f.read()).body
+                    if isinstance(node, ast.Assign) and getattr(node.targets[0], "id", "") == name]
+    return value
+
+
+def _scheduler_parameters(tmp_path, **env) -> dict:
+    proc = subprocess.run([SCHEDULER], env=_env(DRY_RUN="1", **env), capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    argv = shlex.split(proc.stdout)
+    assert argv[:5] == ["gcloud", "scheduler", "jobs", "create", "http"]
+    assert argv[argv.index("--uri") + 1].endswith("/flexTemplates:launch")
+    body = json.loads(argv[argv.index("--message-body") + 1])["launchParameter"]
+    assert body["containerSpecGcsPath"] == env["TEMPLATE"]
+    assert body["environment"]["sdkContainerImage"] == env["IMAGE"]
+    return body["parameters"]
+
+
+@pytest.mark.parametrize("source", ["airflow_dag", "cloud_scheduler"])
+def test_nightly_template_parameters_parse_and_build_the_job_offline(
+        tmp_path, gcs_bucket, prompts_file, tiny_policy, tiny_reward_model, source):
+    """What the DAG / the scheduler pass to the Flex Template goes through the launcher's
+    translation, parses with GenerateConfig and builds the Dataflow job (a template file,
+    staged to the GCS emulator, nothing submitted), reuse stage included."""
+    import datetime
+
+    import apache_beam as beam
+    import yaml
+    from apache_beam.options.pipeline_options import PipelineOptions
+    from apache_beam.portability.api import beam_runner_api_pb2
+
+    from beam_pipelines.config import GenerateConfig
+    from beam_pipelines.pipeline import build_pipeline
+    from deploy.dataflow.flex_template.parameters import metadata, to_flags
+
+    config = tmp_path / "rso.yaml"
+    config.write_text(yaml.safe_dump({
+        "input": prompts_file, "policy": tiny_policy, "reward_model": [{"path": tiny_reward_model}],
+        "engine": "transformers", "num_candidates": 4, "num_samples": 2, "max_new_tokens": 8}))
+    root = str(tmp_path / "nightly")
+    if source == "airflow_dag":
+        values = {"{{ var.value.rso_config }}": str(config),
+                  "{{ var.value.rso_output_root }}": root, "{{ ds }}": "2025-08-01"}
+        params = {}
+        for key, text in _dag_literal("TEMPLATE_PARAMETERS").items():
+            for placeholder, value in values.items():
+                text = text.replace(placeholder, value)
+            params[key] = text
+        assert "sdkContainerImage" in _dag_literal("ENVIRONMENT")
+    else:
+        params = _scheduler_parameters(
+            tmp_path, PROJECT="p", REGION="r", BUCKET="gs://b", IMAGE=IMAGE,
+            CONFIG=str(config), OUTPUT_ROOT=root, TEMPLATE="gs://b/templates/rso.json",
+            SCHEDULER_SA="s@p.iam.gserviceaccount.com")
+    assert set(params) <= {p["name"] for p in metadata()["parameters"]}
+    argv = to_flags([f"--{k}={v}" for k, v in params.items()], today=datetime.date(2025, 8, 1))
+    cfg, rest = GenerateConfig.parse_args(argv)
+    assert rest == []
+    assert cfg.output == os.path.join(root, "dt=2025-08-01")
+    assert cfg.reuse_candidates == root and cfg.stores_candidates
+
+    template = str(tmp_path / "template.json")
+    pipeline = beam.Pipeline(options=PipelineOptions([
+        "--runner", "DataflowRunner", "--project", "rso-offline", "--region", "us-central1",
+        "--temp_location", f"{gcs_bucket}/flex/tmp", "--staging_location",
+        f"{gcs_bucket}/flex/staging", "--sdk_container_image", IMAGE,
+        "--sdk_location", "container", "--experiments", "use_runner_v2",
+        "--template_location", template, "--dataflow_endpoint", "http://localhost:1",
+        "--no_auth"]))
+    build_pipeline(pipeline, cfg)
+    assert not pipeline.run().has_job
+    with open(template) as f:
+        options = json.load(f)["environment"]["sdkPipelineOptions"]["options"]
+    with rso_io.open_file(options["pipelineUrl"], "rb") as f:
+        graph = beam_runner_api_pb2.Pipeline.FromString(f.read())
+    names = {t.unique_name for t in graph.components.transforms.values()}
+    for stage in ["Read/ReadLines", "Render", "MatchStored", "Generate", "Reward", "Select",
+                  "Write/WriteCandidates", "Write/Finish"]:
+        assert stage in names, stage
+    assert not os.path.exists(cfg.output)

@@ -108,3 +108,27 @@ def test_select_refuses_to_write_over_its_own_store(store, tiny_policy, capsys):
 def test_select_needs_a_store(tmp_path, capsys):
     assert select_main(["--output", str(tmp_path / "x")]) == 2
     assert "--candidates" in capsys.readouterr().err
+
+
+def test_selection_flags_not_given_default_to_the_stores_run(store, tiny_policy, tmp_path,
+                                                             caplog):
+    out = str(tmp_path / "beta1")
+    with caplog.at_level("INFO"):
+        assert select_main(["--candidates", store, "--output", out, "--policy", tiny_policy,
+                            "--beta", "1"]) == 0
+    config, stored = manifest(out)["config"], manifest(store)["config"]
+    assert config["beta"] == 1.0 != stored["beta"]
+    # --num-samples 4 and --seed 11 (not the defaults) came from the store's run
+    for name in ("num_samples", "seed", "selection", "pairing", "tie_margin", "dedup",
+                "beta_scale", "rest_threshold", "reward_combination"):
+        assert config[name] == stored[name], name
+    names = {r.name for r in caplog.records if r.name.startswith("rso.")}
+    assert "rso.select" in names and "rso.generate" not in names
+    # a setting given in --config wins over the store's, as a flag does
+    cfg = tmp_path / "sel.yaml"
+    cfg.write_text("num_samples: 3\n")
+    out3 = str(tmp_path / "k3")
+    assert select_main(["--candidates", store, "--output", out3, "--policy", tiny_policy,
+                        "--config", str(cfg)]) == 0
+    assert manifest(out3)["config"]["num_samples"] == 3
+    assert manifest(out3)["config"]["seed"] == stored["seed"]

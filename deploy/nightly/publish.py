@@ -2,16 +2,19 @@
 
 Layout under a root (local path or ``gs://``)::
 
-    ROOT/2025-01-01/ ... _SUCCESS        one `rso generate` output directory per night
-    ROOT/2025-01-02/ ...                 (no _SUCCESS: failed or still running, never published)
+    ROOT/dt=2025-01-01/ ... _SUCCESS     one `rso generate` output directory per night
+    ROOT/dt=2025-01-02/ ...              (no _SUCCESS: failed or still running, never published)
     ROOT/LATEST                          one line: the absolute path of the newest published run
+
+Run names are ``dt=YYYY-MM-DD`` (Hive-style partitions; ``refresh.sh`` writes them). Bare
+``YYYY-MM-DD`` names, which older refreshes wrote, are still read, ordered and pruned with them
+by their date; a date given where a run name is expected means ``dt=`` + that date.
 
 Rules:
 
 - ``LATEST`` moves only to a run whose ``_SUCCESS`` exists (the pipeline writes it last), and only
-  forward (run names are ISO dates, so name order is date order) unless ``force``. A ``LATEST``
-  whose last part is not a date cannot be ordered: publishing fails (exit 1) until ``--force``
-  replaces it.
+  forward (runs are ordered by their date) unless ``force``. A ``LATEST`` whose last part is not
+  a run name cannot be ordered: publishing fails (exit 1) until ``--force`` replaces it.
 - ``LATEST`` holds an absolute path or URL (a relative ROOT is made absolute first), so it reads
   the same from any directory; an old relative ``LATEST`` is read as ``ROOT/<its last part>``.
 - ``LATEST`` is replaced atomically: a reader sees the old or the new pointer, never a partial
@@ -20,11 +23,16 @@ Rules:
   finalises), which is the whole file.
 - Retention (``keep=N``): the N newest complete runs stay, and so does the ``LATEST`` target;
   incomplete runs older than the oldest kept one are stale failures and go too. Nothing newer than
-  the ``LATEST`` target is touched (it may be running), nor anything whose name is not a date.
+  the ``LATEST`` target is touched (it may be running), nor anything whose name is not a run
+  name. Retention is refused (:class:`PublishError`, nothing moved or deleted) while any run
+  under ROOT holds a candidate store (``candidates-*.parquet``): incremental runs
+  (``--reuse-candidates ROOT``) keep reusing an old night's candidates for as long as its
+  prompts are in the prompt file, so no night can be deleted safely by age
+  (docs/CANDIDATES.md, Incremental runs).
 
 Beam-free (``rso.storage``, i.e. fsspec/gcsfs), so it runs on any host that can read the bucket::
 
-    python -m deploy.nightly.publish publish ROOT 2025-01-02 [--keep 7] [--force]
+    python -m deploy.nightly.publish publish ROOT dt=2025-01-02 [--keep 7] [--force]
     python -m deploy.nightly.publish latest ROOT      # prints the published run's path
     python -m deploy.nightly.publish complete RUN_DIR # exit 0 if RUN_DIR has _SUCCESS
 """
@@ -40,10 +48,11 @@ import tempfile
 from collections.abc import Sequence
 
 from rso import storage as rso_io
-from rso.layout import SUCCESS, is_complete
+from rso.layout import SUCCESS, candidate_files, is_complete
 
 LATEST = "LATEST"
-RUN_NAME = re.compile(r"^\d{4}-\d{2}-\d{2}$")
+PARTITION = "dt="
+RUN_NAME = re.compile(r"^(dt=)?\d{4}-\d{2}-\d{2}$")  # dt=YYYY-MM-DD, or an older bare date
 
 
 class PublishError(RuntimeError):
@@ -58,19 +67,34 @@ class PublishResult:
 
 
 def run_name(date: datetime.date) -> str:
-    """The directory name of one night's run: ``YYYY-MM-DD``."""
-    return date.isoformat()
+    """The directory name of one night's run: ``dt=YYYY-MM-DD``."""
+    return PARTITION + date.isoformat()
 
 
 def check_run_name(name: str) -> str:
-    """``name`` if it is a real date written YYYY-MM-DD, else :class:`PublishError`."""
+    """``name`` if it is a run name (``dt=YYYY-MM-DD`` or an older bare ``YYYY-MM-DD``) of a
+    real date, else :class:`PublishError`."""
     try:
         if RUN_NAME.match(name):
-            datetime.date.fromisoformat(name)  # rejects 2025-13-40
+            datetime.date.fromisoformat(run_date(name))  # rejects 2025-13-40
             return name
     except ValueError:
         pass
-    raise PublishError(f"run name {name!r} is not a date YYYY-MM-DD")
+    raise PublishError(f"run name {name!r} is not a date dt=YYYY-MM-DD")
+
+
+def run_date(name: str) -> str:
+    """The ``YYYY-MM-DD`` of a run name: what runs are ordered by."""
+    return name[len(PARTITION):] if name.startswith(PARTITION) else name
+
+
+def resolve_run(root: str, name: str) -> str:
+    """The run directory name ``name`` means under ``root``: a bare date names the existing
+    bare-date run of that date if there is one (an older refresh's), else ``dt=`` + date."""
+    check_run_name(name)
+    if name.startswith(PARTITION) or rso_io.exists(rso_io.join(root, name)):
+        return name
+    return PARTITION + name
 
 
 def run_path(root: str, name: str) -> str:
@@ -134,7 +158,7 @@ def list_runs(root: str) -> list[str]:
     fs.invalidate_cache(p)  # gcsfs caches listings; other processes write the runs
     names = {entry.rstrip("/").rsplit("/", 1)[-1]
              for entry in fs.ls(p, detail=False)}
-    return sorted(n for n in names if RUN_NAME.match(n))
+    return sorted((n for n in names if RUN_NAME.match(n)), key=lambda n: (run_date(n), n))
 
 
 def _name_of(run: str) -> str:
@@ -148,16 +172,17 @@ def prune(root: str, keep: int, latest: str | None = None) -> list[str]:
     """
     if keep < 1:
         raise PublishError(f"keep must be >= 1, got {keep}")
+    check_retention_allowed(root)
     names = list_runs(root)
     if latest is not None:
-        names = [n for n in names if n <= latest]
+        names = [n for n in names if run_date(n) <= run_date(latest)]
     complete = [n for n in names if is_complete(run_path(root, n))]
     kept = set(complete[-keep:])
     if latest is not None:
         kept.add(latest)
-    oldest_kept = min(kept) if kept else None
+    oldest_kept = min((run_date(n) for n in kept), default=None)
     doomed = [n for n in names if n not in kept
-              and (n in complete or (oldest_kept is not None and n < oldest_kept))]
+              and (n in complete or (oldest_kept is not None and run_date(n) < oldest_kept))]
     fs, _ = rso_io.filesystem(root)
     removed = []
     for n in doomed:
@@ -166,6 +191,18 @@ def prune(root: str, keep: int, latest: str | None = None) -> list[str]:
         fs.rm(p, recursive=True)
         removed.append(path)
     return removed
+
+
+def check_retention_allowed(root: str) -> None:
+    """:class:`PublishError` when a run under ``root`` holds a candidate store: incremental runs
+    may still reuse its candidates (see the module doc)."""
+    for name in list_runs(root):
+        if candidate_files(run_path(root, name)):
+            raise PublishError(
+                f"retention (--keep / KEEP) is refused: {run_path(root, name)} holds a "
+                f"candidate store, which incremental runs (--reuse-candidates {root}) may still "
+                f"reuse; keep every night, or prune by hand the nights whose prompts left the "
+                f"prompt file")
 
 
 def publish(root: str, name: str, keep: int | None = None, force: bool = False
@@ -178,7 +215,10 @@ def publish(root: str, name: str, keep: int | None = None, force: bool = False
     newer night). ``root`` may be relative: LATEST always holds an absolute path.
     """
     root = absolute_root(root)
+    name = resolve_run(root, name)
     path = run_path(root, name)
+    if keep:
+        check_retention_allowed(root)  # before LATEST moves
     if not is_complete(path):
         raise PublishError(f"{path} has no {SUCCESS}: the run failed or is still running; "
                            f"{LATEST} stays where it was")
@@ -186,11 +226,12 @@ def publish(root: str, name: str, keep: int | None = None, force: bool = False
     moved = False
     if current is not None and not RUN_NAME.match(_name_of(current)) and not force:
         raise PublishError(f"{rso_io.join(root, LATEST)} names {current}, whose last part is "
-                           f"not a date YYYY-MM-DD, so it cannot be ordered against {name}; "
+                           f"not a date dt=YYYY-MM-DD, so it cannot be ordered against "
+                           f"{name}; "
                            f"fix it, or pass --force to point it at {name}")
     if current == path:
         pass
-    elif current is not None and _name_of(current) > name and not force:
+    elif current is not None and run_date(_name_of(current)) > run_date(name) and not force:
         pass
     else:
         write_atomic(rso_io.join(root, LATEST), path + "\n")
@@ -215,7 +256,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("publish", help="point ROOT/LATEST at ROOT/RUN if RUN has _SUCCESS")
     p.add_argument("root")
-    p.add_argument("run", help="run directory name, YYYY-MM-DD")
+    p.add_argument("run", help="run directory name, dt=YYYY-MM-DD (a bare date means that)")
     p.add_argument("--keep", type=int, default=None,
                    help="keep the N newest complete runs (default: keep all)")
     p.add_argument("--force", action="store_true",
@@ -224,7 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     q.add_argument("root")
     c = sub.add_parser("complete", help="exit 0 if RUN_DIR has _SUCCESS, else 1")
     c.add_argument("run_dir")
-    n = sub.add_parser("check-name", help="exit 0 if NAME is a valid run name (YYYY-MM-DD)")
+    n = sub.add_parser("check-name", help="exit 0 if NAME is a valid run name (dt=YYYY-MM-DD "
+                       "or YYYY-MM-DD)")
     n.add_argument("name")
     args = parser.parse_args(argv)
     try:

@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
-# Nightly refresh: one `rso generate` run into OUTPUT_ROOT/YYYY-MM-DD/, then OUTPUT_ROOT/LATEST
+# Nightly refresh: one `rso generate` run into OUTPUT_ROOT/dt=YYYY-MM-DD/, then OUTPUT_ROOT/LATEST
 # is pointed at it, only if the run wrote _SUCCESS (deploy/nightly/publish.py; atomic).
+# The run is incremental: it gets --reuse-candidates OUTPUT_ROOT, so it decodes only the prompts
+# no earlier complete night stored for the same policy and sampling parameters
+# (docs/CANDIDATES.md, Incremental runs).
 #
 # Required: OUTPUT_ROOT (local path or gs://bucket/prefix).
 # Optional:
@@ -9,7 +12,10 @@
 #                   deploy/flink/run.sh, or any script that honours $OUTPUT); it gets OUTPUT and
 #                   JOB_NAME in its environment, plus this script's arguments, and must block
 #                   until the pipeline ends
-#   KEEP            keep only the KEEP newest complete runs (default: keep all)
+#   REUSE           1 (default): pass --reuse-candidates OUTPUT_ROOT; 0: decode every prompt
+#   KEEP            keep only the KEEP newest complete runs (default: keep all); refused
+#                   (exit 2, before the run) with REUSE=1, and by publish.py while any night
+#                   holds a candidate store: later nights may still reuse its candidates
 #   LOCK_FILE       a local lock so that two refreshes never overlap
 #                   (default: ${TMPDIR:-/tmp}/rso-refresh.lock; empty to skip)
 #   PYTHON          interpreter with this package installed (default: python)
@@ -24,6 +30,7 @@ set -euo pipefail
 REPO="$(cd "$(dirname "$0")/../.." && pwd)"
 PYTHON="${PYTHON:-python}"
 RUN_DATE="${RUN_DATE:-$(date -u +%F)}"
+REUSE="${REUSE:-1}"
 RUNNER_SCRIPT="${RUNNER_SCRIPT:-$REPO/deploy/dataflow/run.sh}"
 LOCK_FILE="${LOCK_FILE-${TMPDIR:-/tmp}/rso-refresh.lock}"
 OUTPUT_ROOT="${OUTPUT_ROOT%/}"
@@ -45,8 +52,20 @@ if [[ -n "$LOCK_FILE" ]] && command -v flock > /dev/null; then
   fi
 fi
 
+case "$REUSE" in
+  0) ;;
+  1) if [[ -n "${KEEP:-}" ]]; then
+       echo "refresh: KEEP=$KEEP with REUSE=1 is refused: later nights reuse the candidates of" \
+            "earlier ones, so no night can be deleted by age (set REUSE=0 to prune)" >&2
+       exit 2
+     fi
+     set -- "$@" --reuse-candidates "$OUTPUT_ROOT" ;;
+  *) echo "refresh: REUSE must be 0 or 1, got '$REUSE'" >&2; exit 2 ;;
+esac
+
 publish check-name "$RUN_DATE"
-export OUTPUT="$OUTPUT_ROOT/$RUN_DATE"
+RUN_NAME="dt=$RUN_DATE"
+export OUTPUT="$OUTPUT_ROOT/$RUN_NAME"
 export JOB_NAME="${JOB_NAME:-rso-nightly-$RUN_DATE-$(date -u +%H%M%S)}"
 
 if publish complete "$OUTPUT"; then
@@ -56,6 +75,6 @@ else
   "$RUNNER_SCRIPT" "$@"
 fi
 
-args=(publish "$OUTPUT_ROOT" "$RUN_DATE")
+args=(publish "$OUTPUT_ROOT" "$RUN_NAME")
 [[ -n "${KEEP:-}" ]] && args+=(--keep "$KEEP")
 publish "${args[@]}"
