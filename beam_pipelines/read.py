@@ -44,11 +44,14 @@ from beam_pipelines.seeding import prompt_seed
 from beam_pipelines.stage import (
     DEAD_LETTER,
     MAIN,
+    USAGE,
+    MeteredDoFn,
     StageOutput,
     StageParDo,
     count,
     dead_letter,
     error_detail,
+    flatten_usage,
 )
 from rso.config import ConfigError
 
@@ -180,8 +183,9 @@ class _ReadFiles(beam.PTransform):
         self._fn = fn
 
     def expand(self, files: beam.PCollection) -> StageOutput:
-        out = files | "Read" >> beam.ParDo(self._fn).with_outputs(DEAD_LETTER, main=MAIN)
-        return StageOutput(out[MAIN], out[DEAD_LETTER])
+        out = files | "Read" >> beam.ParDo(MeteredDoFn(STAGE, self._fn)).with_outputs(
+            DEAD_LETTER, USAGE, main=MAIN)
+        return StageOutput(out[MAIN], out[DEAD_LETTER], usage=out[USAGE])
 
 
 class _ParseLine(beam.DoFn):
@@ -346,4 +350,5 @@ class ReadPrompts(beam.PTransform):
         dead = ((raw.dead_letters, parsed.dead_letters, deduped.dead_letters)
                 | "DeadLetters" >> beam.Flatten())
         return StageOutput(prompts, dead,
-                           {COUNTS: tuple(counts) | "Counts" >> beam.Flatten()})
+                           {COUNTS: tuple(counts) | "Counts" >> beam.Flatten()},
+                           flatten_usage("Usage", raw, parsed, deduped))
