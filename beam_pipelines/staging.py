@@ -130,7 +130,8 @@ def amend_manifest(staging: str, update: Callable[[dict[str, Any]], None]) -> No
     """Replaces ``staging``'s manifest.json by itself as changed in place by ``update(doc)``
     (written with :func:`beam_pipelines.manifest.dumps`). Atomic: locally a temporary file
     beside the staging directory (a name beginning with ``_``, so a leftover is never a run
-    file) renamed over it; on an object store one object write, which is atomic there."""
+    file) renamed over it; on an object store one object write, which is atomic there. Then
+    ``_SUCCESS`` is written again, so that it stays the last file written."""
     path = FileSystems.join(staging, MANIFEST)
     with FileSystems.open(path) as f:
         doc = json.loads(f.read().decode("utf-8"))
@@ -142,8 +143,9 @@ def amend_manifest(staging: str, update: Callable[[dict[str, Any]], None]) -> No
         with open(tmp, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
-        return
-    write_file(path, data, "application/json")
+    else:
+        write_file(path, data, "application/json")
+    write_file(FileSystems.join(staging, SUCCESS), b"", "text/plain")
 
 
 def recover(output: str, keep: str | None = None) -> None:
