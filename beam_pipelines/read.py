@@ -295,6 +295,7 @@ class ReadPrompts(beam.PTransform):
       smallest ``prompt_seed(seed, prompt_id, "shard")``: the same input and seed give the same
       prompts. Prompts left out are not dead letters (counter ``rso/prompts_not_in_shard``).
 
+    ``usage``: the file readers' and parsers' :class:`rso.cost.Usage` per bundle.
     ``side[COUNTS]``: ``(name, n)`` pairs (``input_records``, ``blank_lines``,
     ``prompts_not_in_shard``, ``prompts_read``) for the manifest's accounting, which checks
     ``input_records = prompts_read + read dead letters + blank_lines + prompts_not_in_shard``.

@@ -80,7 +80,9 @@ class _CombineAndDropNonFinite(beam.DoFn):
 
 
 class ScoreRewards(beam.PTransform):
-    """``(prompt_id, PromptCandidates)`` -> :class:`StageOutput` ``(main, dead_letters)``.
+    """``(prompt_id, PromptCandidates)`` -> :class:`StageOutput` ``(main, dead_letters,
+    usage)`` (``usage``: every model's batches, part ``"<i>"`` for ``--reward-model`` i, and
+    the combining step's bundles).
 
     - ``main``: ``(prompt_id, PromptCandidates)`` whose candidates carry
       ``reward_scores`` (one per model) and the combined ``reward`` (finite), in their

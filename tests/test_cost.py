@@ -14,6 +14,7 @@ import pytest
 
 from beam_pipelines.config import GenerateConfig, RewardModelSpec
 from beam_pipelines.pipeline import main as generate
+from beam_pipelines.pipeline import select_main
 from rso import cost
 from tests.test_pipeline_e2e import key
 
@@ -107,7 +108,7 @@ def test_cost_on_the_fn_api_runner_with_prices(prompts, tiny_policy, tiny_reward
         assert generate(["--output", out, *common(prompts, tiny_policy),
                          "--reward-model", tiny_reward_model,
                          "--reward-model", tiny_reward_model + ",kind=pairwise",
-                         "--price-per-hour", "2.5"]) == 0
+                         "--price-per-hour", "2.5", "--write-candidates"]) == 0
     m = manifest(out)
     check_exact_counts(m, [("pointwise", "both-orders"), ("pairwise", "both-orders")])
     c = m["cost"]
@@ -132,6 +133,19 @@ def test_cost_on_the_fn_api_runner_with_prices(prompts, tiny_policy, tiny_reward
                      "--reward-model", tiny_reward_model + ",kind=pairwise"]) == 0
     assert records(plain) == records(out)
     assert manifest(plain)["cost"]["cost_per_1000_pairs"] is None
+
+    # rso select on the stored candidates: its own stages only, and its own last lines
+    selected = str(tmp_path / "selected")
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rso.generate"):
+        assert select_main(["--candidates", out, "--output", selected, "--policy", tiny_policy,
+                            "--num-samples", "2", "--price-per-hour", "1"]) == 0
+    s = manifest(selected)["cost"]
+    assert sorted(s["stages"]) == ["records", "select", "write"]
+    assert s["reward_model_calls"] == [] and s["pairs"] == len(records(selected)) > 0
+    assert math.isclose(s["cost_per_1000_pairs"], s["busy_seconds"] / 3600 / s["pairs"] * 1000)
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("cost: ")]
+    assert [ln.split()[1] for ln in lines[1:-2]] == ["select", "records", "write"]
 
 
 @pytest.mark.slow
