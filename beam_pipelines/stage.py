@@ -1,7 +1,7 @@
 """The stage contract: how every stage of the pipeline returns its output and drops elements.
 
 Every stage PTransform (read, render, generate, reward, select, rescore, records, write's
-validation) returns a :class:`StageOutput` ``(main, dead_letters, side)``:
+validation) returns a :class:`StageOutput` ``(main, dead_letters, side, usage)``:
 
 - ``main``: the stage's output PCollection;
 - ``dead_letters``: :class:`~beam_pipelines.elements.DeadLetter` records, stage-named, each
@@ -199,7 +199,8 @@ class SplitFailures(beam.DoFn):
     the inference is a :class:`Failure`, a dead letter ``(stage, reason, detail, prompt_id=key,
     input=describe(example))``; successes count ``rso/<ok_counter>``. ``merge`` defaults to
     the inference itself. A ``Usage`` (a metered batch's, carried by its first element; see
-    :class:`beam_pipelines.handlers.MeteredKeyedHandler`) goes to the ``usage`` output."""
+    :class:`beam_pipelines.handlers.MeteredKeyedHandler`) goes to the ``usage`` output (and
+    is lost with that element's outputs if handling it raises: an ``unexpected_error``)."""
 
     def __init__(self, stage: str, ok_counter: str, describe: Callable[[Any], Any],
                  merge: Callable[[Any, Any], Any] | None = None):
