@@ -148,6 +148,10 @@ class GenerateConfig(Config):
                                    "settings (not of paths)")
     overwrite: bool = option(False, "replace an existing complete output directory, once the "
                              "new run is complete (a failed run leaves the old one)")
+    price_per_hour: float | None = option(
+        None, "USD per machine-hour of the machines that run the job: the manifest's cost "
+        "section and the last lines then give the cost per 1,000 pairs (docs/MANIFEST.md); "
+        "without it they report resources only", min=0, finite=True)
 
     def validate(self) -> None:
         """Cross-field and filesystem checks (the per-field ones ran at construction): raises
@@ -285,7 +289,8 @@ class GenerateConfig(Config):
             return self.run_id
         data = {k: v for k, v in self.to_dict().items()
                 if k not in ("output", "overwrite", "run_id", "input", "policy", "reward_model",
-                             "candidates", "write_candidates", "reuse_candidates")}
+                             "candidates", "write_candidates", "reuse_candidates",
+                             "price_per_hour")}
         data["dtype"] = self.generation_dtype  # "auto" resolves by hardware
         data["input"] = self.input_id()
         data["policy"] = content_part(model_id(self.policy))

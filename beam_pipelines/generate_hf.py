@@ -23,6 +23,7 @@ from beam_pipelines.generate import (
 from beam_pipelines.handlers import Loaded, set_torch_threads
 from beam_pipelines.render import context_length, new_token_budget
 from beam_pipelines.seeding import prompt_seed
+from rso import cost
 
 
 @contextlib.contextmanager
@@ -104,6 +105,8 @@ class TransformersGenerationHandler(GenerationHandler):
         for i, (ids, _) in enumerate(kept):
             mask[i, :len(ids)] = 1.0
         logps = gather_logps(logits, generated, mask).tolist()
+        cost.record(calls=1, sequences=len(kept), tokens_in=len(prompt.prompt_token_ids),
+                    tokens_out=sum(len(ids) for ids, _ in kept))
         return PromptCandidates(prompt, [
             Candidate(text=response_text(m.tokenizer, prompt.prompt_token_ids, ids),
                       token_ids=ids, finish_reason=finish, sft_logp=float(lp))

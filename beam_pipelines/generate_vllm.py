@@ -36,6 +36,7 @@ from beam_pipelines.generate import (
 from beam_pipelines.handlers import Loaded
 from beam_pipelines.render import context_length
 from beam_pipelines.seeding import prompt_seed
+from rso import cost
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +138,8 @@ class VLLMGenerationHandler(GenerationHandler):
     process has its own engine.
     """
 
+    meter_children = True  # on GPU, vLLM's engine core is a child process
+
     def load_model(self) -> Loaded:
         warn_if_not_pi_sft(self._config)
         llm = get_vllm_engine(self._config)
@@ -154,6 +157,9 @@ class VLLMGenerationHandler(GenerationHandler):
         except Exception:
             abort_unfinished(model.llm)
             raise
+        cost.record(calls=1, sequences=sum(len(out.outputs) for out in outputs),
+                    tokens_in=sum(len(p.prompt_token_ids) for p in prompts),
+                    tokens_out=sum(len(c.token_ids) for out in outputs for c in out.outputs))
         return [PromptCandidates(p, [vllm_candidate(c, model.tokenizer, p.prompt_token_ids)
                                      for c in out.outputs])
                 for p, out in zip(prompts, outputs)]

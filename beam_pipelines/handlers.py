@@ -8,9 +8,11 @@
   whose metrics namespace is ``rso_<stage>``, and whose ``get_num_bytes`` is computed from
   token counts (:func:`num_tokens`) instead of Beam's default, which pickles every batch just
   to size it.
-- :class:`InferStage`: RunInference over a ``KeyedModelHandler`` followed by
+- :class:`MeteredKeyedHandler`: the ``KeyedModelHandler`` that times each batch and counts the
+  model calls the handler reports (:func:`rso.cost.record`), for the manifest's ``cost``.
+- :class:`InferStage`: RunInference over a :class:`MeteredKeyedHandler` followed by
   :class:`~beam_pipelines.stage.SplitFailures`, returning a
-  :class:`~beam_pipelines.stage.StageOutput`.
+  :class:`~beam_pipelines.stage.StageOutput` (its ``usage``: one record per batch).
 
 Why not RunInference's own ``with_exception_handling``: it sends a whole batch to the failed
 output when one element raises, and our batches are many prompts; the retry above keeps the
@@ -32,6 +34,7 @@ from apache_beam.ml.inference.base import (
 
 from beam_pipelines.elements import Failure, PromptCandidates, RenderedPrompt
 from beam_pipelines.stage import NAMESPACE, SplitFailures, StageOutput, StageParDo, error_detail
+from rso.cost import Usage, metered
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -95,6 +98,7 @@ class RetryingHandler(ModelHandler):
 
     stage = ""
     failure_reason = ""
+    meter_children = False  # MeteredKeyedHandler: also count child processes' CPU time
 
     def __init__(self, min_batch_size: int, max_batch_size: int, model_name: str):
         super().__init__(min_batch_size=min_batch_size, max_batch_size=max_batch_size)
@@ -120,21 +124,46 @@ class RetryingHandler(ModelHandler):
         return BYTES_PER_TOKEN * sum(num_tokens(x) for x in batch)
 
 
+class MeteredKeyedHandler(KeyedModelHandler):
+    """``KeyedModelHandler(handler)`` whose ``run_inference`` is timed (:func:`rso.cost.metered`:
+    wall and process CPU seconds, the live child processes' CPU too when the handler sets
+    ``meter_children``, e.g. vLLM's engine core) and collects the calls, sequences and tokens
+    the model code reports (:func:`rso.cost.record`). Its results are ``(key, prediction,
+    usage)``: the batch's ``Usage(stage, part, items=len(batch), batches=1, ...)`` on the first
+    element, None on the others (:class:`~beam_pipelines.stage.SplitFailures` takes it off),
+    so that the usage travels with the batch's own outputs on every runner."""
+
+    def __init__(self, handler: ModelHandler, stage: str, part: str = ""):
+        super().__init__(handler)
+        self._stage, self._part = stage, part
+        self._children = bool(getattr(handler, "meter_children", False))
+
+    def run_inference(self, batch: Sequence[tuple[Any, Any]], model: Any,
+                      inference_args: dict | None = None) -> Iterable[tuple[Any, Any, Any]]:
+        usage = Usage(self._stage, self._part, items=len(batch), batches=1)
+        with metered(usage, children=self._children):
+            results = list(super().run_inference(batch, model, inference_args))
+        return [(key, result, usage if i == 0 else None)
+                for i, (key, result) in enumerate(results)]
+
+
 class InferStage(beam.PTransform):
     """``(key, element)`` -> :class:`StageOutput` ``(main: (key, merge(element, inference)),
-    dead_letters)``: RunInference with ``handler`` (keyed), then failures to dead letters
-    ``(stage, handler.failure_reason, detail, prompt_id=key, input=describe(element))``;
-    successes count ``rso/<ok_counter>``."""
+    dead_letters, usage)``: RunInference with ``handler`` (keyed, metered under ``stage`` and
+    ``part``, e.g. a reward model's index), then failures to dead letters ``(stage,
+    handler.failure_reason, detail, prompt_id=key, input=describe(element))``; successes count
+    ``rso/<ok_counter>``."""
 
     def __init__(self, stage: str, handler: ModelHandler, ok_counter: str,
                  describe: Callable[[Any], Any],
-                 merge: Callable[[Any, Any], Any] | None = None):
+                 merge: Callable[[Any, Any], Any] | None = None, part: str = ""):
         super().__init__()
         self._stage, self._handler, self._ok = stage, handler, ok_counter
-        self._describe, self._merge = describe, merge
+        self._describe, self._merge, self._part = describe, merge, part
 
     def expand(self, keyed: beam.PCollection) -> StageOutput:
         return (keyed
-                | "Infer" >> RunInference(KeyedModelHandler(self._handler))
+                | "Infer" >> RunInference(MeteredKeyedHandler(self._handler, self._stage,
+                                                              self._part))
                 | "SplitFailures" >> StageParDo(self._stage, SplitFailures(
                     self._stage, self._ok, self._describe, self._merge)))

@@ -28,6 +28,7 @@ import apache_beam as beam
 
 from beam_pipelines import sampling
 from beam_pipelines.elements import DeadLetter, PromptSummary
+from rso.cost import Usage, cost_section, merge_usage
 
 NUM_BINS = 30
 NUM_QUANTILES = 11  # min, 10%, 20%, ..., 90%, max
@@ -192,6 +193,24 @@ class CountAs(beam.PTransform):
                 | "Weigh" >> beam.Map(weight or (lambda _: 1))
                 | "Sum" >> beam.CombineGlobally(sum)
                 | "Name" >> beam.Map(lambda n: (name, int(n))))
+
+
+class UsageTotalsFn(beam.CombineFn):
+    """:class:`rso.cost.Usage`* -> their sums per (stage, part), a list sorted by stage and
+    part: the input of the manifest's ``cost`` section (:func:`rso.cost.cost_section`)."""
+
+    def create_accumulator(self) -> dict[tuple[str, str], Usage]:
+        return {}
+
+    def add_input(self, acc: dict, usage: Usage) -> dict:
+        acc.setdefault(usage.key, Usage(*usage.key)).add(usage)
+        return acc
+
+    def merge_accumulators(self, accs: Iterable[dict]) -> dict:
+        return merge_usage(u for acc in accs for u in acc.values())
+
+    def extract_output(self, acc: dict) -> list[Usage]:
+        return [acc[k] for k in sorted(acc)]
 
 
 # ---------------------------------------------------------------- reward statistics
@@ -498,12 +517,14 @@ def build_manifest(*, config: Mapping[str, Any], run_id: str, versions: Mapping[
                    dead_letters: Mapping[str, Any], reward_stats: Mapping[str, Any],
                    records_written: int, files: Mapping[str, Any],
                    counts: Mapping[str, int] | None = None,
-                   reuse: Mapping[str, Any] | None = None) -> dict[str, Any]:
+                   reuse: Mapping[str, Any] | None = None,
+                   usage: Iterable[Usage] = ()) -> dict[str, Any]:
     """The manifest.json document. Every number comes from the pipeline's own PCollections.
 
     ``counts``: the stage counts of :func:`accounting_section` (``{name: n}``); without them
     the accounting identities that need them are None. ``reuse`` (``--reuse-candidates``):
-    see :func:`reuse_section`.
+    see :func:`reuse_section`. ``usage``: what the stages spent (:class:`rso.cost.Usage`), for
+    the ``cost`` section (:func:`rso.cost.cost_section`).
     """
     prompts = totals["prompts"]
     counts = dict(counts or {})
@@ -541,6 +562,8 @@ def build_manifest(*, config: Mapping[str, Any], run_id: str, versions: Mapping[
         "acceptance": acceptance,
         "selection": selection_section(config, totals, reward_stats),
         "reward_statistics": dict(reward_stats),
+        "cost": cost_section(config, usage, records_written,
+                             "sft_targets" if config.get("selection") == "best-of-n" else "pairs"),
         # name lists sorted; "checksums" ({name: {"sha256", "bytes"}}, rso.checksums) by name
         "files": {k: dict(sorted(v.items())) if isinstance(v, Mapping) else sorted(v)
                   for k, v in files.items()},

@@ -39,10 +39,10 @@ from beam_pipelines.rescore import RescoreCandidates
 from beam_pipelines.reuse import DECODE, RESCORE, MatchStoredCandidates, Partition, find_partitions
 from beam_pipelines.reward import ScoreRewards
 from beam_pipelines.selection import SUMMARY, SelectAndPair
-from beam_pipelines.stage import NAMESPACE
-from beam_pipelines.staging import commit, discard, recover, staging_dir
+from beam_pipelines.stage import NAMESPACE, flatten_usage
+from beam_pipelines.staging import amend_manifest, commit, discard, recover, staging_dir
 from beam_pipelines.write import WriteOutputs, prepare_output
-from rso import layout, schema
+from rso import cost, layout, schema
 from rso.config import ConfigError
 from rso.console import command, command_log
 from rso.layout import is_complete
@@ -137,6 +137,9 @@ def build_pipeline(pipeline: beam.Pipeline, config: GenerateConfig,
     counts.append(records.main | "CountRecords" >> manifest.CountAs("records_built"))
 
     best_of_n = config.selection == "best-of-n"
+    usage = flatten_usage("Usage", *stages)
+    if usage is not None:
+        outputs["usage"] = usage
     return {
         **outputs,
         "pairs": records.main,
@@ -200,6 +203,7 @@ def run(config: GenerateConfig, beam_args: Sequence[str] = (), wait: bool = True
                            run_id, output)
         return {}
     start = time.time()
+    machines = cost.machines_from_beam_args(beam_args)
     with OutputLock.acquire(output, run_id):
         recover(output, keep=staging)
         if is_complete(output) and not config.overwrite:
@@ -208,8 +212,10 @@ def run(config: GenerateConfig, beam_args: Sequence[str] = (), wait: bool = True
                            config.candidates or config.input, output, config.policy,
                            config.engine)
         try:
+            submitted = time.perf_counter()
             result = pipeline.run()
             result.wait_until_finish()
+            wall = time.perf_counter() - submitted
             if not getattr(result, "has_job", True):
                 command_log().info("no job was run (template or graph only)")
                 return {}
@@ -218,6 +224,8 @@ def run(config: GenerateConfig, beam_args: Sequence[str] = (), wait: bool = True
                 raise RuntimeError(f"the pipeline finished ({result.state}) without writing "
                                    f"{join(staging, layout.SUCCESS)}; {output} is unchanged")
             _refuse_empty(staging, output)
+            amend_manifest(staging, functools.partial(_add_launcher_cost, wall=wall,
+                                                      machines=machines))
             commit(staging, output)
         finally:
             discard(staging)
@@ -225,7 +233,16 @@ def run(config: GenerateConfig, beam_args: Sequence[str] = (), wait: bool = True
         written = json.load(f)
     command_log().info("done in %.0f s: %s", time.time() - start,
                        json.dumps(written.get("counters", {}), sort_keys=True))
+    if isinstance(written.get("cost"), dict):
+        for line in cost.format_lines(written["cost"]):
+            command_log().info("cost: %s", line)
     return written
+
+
+def _add_launcher_cost(doc: dict, wall: float, machines: int | None) -> None:
+    """The launcher's own figures in the staged manifest's ``cost`` section (before commit)."""
+    if isinstance(doc.get("cost"), dict):
+        doc["cost"]["launcher"] = cost.launcher_section(doc["cost"], wall, machines)
 
 
 class EmptyRunError(ConfigError):

@@ -44,11 +44,14 @@ from beam_pipelines.seeding import prompt_seed
 from beam_pipelines.stage import (
     DEAD_LETTER,
     MAIN,
+    USAGE,
+    MeteredDoFn,
     StageOutput,
     StageParDo,
     count,
     dead_letter,
     error_detail,
+    flatten_usage,
 )
 from rso.config import ConfigError
 
@@ -180,8 +183,9 @@ class _ReadFiles(beam.PTransform):
         self._fn = fn
 
     def expand(self, files: beam.PCollection) -> StageOutput:
-        out = files | "Read" >> beam.ParDo(self._fn).with_outputs(DEAD_LETTER, main=MAIN)
-        return StageOutput(out[MAIN], out[DEAD_LETTER])
+        out = files | "Read" >> beam.ParDo(MeteredDoFn(STAGE, self._fn)).with_outputs(
+            DEAD_LETTER, USAGE, main=MAIN)
+        return StageOutput(out[MAIN], out[DEAD_LETTER], usage=out[USAGE])
 
 
 class _ParseLine(beam.DoFn):
@@ -291,6 +295,7 @@ class ReadPrompts(beam.PTransform):
       smallest ``prompt_seed(seed, prompt_id, "shard")``: the same input and seed give the same
       prompts. Prompts left out are not dead letters (counter ``rso/prompts_not_in_shard``).
 
+    ``usage``: the file readers' and parsers' :class:`rso.cost.Usage` per bundle.
     ``side[COUNTS]``: ``(name, n)`` pairs (``input_records``, ``blank_lines``,
     ``prompts_not_in_shard``, ``prompts_read``) for the manifest's accounting, which checks
     ``input_records = prompts_read + read dead letters + blank_lines + prompts_not_in_shard``.
@@ -346,4 +351,5 @@ class ReadPrompts(beam.PTransform):
         dead = ((raw.dead_letters, parsed.dead_letters, deduped.dead_letters)
                 | "DeadLetters" >> beam.Flatten())
         return StageOutput(prompts, dead,
-                           {COUNTS: tuple(counts) | "Counts" >> beam.Flatten()})
+                           {COUNTS: tuple(counts) | "Counts" >> beam.Flatten()},
+                           flatten_usage("Usage", raw, parsed, deduped))

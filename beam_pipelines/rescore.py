@@ -27,6 +27,7 @@ from beam_pipelines.elements import PromptCandidates
 from beam_pipelines.generate import describe_prompt
 from beam_pipelines.handlers import InferStage, Loaded, RetryingHandler, set_torch_threads
 from beam_pipelines.stage import StageOutput
+from rso import cost
 
 STAGE = "rescore"
 RESCORE_FAILED = "rescore_failed"
@@ -55,6 +56,9 @@ def rescore_one(model: Any, pad_id: int, pc: PromptCandidates, batch_size: int
             values = sequence_logps(model, [pc.prompt.prompt_token_ids] * len(chunk),
                                     [pc.candidates[j].token_ids for j in chunk], pad_id)
             logps.update(zip(chunk, values.tolist()))
+            cost.record(calls=1, sequences=len(chunk), tokens_in=sum(
+                len(pc.prompt.prompt_token_ids) + len(pc.candidates[j].token_ids)
+                for j in chunk))
     return dataclasses.replace(pc, candidates=[
         dataclasses.replace(c, sft_logp=float(logps[j])) for j, c in enumerate(pc.candidates)])
 

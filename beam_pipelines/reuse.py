@@ -195,4 +195,4 @@ class MatchStoredCandidates(beam.PTransform):
                    for t in tags[2:]]
         side = {DECODE: out.side[DECODE], RESCORE: out.side[RESCORE],
                 "counts": tuple(counts) | "FlattenCounts" >> beam.Flatten()}
-        return StageOutput(out.main, out.dead_letters, side)
+        return StageOutput(out.main, out.dead_letters, side, out.usage)

@@ -23,7 +23,7 @@ from beam_pipelines.elements import Candidate, PromptCandidates
 from beam_pipelines.handlers import InferStage
 from beam_pipelines.reward_combination import combine_rewards
 from beam_pipelines.reward_handlers import STAGE, check_reward_model, reward_handler
-from beam_pipelines.stage import StageOutput, StageParDo, dead_letter
+from beam_pipelines.stage import StageOutput, StageParDo, dead_letter, flatten_usage
 
 
 def _candidate_json(c: Candidate) -> dict:
@@ -80,7 +80,9 @@ class _CombineAndDropNonFinite(beam.DoFn):
 
 
 class ScoreRewards(beam.PTransform):
-    """``(prompt_id, PromptCandidates)`` -> :class:`StageOutput` ``(main, dead_letters)``.
+    """``(prompt_id, PromptCandidates)`` -> :class:`StageOutput` ``(main, dead_letters,
+    usage)`` (``usage``: every model's batches, part ``"<i>"`` for ``--reward-model`` i, and
+    the combining step's bundles).
 
     - ``main``: ``(prompt_id, PromptCandidates)`` whose candidates carry
       ``reward_scores`` (one per model) and the combined ``reward`` (finite), in their
@@ -107,14 +109,16 @@ class ScoreRewards(beam.PTransform):
         self._config = config
 
     def expand(self, pcoll: beam.PCollection) -> StageOutput:
-        current, dead = pcoll, []
+        current, stages = pcoll, []
         for i, spec in enumerate(self._specs):
             scored = current | f"Reward{i}_{spec.kind}" >> InferStage(
                 STAGE, reward_handler(spec, self._config), f"prompts_scored_{i}",
-                describe_candidates, add_scores)
+                describe_candidates, add_scores, part=str(i))
             current = scored.main
-            dead.append(scored.dead_letters)
+            stages.append(scored)
         split = current | "Combine" >> StageParDo(STAGE, _CombineAndDropNonFinite(
             self._config, [spec.weight for spec in self._specs]))
-        dead.append(split.dead_letters)
-        return StageOutput(split.main, tuple(dead) | "FlattenDeadLetters" >> beam.Flatten())
+        stages.append(split)
+        return StageOutput(split.main, tuple(s.dead_letters for s in stages)
+                           | "FlattenDeadLetters" >> beam.Flatten(),
+                           usage=flatten_usage("FlattenUsage", *stages))

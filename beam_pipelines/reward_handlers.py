@@ -45,6 +45,7 @@ from beam_pipelines.handlers import RetryingHandler, set_torch_threads
 from beam_pipelines.pairwise import pairwise_orders, pairwise_rewards
 from beam_pipelines.seeding import prompt_rng
 from beam_pipelines.stage import count
+from rso import cost
 from rso.config import ConfigError
 from rso.reward_input import leading_specials, pairwise_ids, pointwise_ids, render_pointwise
 from rso.transcript import hh_transcript
@@ -146,6 +147,7 @@ def classifier_scores(loaded: LoadedClassifier, sequences: Sequence[Sequence[int
         with torch.no_grad():
             logits = loaded.model(input_ids=input_ids.to(loaded.device),
                                   attention_mask=mask.to(loaded.device)).logits.float()
+        cost.record(calls=1, sequences=len(idx), tokens_in=sum(len(sequences[i]) for i in idx))
         s = logits[:, 0] if loaded.num_labels == 1 else logits[:, 1] - logits[:, 0]
         for row, i in enumerate(idx):
             scores[i] = float(s[row])

@@ -18,17 +18,25 @@ rely on (SPEC 5: a reader ignores a directory without it):
 
 Callers hold the directory's lock (:mod:`rso.ownership`) around all of this. Works on every
 filesystem Beam's ``FileSystems`` knows (local, gs://).
+
+Before 2, the launcher may add what only it knows to the staged manifest
+(:func:`amend_manifest`: its wall time, in the ``cost`` section); the replacement is atomic, so
+a crash leaves the pipeline's manifest or the amended one, never a partial file, and a
+recovering commit moves either.
 """
 from __future__ import annotations
 
 import glob
 import json
 import os
+from collections.abc import Callable
+from typing import Any
 
 from apache_beam.io.filesystems import FileSystems
 
+from beam_pipelines import manifest as M
 from beam_pipelines.plots import PLOT_NAMES
-from beam_pipelines.write import prepare_output
+from beam_pipelines.write import prepare_output, write_file
 from rso.console import command_log
 from rso.layout import MANIFEST, SUCCESS
 
@@ -115,6 +123,28 @@ def commit(staging: str, output: str) -> None:
             else:
                 FileSystems.rename([src], [dst])
     discard(staging)
+
+
+def amend_manifest(staging: str, update: Callable[[dict[str, Any]], None]) -> None:
+    """Replaces ``staging``'s manifest.json by itself as changed in place by ``update(doc)``
+    (written with :func:`beam_pipelines.manifest.dumps`). Atomic: locally a temporary file
+    beside the staging directory (a name beginning with ``_``, so a leftover is never a run
+    file) renamed over it; on an object store one object write, which is atomic there. Then
+    ``_SUCCESS`` is written again, so that it stays the last file written."""
+    path = FileSystems.join(staging, MANIFEST)
+    with FileSystems.open(path) as f:
+        doc = json.loads(f.read().decode("utf-8"))
+    update(doc)
+    data = M.dumps(doc)
+    if FileSystems.get_scheme(staging) is None:
+        parent, name = os.path.split(staging.rstrip("/"))
+        tmp = os.path.join(parent, f"_{name}.{MANIFEST}.tmp")
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    else:
+        write_file(path, data, "application/json")
+    write_file(FileSystems.join(staging, SUCCESS), b"", "text/plain")
 
 
 def recover(output: str, keep: str | None = None) -> None:

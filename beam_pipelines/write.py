@@ -27,11 +27,12 @@ from apache_beam.io.filesystems import FileSystems
 
 from beam_pipelines import manifest as M
 from beam_pipelines.plots import PLOT_NAMES, render_plots
-from beam_pipelines.stage import StageParDo, dead_letter
+from beam_pipelines.stage import MAIN, USAGE, MeteredDoFn, StageParDo, dead_letter
 from rso import layout, schema
 from rso.checksums import CHECKSUMS
 from rso.checksums import digest as checksum_digest
 from rso.config import ConfigError
+from rso.cost import Usage, metered
 from rso.layout import MANIFEST, SUCCESS, is_complete
 
 STAGE = "write"
@@ -117,8 +118,14 @@ class _Validate(beam.DoFn):
                for c in self._columns}
 
 
-def _to_example(record: Mapping[str, Any], columns: tuple[schema.Column, ...]) -> bytes:
-    return schema.to_example(record, columns=columns)
+class _ToExample(beam.DoFn):
+    """Record -> serialized tf.train.Example bytes."""
+
+    def __init__(self, columns: tuple[schema.Column, ...]):
+        self._columns = columns
+
+    def process(self, record: Mapping[str, Any]) -> Iterable[bytes]:
+        yield schema.to_example(record, columns=self._columns)
 
 
 def _basename(path: str) -> str:
@@ -139,11 +146,14 @@ class _Finish(beam.DoFn):
         self._reuse = None if reuse is None else dict(reuse)
 
     def process(self, _, totals, dead_counts, reward_stats, records_written, record_files,
-                example_files, dead_files, counts=None, candidate_files=()) -> Iterable[str]:
+                example_files, dead_files, counts=None, candidate_files=(),
+                usage=()) -> Iterable[str]:
         checksums = {}
-        for path in [*record_files, *example_files, *candidate_files]:  # .gz hashed as stored
-            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-                checksums[_basename(path)] = checksum_digest(f)
+        hashing = Usage(STAGE)  # the write stage's last work the manifest can still count
+        with metered(hashing):
+            for path in [*record_files, *example_files, *candidate_files]:  # .gz as stored
+                with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+                    checksums[_basename(path)] = checksum_digest(f)
         files = {"parquet": [_basename(p) for p in record_files],
                  "tfrecord": [_basename(p) for p in example_files],
                  "dead_letters": [_basename(p) for p in dead_files],
@@ -154,7 +164,8 @@ class _Finish(beam.DoFn):
                                versions=self._versions, models=self._models, totals=totals,
                                dead_letters=dead_counts, reward_stats=reward_stats,
                                records_written=records_written, files=files,
-                               counts=counts, reuse=self._reuse)
+                               counts=counts, reuse=self._reuse,
+                               usage=[*usage, hashing])
         write_file(join(self._output, MANIFEST), M.dumps(doc), "application/json")
         for name, png in render_plots(doc).items():
             write_file(join(self._output, name), png, "image/png")
@@ -184,6 +195,10 @@ class WriteOutputs(beam.PTransform):
       ``candidates-*.parquet`` when given (``--write-candidates``).
     - ``counts``: ``(name, n)`` stage counts, summed per name, for the manifest's accounting
       (:func:`beam_pipelines.manifest.accounting_section`).
+    - ``usage``: :class:`rso.cost.Usage` records of the stages (their ``usage`` outputs), summed
+      into the manifest's ``cost`` section with this stage's own (stage ``write``: record
+      checks, Example encoding, checksums; Beam's file sinks are not inside a DoFn of ours and
+      are not counted).
     - ``config_dict`` (secret-looking keys are redacted), ``run_id``, ``versions`` (e.g.
       :func:`beam_pipelines.manifest.package_versions`) and ``models`` (model ids) go into
       manifest.json as given. Nothing is read from the environment.
@@ -208,10 +223,11 @@ class WriteOutputs(beam.PTransform):
         self._columns, self._prefix, self._num_shards = tuple(columns), prefix, num_shards
 
     def expand(self, inputs: Mapping[str, beam.PCollection]) -> beam.PCollection:
-        unknown = set(inputs) - {"pairs", "dead_letters", "summaries", "counts", "candidates"}
+        unknown = set(inputs) - {"pairs", "dead_letters", "summaries", "counts", "candidates",
+                                 "usage"}
         if unknown:
             raise ValueError(f"WriteOutputs: unknown input(s) {sorted(unknown)}; expected "
-                             f"pairs, dead_letters, summaries, counts, candidates")
+                             f"pairs, dead_letters, summaries, counts, candidates, usage")
         if is_complete(self._output):
             raise OutputExistsError(f"--output {self._output} already holds a complete run; "
                                     f"call prepare_output(output, overwrite) first")
@@ -229,8 +245,9 @@ class WriteOutputs(beam.PTransform):
         record_files = records | "WriteParquet" >> beam.io.WriteToParquet(
             join(out, self._prefix), schema.arrow_schema(columns), codec="snappy",
             file_name_suffix=layout.PARQUET_SUFFIX, num_shards=self._num_shards)
-        example_files = (records
-                         | "ToExample" >> beam.Map(_to_example, columns)
+        examples = records | "ToExample" >> beam.ParDo(
+            MeteredDoFn(STAGE, _ToExample(columns))).with_outputs(USAGE, main=MAIN)
+        example_files = (examples[MAIN]
                          | "WriteTFRecord" >> beam.io.WriteToTFRecord(
                              join(out, self._prefix), file_name_suffix=layout.TFRECORD_SUFFIX,
                              compression_type=CompressionTypes.GZIP,
@@ -257,6 +274,9 @@ class WriteOutputs(beam.PTransform):
                    records | "RecordRewards" >> beam.FlatMap(M.record_values))
                   | "AllRewards" >> beam.Flatten())
         reward_stats = values | "RewardStatistics" >> M.RewardStatistics()
+        usage = ((get("usage"), checked.usage, examples[USAGE])
+                 | "AllUsage" >> beam.Flatten()
+                 | "SumUsage" >> beam.CombineGlobally(M.UsageTotalsFn()))
 
         side = beam.pvalue
         return (p
@@ -269,4 +289,5 @@ class WriteOutputs(beam.PTransform):
                     side.AsList(record_files), side.AsList(example_files),
                     side.AsList(dead_files),
                     side.AsDict(get("counts") | "SumCounts" >> beam.CombinePerKey(sum)),
-                    candidate_files=side.AsList(candidate_files)))
+                    candidate_files=side.AsList(candidate_files),
+                    usage=side.AsSingleton(usage)))

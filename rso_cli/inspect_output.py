@@ -22,6 +22,9 @@ Where each number comes from:
 - chosen, rejected and completion rewards, pair margins, response lengths: the records
   (Parquet, else TFRecord);
 - dead letters by reason: the ``dead_letter-*.jsonl`` files (checked against the manifest);
+- what each stage cost (busy wall and CPU seconds, model calls, tokens/s, reward-model
+  sequences per prompt, cost per 1,000 pairs): the manifest's ``cost`` section
+  (:mod:`rso.cost`; absent from runs written before it existed);
 - reward gain: the manifest's own per-prompt figure where it has one (a key containing
   ``gain``), else ``mean(accepted) - mean(candidates)`` and ``mean(chosen) - mean(candidates)``
   over all prompts (equal to the mean per-prompt gain when every prompt has the same N and k;
@@ -45,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from rso import checksums, layout, schema, stats
+from rso import checksums, cost, layout, schema, stats
 from rso import storage as rso_io
 from rso.plotting import NUM_BINS, density, no_data, png, pyplot
 
@@ -214,6 +217,7 @@ def summarize_output(output: str) -> tuple[dict[str, Any], dict[str, Any]]:
             {"key": by_round[0], "value": by_round[1]} if by_round else None)},
         "lengths": {series: {"source": f"{kind}-* records, tokens", **stats.summarize(v)}
                     for series, v in lengths.items()},
+        "cost": manifest.get("cost"),
     }
     if not sft:
         summary["margins"] = stats.summarize(margins)
@@ -295,6 +299,12 @@ def format_summary(summary: Mapping[str, Any]) -> str:
                      f"{_pct(p)}; among the {u['n']} pairs of unequal length {_pct(u)} "
                      f"(0.5 = no bias); corr(margin, length diff) = "
                      f"{_fmt(lb['margin_length_correlation'], '.3f')}")
+    c = summary.get("cost")
+    if isinstance(c, Mapping):
+        lines.append("cost (busy seconds summed over workers; manifest.json cost):")
+        lines += ["  " + line for line in cost.format_lines(c) + cost.reward_call_lines(c)]
+    else:
+        lines.append("cost: not in this manifest")
     return "\n".join(lines)
 
 

@@ -84,6 +84,14 @@ def test_writes_every_documented_file_and_agrees_with_the_records(rso_run, tmp_p
     assert summary["dead_letters"]["by_reason"] == manifest["dead_letters"]["by_reason"]
     console = capsys.readouterr().out
     assert "length bias: chosen longer in" in console and "prompt_too_long: 1" in console
+    # The run's cost section, shown as one line per stage (rso.cost.format_lines).
+    assert summary["cost"] == manifest["cost"]
+    assert summary["cost"]["pairs"] == len(rows)
+    stage_lines = [ln.split()[0] for ln in console.split("cost (busy", 1)[1].splitlines()[2:]]
+    assert stage_lines[:len(manifest["cost"]["stages"])] == [
+        "read", "render", "generate", "reward", "select", "records", "write"]
+    assert "reward model 0 (pointwise): 6.00 sequences per prompt (expected 6)" in console
+    assert "no --price-per-hour: resources only" in console
     # Without --plots the files go into the output directory itself.
     assert I.main([rso_run]) == 0
     assert all(os.path.exists(os.path.join(rso_run, n)) for n in I.WRITTEN_FILES)
@@ -101,10 +109,25 @@ def test_best_of_n_output(best_of_n_run, tmp_path):
     assert summary["rewards"]["completion"]["count"] == len(rows) == 5  # one per valid prompt
     assert summary["rewards"]["completion"]["max"] == max(r["reward"] for r in rows)
     assert "margins" not in summary and "length_bias" not in summary
+    assert summary["cost"]["pairs_unit"] == "sft_targets"
+    assert summary["cost"]["pairs"] == len(rows)
     # Each completion is one of the candidates the manifest summarises.
     cand = summary["rewards"]["candidate"]
     assert cand["min"] <= min(r["reward"] for r in rows) <= max(r["reward"] for r in rows) \
         <= cand["max"]
+
+
+@pytest.mark.slow
+def test_a_manifest_without_a_cost_section(rso_run, tmp_path, capsys):
+    """Runs written before the cost section existed are still inspected."""
+    old = str(tmp_path / "old")
+    shutil.copytree(rso_run, old)
+    path = os.path.join(old, "manifest.json")
+    manifest = json.load(open(path))
+    del manifest["cost"]
+    json.dump(manifest, open(path, "w"))
+    assert I.main([old, "--plots", str(tmp_path / "plots")]) == 0
+    assert "cost: not in this manifest" in capsys.readouterr().out
 
 
 def test_refuses_an_incomplete_directory(tmp_path, capsys):

@@ -26,9 +26,14 @@ def test_every_manifest_key_is_documented(tmp_path, tiny_policy, tiny_reward_mod
         manifest = json.load(f)
     keys = list(manifest)
     for section in ("accounting", "selection", "files", "models", "dead_letters", "acceptance",
-                    "reward_statistics"):
+                    "reward_statistics", "cost"):
         keys += [k for k in manifest[section] if k != "checksums"]
     missing = sorted({k for k in keys if f"`{k}`" not in DOC and f"`{k}" not in DOC})
     if missing:
         pytest.fail(f"undocumented manifest keys: {missing}")
     assert manifest["accounting"]["balanced"] is True
+    nested = [k for stage in manifest["cost"]["stages"].values() for k in stage]
+    nested += [k for m in manifest["cost"]["reward_model_calls"] for k in m]
+    nested += list(manifest["cost"]["launcher"]) + list(manifest["cost"]["stages"])
+    missing = sorted({k for k in nested if f"`{k}`" not in DOC})
+    assert not missing, f"undocumented cost keys: {missing}"
