@@ -137,9 +137,11 @@ def test_cost_on_the_fn_api_runner_with_prices(prompts, tiny_policy, tiny_reward
     # rso select on the stored candidates: its own stages only, and its own last lines
     selected = str(tmp_path / "selected")
     caplog.clear()
-    with caplog.at_level(logging.INFO, logger="rso.generate"):
+    with caplog.at_level(logging.INFO, logger="rso.select"):
+        # --rescore off: rso select would otherwise inherit the store run's "--rescore on"
         assert select_main(["--candidates", out, "--output", selected, "--policy", tiny_policy,
-                            "--num-samples", "2", "--price-per-hour", "1"]) == 0
+                            "--num-samples", "2", "--rescore", "off",
+                            "--price-per-hour", "1"]) == 0
     s = manifest(selected)["cost"]
     assert sorted(s["stages"]) == ["records", "select", "write"]
     assert s["reward_model_calls"] == [] and s["pairs"] == len(records(selected)) > 0
