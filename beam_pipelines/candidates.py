@@ -56,7 +56,8 @@ def candidate_rows(group: PromptCandidates, *, sft_logp_dtype: str, policy_model
     p = group.prompt
     return [{
         "prompt_id": p.prompt_id, "prompt": p.prompt,
-        "prompt_token_ids": list(p.prompt_token_ids), "candidate_index": i,
+        "prompt_token_ids": list(p.prompt_token_ids),
+        "prompt_messages": json.dumps([list(m) for m in p.messages]), "candidate_index": i,
         "response": c.text, "response_token_ids": list(c.token_ids),
         "finish_reason": c.finish_reason, "sft_logp": float(c.sft_logp),
         "sft_logp_dtype": sft_logp_dtype,
@@ -77,8 +78,12 @@ def group_from_rows(rows: Sequence[Mapping[str, Any]]) -> PromptCandidates:
                          f"are not 0..{len(rows) - 1}")
     if any(list(r["prompt_token_ids"]) != list(first["prompt_token_ids"]) for r in rows):
         raise ValueError(f"prompt {first['prompt_id']}: rows disagree on prompt_token_ids")
+    # Stores written before prompt_messages existed have none: reward models then see the
+    # rendered prompt as one user turn.
+    messages = tuple((str(role), str(content)) for role, content
+                     in json.loads(first.get("prompt_messages") or "[]"))
     prompt = RenderedPrompt(first["prompt_id"], first["prompt"],
-                            tuple(int(t) for t in first["prompt_token_ids"]))
+                            tuple(int(t) for t in first["prompt_token_ids"]), messages)
     return PromptCandidates(prompt, [Candidate(
         text=r["response"], token_ids=tuple(int(t) for t in r["response_token_ids"]),
         finish_reason=r["finish_reason"], sft_logp=float(r["sft_logp"]),

@@ -120,7 +120,7 @@ def run_theirs(args: argparse.Namespace) -> dict:
         (p | beam.Create(prompts)
          | RunInference(handler, inference_args={
              "n": args.n, "max_tokens": args.max_new_tokens, "temperature": 1.0,
-             "logprobs": 0, "add_special_tokens": False})
+             "logprobs": 0, "extra_body": {"add_special_tokens": False}})
          | beam.Map(count))
     total_s = time.perf_counter() - start
     result = p.result.metrics().query()["counters"]

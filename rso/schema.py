@@ -73,6 +73,8 @@ CANDIDATE_COLUMNS: tuple[Column, ...] = (
     Column("prompt_id", STRING, "stable id of the prompt"),
     Column("prompt", STRING, "the rendered prompt text"),
     Column("prompt_token_ids", INT_LIST, "token ids of the rendered prompt"),
+    Column("prompt_messages", STRING, "JSON list of [role, content]: the conversation before "
+           "rendering, which a reward model renders with its own template"),
     Column("candidate_index", INT, "position among the prompt's candidates (engine order, 0..N-1)"),
     Column("response", STRING, "the response text: the tokenizer's decoding of response_token_ids"),
     Column("response_token_ids", INT_LIST, "generated token ids (EOS included when generated)"),

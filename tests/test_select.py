@@ -132,3 +132,21 @@ def test_selection_flags_not_given_default_to_the_stores_run(store, tiny_policy,
                         "--config", str(cfg)]) == 0
     assert manifest(out3)["config"]["num_samples"] == 3
     assert manifest(out3)["config"]["seed"] == stored["seed"]
+
+
+def test_rescoring_the_store_with_its_own_reward_model_reproduces_its_rewards(
+        store, tiny_policy, tiny_reward_model, tmp_path):
+    """The store keeps each prompt's conversation (prompt_messages), so a reward model given to
+    rso select sees the input the full run's reward stage built, not the rendered prompt: the
+    same model gives the same rewards, hence the same pairs."""
+    out = str(tmp_path / "rescored")
+    assert select_main(["--candidates", store, "--output", out, "--policy", tiny_policy,
+                        "--reward-model", tiny_reward_model, *SELECTION]) == 0
+    fields = ("prompt_id", "chosen_token_ids", "rejected_token_ids", "chosen_reward",
+              "rejected_reward")
+    assert [[r[f] for f in fields] for r in records(out)] == \
+        [[r[f] for f in fields] for r in records(store)]
+    rows = [r for p in sorted(glob.glob(os.path.join(store, "candidates-*.parquet")))
+            for r in pq.read_table(p).to_pylist()]
+    assert all(json.loads(r["prompt_messages"]) for r in rows)
+    assert any(len(json.loads(r["prompt_messages"])) > 1 for r in rows)  # a multi-turn one
