@@ -16,6 +16,7 @@ to a staging directory inside OUTPUT and moves the complete run into OUTPUT afte
 from __future__ import annotations
 
 import glob
+import logging
 import math
 import os
 from collections.abc import Iterable, Mapping
@@ -34,6 +35,8 @@ from rso.checksums import digest as checksum_digest
 from rso.config import ConfigError
 from rso.cost import Usage, metered
 from rso.layout import MANIFEST, SUCCESS, is_complete
+
+log = logging.getLogger(__name__)
 
 STAGE = "write"
 # Every file a run writes; prepare_output removes exactly these (and Beam's temp folders).
@@ -57,8 +60,10 @@ def prepare_output(output: str, overwrite: bool = False,
     ``overwrite``; then, or when a previous run stopped before ``_SUCCESS``, the files a run writes
     (:data:`OUTPUT_PATTERNS` and Beam's temp folders, ``_SUCCESS`` first) are deleted, except
     those named in ``keep``. Other files (a user's notes, ``_LOCK``, ``_staging-*``) are left
-    alone. ``rso generate`` calls this only when committing a complete new run
-    (:func:`beam_pipelines.staging.commit`), never before a run.
+    alone. ``rso generate`` calls this when committing a complete new run
+    (:func:`beam_pipelines.staging.commit`), never before a run; the write stage calls it once
+    every file of its run is written, before the manifest, to drop a failed earlier attempt's
+    files from a directory the job writes directly (a template).
     """
     if is_complete(output) and not overwrite:
         raise OutputExistsError(
@@ -148,6 +153,16 @@ class _Finish(beam.DoFn):
     def process(self, _, totals, dead_counts, reward_stats, records_written, record_files,
                 example_files, dead_files, counts=None, candidate_files=(),
                 usage=()) -> Iterable[str]:
+        # A job that writes its output directly (a template, a Flex Template launch) may follow
+        # a failed attempt at the same directory: its files are not this run's and would be
+        # read with it (a stale shard of another shard count), so they go before the manifest.
+        # In a staging directory there is nothing to remove. A complete output is refused.
+        ours = {_basename(p) for p in [*record_files, *example_files, *dead_files,
+                                       *candidate_files]}
+        stale = prepare_output(self._output, keep=ours)
+        if stale:
+            log.warning("removed %d file(s) of an earlier, failed attempt at %s: %s", len(stale),
+                        self._output, ", ".join(_basename(p) for p in stale[:5]))
         checksums = {}
         hashing = Usage(STAGE)  # the write stage's last work the manifest can still count
         with metered(hashing):

@@ -266,3 +266,29 @@ def test_an_empty_input_never_replaces_a_complete_run(tiny_policy, tiny_reward_m
     assert generate_main(["--input", str(empty), "--overwrite", *args]) == 2
     assert "no prompt was read" in capsys.readouterr().err
     assert sorted(os.listdir(out)) == before and os.path.exists(os.path.join(out, "_SUCCESS"))
+
+
+def test_a_direct_write_after_a_failed_attempt_holds_only_its_own_files(
+        tmp_path, prompts_file, tiny_policy, tiny_reward_model):
+    """A Flex Template job (wait=False) writes its output directly; when an earlier attempt at
+    the same night failed after writing shards (no _SUCCESS), the new run's output must not
+    include them: they would be read with it (the trainer refuses unlisted files)."""
+    from trainer.data import verify_files
+
+    out = tmp_path / "night"
+    out.mkdir()
+    stale = ["pairs-00007-of-00009.parquet", "candidates-00001-of-00003.parquet",
+             "dead_letter-00000-of-00002.jsonl"]
+    for name in stale:
+        (out / name).write_bytes(b"from a failed attempt")
+    (out / "NOTES.txt").write_text("a user's file")
+    # the FnApiRunner runs the job in the launcher's process, so "not waiting" still finishes it
+    assert generate(_args(prompts_file, str(out), tiny_policy, tiny_reward_model,
+                          "--write-candidates"), wait=False) == 0
+    assert is_complete(str(out))
+    names = set(os.listdir(out))
+    assert not names & set(stale), names & set(stale)
+    assert "NOTES.txt" in names  # not a run file: left alone
+    listed = _manifest(str(out))["files"]["checksums"]
+    assert {n for n in names if n.startswith(("pairs-", "candidates-"))} <= set(listed)
+    assert verify_files([str(out)])  # the trainer's check of every record file
