@@ -93,23 +93,28 @@ def group_from_rows(rows: Sequence[Mapping[str, Any]]) -> PromptCandidates:
 
 def store_files(directory: str, flag: str = "--candidates") -> list[str]:
     """The store's files; ConfigError (naming ``flag``) when ``directory`` is not a complete
-    run with a store."""
+    run with a store, or when files its manifest lists are gone."""
+    files = layout.candidate_files(directory)
+    listed = store_manifest(directory, flag).get("files", {}).get("candidates") or []
+    if not files and not listed:
+        raise ConfigError(f"{flag} {directory}: the run wrote no candidate store (run "
+                          f"rso generate with --write-candidates)")
+    missing = sorted(set(listed) - {f.rstrip("/").rsplit("/", 1)[-1] for f in files})
+    if missing:
+        raise ConfigError(f"{flag} {directory}: {', '.join(missing[:3])} listed in its "
+                          f"{layout.MANIFEST} but missing: the store is incomplete")
+    return files
+
+
+def store_manifest(directory: str, flag: str = "--candidates") -> dict:
+    """The manifest of a complete run (ConfigError when the directory, its ``_SUCCESS`` or a
+    readable manifest is missing)."""
     from rso import storage
 
     if not storage.exists(directory):
         raise ConfigError(f"{flag} {directory}: no such directory")
     if not layout.is_complete(directory):
         raise ConfigError(f"{flag} {directory}: no {layout.SUCCESS}: not a complete run")
-    files = layout.candidate_files(directory)
-    if not files:
-        raise ConfigError(f"{flag} {directory}: the run wrote no candidate store (run "
-                          f"rso generate with --write-candidates)")
-    return files
-
-
-def store_manifest(directory: str, flag: str = "--candidates") -> dict:
-    """The manifest of the run that wrote a store (ConfigError when it is missing)."""
-    store_files(directory, flag)
     try:
         with open_file(join(directory, layout.MANIFEST), "r") as f:
             return json.load(f)
@@ -144,8 +149,9 @@ def verified_store_files(directory: str, flag: str = "--candidates") -> list[str
     from rso.checksums import ChecksumError, verify
 
     files = store_files(directory, flag)
+    manifest = store_manifest(directory, flag)
     try:
-        verify(files, store_manifest(directory, flag), directory)
+        verify(files, manifest, directory, manifest.get("files", {}).get("candidates") or ())
     except ChecksumError as e:
         raise ConfigError(f"{flag}: {e}") from None
     return files

@@ -62,7 +62,8 @@ def add_scored_candidates(pipeline: beam.Pipeline, config: GenerateConfig,
     letters) and the accounting counts."""
     if config.candidates:
         stored = pipeline | "ReadCandidates" >> ReadCandidates(config.candidates)
-        counts = [stored | "CountGenerated" >> manifest.CountAs(
+        counts = [stored | "CountPromptsReused" >> manifest.CountAs("prompts_reused"),
+                  stored | "CountGenerated" >> manifest.CountAs(
                       "candidates_generated", lambda kv: len(kv[1].candidates)),
                   stored | "CountReused" >> manifest.CountAs(
                       "candidates_reused", lambda kv: len(kv[1].candidates))]
@@ -147,7 +148,9 @@ def build_pipeline(pipeline: beam.Pipeline, config: GenerateConfig,
         "summaries": selected.side[SUMMARY],
         "counts": tuple(counts) | "Counts" >> beam.Flatten(),
     } | "Write" >> WriteOutputs(
-        write_to or config.output, {**config.to_dict(), "dtype": config.generation_dtype},
+        write_to or config.output,
+        {**config.to_dict(), "dtype": config.generation_dtype,
+         "write_candidates": config.stores_candidates},  # resolved: what this run did
         run_id, manifest.package_versions(),
         {**ids, "input": input_id},
         columns=schema.SFT_COLUMNS if best_of_n else schema.COLUMNS,
@@ -233,6 +236,13 @@ def run(config: GenerateConfig, beam_args: Sequence[str] = (), wait: bool = True
         written = json.load(f)
     command_log().info("done in %.0f s: %s", time.time() - start,
                        json.dumps(written.get("counters", {}), sort_keys=True))
+    decoding = written.get("accounting", {}).get("decoding", {})
+    if decoding:
+        command_log().info(
+            "decoded %s prompts (%s candidates, %s tokens); reused %s prompts (%s candidates)",
+            *(decoding.get(k, 0) for k in ("prompts_decoded", "candidates_decoded",
+                                           "tokens_decoded", "prompts_reused",
+                                           "candidates_reused")))
     if isinstance(written.get("cost"), dict):
         for line in cost.format_lines(written["cost"]):
             command_log().info("cost: %s", line)

@@ -89,10 +89,10 @@ def find_partitions(config: Any) -> tuple[list[Partition], list[dict[str, str]]]
         path = success.rstrip("/").rsplit("/", 1)[0]
         if same_path(path, config.output):
             continue
-        if not layout.candidate_files(path):
+        manifest = store_manifest(path, FLAG)
+        if not manifest.get("files", {}).get("candidates") and not layout.candidate_files(path):
             skipped.append({"path": path, "reason": "no candidate store"})
             continue
-        manifest = store_manifest(path, FLAG)
         stored = manifest.get("config", {})
         if content_part(manifest.get("models", {}).get("policy", "")) != policy:
             skipped.append({"path": path, "reason": "another policy"})

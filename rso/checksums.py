@@ -13,6 +13,7 @@ training data (a Parquet data page without page checksums still decodes after mo
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable
 from typing import IO, TypedDict
 
 CHECKSUMS = "checksums"  # the key under the manifest's "files"
@@ -41,13 +42,23 @@ class ChecksumError(ValueError):
     """A file that differs from (or is missing in) its run's manifest; the message names it."""
 
 
-def verify(paths: list[str], manifest: dict, where: str) -> None:
+def verify(paths: list[str], manifest: dict, where: str,
+           expected: Iterable[str] = ()) -> None:
     """Recomputes each file's digest (:func:`digest`, 1 MiB at a time) and compares it with the
     ``files.checksums`` entry of ``manifest`` (the run ``where`` that wrote them). Raises
-    :class:`ChecksumError` naming the first file that is unlisted or differs. A manifest without
-    checksums (written before they existed) is accepted as it is."""
+    :class:`ChecksumError` naming the first file that is unlisted or differs, or, among the
+    base names ``expected`` (what the manifest lists for this group of files, e.g. its
+    ``files.candidates``), the first one ``paths`` lack: a deleted shard is an error, not
+    silently less data. A manifest without checksums (written before they existed) is
+    accepted as it is."""
     from rso import storage
 
+    present = {path.rstrip("/").rsplit("/", 1)[-1] for path in paths}
+    missing = sorted(set(expected) - present)
+    if missing:
+        raise ChecksumError(f"{where}: {', '.join(missing[:3])}"
+                            f"{f' and {len(missing) - 3} more' if len(missing) > 3 else ''} "
+                            f"listed in its manifest but missing")
     listed = (manifest.get("files") or {}).get(CHECKSUMS)
     if listed is None:
         return

@@ -218,6 +218,8 @@ def summarize_output(output: str) -> tuple[dict[str, Any], dict[str, Any]]:
         "lengths": {series: {"source": f"{kind}-* records, tokens", **stats.summarize(v)}
                     for series, v in lengths.items()},
         "cost": manifest.get("cost"),
+        "decoding": (manifest.get("accounting") or {}).get("decoding"),
+        "reuse": manifest.get("reuse"),
     }
     if not sft:
         summary["margins"] = stats.summarize(margins)
@@ -276,7 +278,23 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"{k.replace('_minus_candidate', '')} {_fmt(v, '+.4g')}"
         for k, v in g.items() if k.endswith("_minus_candidate")))
     if "manifest" in g:
-        lines.append(f"  manifest {g['manifest']['key']}: {json.dumps(g['manifest']['value'])}")
+        value = g["manifest"]["value"]
+        if isinstance(value, Mapping):  # a series' statistics: the numbers, not the histogram
+            value = ", ".join(f"{k} {_fmt(value[k])}" for k in ("count", "mean", "std", "min",
+                                                                 "max") if k in value)
+        lines.append(f"  manifest {g['manifest']['key']}: {value}")
+    d = summary.get("decoding")
+    if isinstance(d, Mapping):
+        lines.append(f"decoding: decoded {d.get('prompts_decoded', 0)} prompts "
+                     f"({d.get('candidates_decoded', 0)} candidates, "
+                     f"{d.get('tokens_decoded', 0)} tokens), reused "
+                     f"{d.get('prompts_reused', 0)} prompts ({d.get('candidates_reused', 0)} "
+                     f"candidates)")
+    r = summary.get("reuse")
+    if isinstance(r, Mapping):
+        for p in r.get("reused_from") or []:
+            lines.append(f"  reused {p.get('prompts_reused')} prompts from {p.get('path')} "
+                         f"(run {p.get('run_id')}{', re-scored' if p.get('rescored') else ''})")
     a = summary["acceptance"]
     lines.append(f"acceptance: mean k={_fmt(a.get('mean_accepted'))}, mean k/N="
                  f"{_fmt(a.get('mean_accepted_over_candidates'))}, under-filled="
@@ -428,8 +446,11 @@ def inspect_output(output: str, plots_dir: str | None = None) -> dict[str, Any]:
     (:class:`rso.checksums.ChecksumError`) for a record file that differs from its manifest."""
     if layout.is_complete(output):
         kind = record_kind(output)
+        manifest = read_manifest(output)
+        files = manifest.get("files", {})
         checksums.verify(layout.pair_files(output, "parquet", kind) + layout.pair_files(
-            output, "tfrecord", kind), read_manifest(output), output)
+            output, "tfrecord", kind), manifest, output,
+            [*files.get("parquet", []), *files.get("tfrecord", [])])
     summary, series = summarize_output(output)
     target = plots_dir or output
     rso_io.makedirs(target)

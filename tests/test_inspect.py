@@ -92,6 +92,10 @@ def test_writes_every_documented_file_and_agrees_with_the_records(rso_run, tmp_p
         "read", "render", "generate", "reward", "select", "records", "write"]
     assert "reward model 0 (pointwise): 6.00 sequences per prompt (expected 6)" in console
     assert "no --price-per-hour: resources only" in console
+    d = manifest["accounting"]["decoding"]
+    assert (f"decoding: decoded {d['prompts_decoded']} prompts ({d['candidates_decoded']} "
+            f"candidates, {d['tokens_decoded']} tokens), reused 0 prompts") in console
+    assert '"histogram"' not in console and '"edges"' not in console  # numbers, not blobs
     # Without --plots the files go into the output directory itself.
     assert I.main([rso_run]) == 0
     assert all(os.path.exists(os.path.join(rso_run, n)) for n in I.WRITTEN_FILES)

@@ -71,6 +71,8 @@ def test_the_second_night_decodes_only_new_prompts(nights):
             for p in reuse["reused_from"]] == [("dt=2025-01-01", len(OLD))]
     assert reuse["reused_from"][0]["run_id"] == manifest(nights["night1"])["run_id"]
     assert manifest(nights["night2"])["accounting"]["balanced"] is True
+    # reuse writes a store whatever --write-candidates said: the manifest says what was done
+    assert manifest(nights["night2"])["config"]["write_candidates"] is True
 
 
 def test_the_union_of_the_stores_holds_each_prompt_once(nights):
@@ -132,18 +134,25 @@ def test_other_sampling_or_policy_reuses_nothing(nights, tiny_policy, tmp_path, 
     assert {s["reason"] for s in reuse["skipped"]} == {reason}
 
 
-def test_a_corrupt_partition_is_a_clear_error(nights, tmp_path, capsys):
+@pytest.mark.parametrize("damage", ["truncate", "delete"])
+def test_a_corrupt_partition_is_a_clear_error(nights, tmp_path, capsys, damage):
+    """A truncated store file, or a deleted one (which would silently decode its prompts
+    again), stops the run at start naming the file."""
     root = tmp_path / "root"
     shutil.copytree(nights["night1"], root / "dt=2025-01-01")
     (store,) = glob.glob(str(root / "dt=2025-01-01" / "candidates-*.parquet"))
-    with open(store, "r+b") as f:
-        f.truncate(os.path.getsize(store) // 2)
+    if damage == "delete":
+        os.remove(store)
+    else:
+        with open(store, "r+b") as f:
+            f.truncate(os.path.getsize(store) // 2)
     argv = list(nights["common"])
     argv[argv.index("--reuse-candidates") + 1] = str(root)
     out = str(root / "dt=2025-01-02")
     assert generate(["--input", nights["grown"], "--output", out, *argv]) == 2
     err = capsys.readouterr().err
-    assert "--reuse-candidates" in err and os.path.basename(store) in err and "corrupt" in err
+    assert "--reuse-candidates" in err and os.path.basename(store) in err
+    assert ("corrupt" if damage == "truncate" else "missing") in err
     assert not os.path.exists(os.path.join(out, "_SUCCESS"))
 
 

@@ -68,6 +68,9 @@ def test_select_with_the_same_settings_writes_the_same_records(store, tiny_polic
     assert records(out) == records(store)  # field by field, run_id included
     decoding = manifest(out)["accounting"]["decoding"]
     assert decoding["tokens_decoded"] == 0 and decoding["candidates_reused"] > 0
+    stored_prompts = {r["prompt_id"] for f in glob.glob(os.path.join(store, "candidates-*"))
+                      for r in pq.read_table(f, columns=["prompt_id"]).to_pylist()}
+    assert decoding["prompts_reused"] == len(stored_prompts) > 0
     assert manifest(store)["accounting"]["decoding"]["tokens_decoded"] > 0
 
 
@@ -150,3 +153,32 @@ def test_rescoring_the_store_with_its_own_reward_model_reproduces_its_rewards(
             for r in pq.read_table(p).to_pylist()]
     assert all(json.loads(r["prompt_messages"]) for r in rows)
     assert any(len(json.loads(r["prompt_messages"])) > 1 for r in rows)  # a multi-turn one
+
+
+def test_select_refuses_a_store_with_a_missing_file(store, tiny_policy, tmp_path, capsys):
+    import shutil
+
+    damaged = tmp_path / "damaged"
+    shutil.copytree(store, damaged)
+    (first, *_) = sorted(glob.glob(str(damaged / "candidates-*.parquet")))
+    os.remove(first)
+    assert select_main(["--candidates", str(damaged), "--output", str(tmp_path / "o"),
+                        "--policy", tiny_policy, *SELECTION]) == 2
+    err = capsys.readouterr().err
+    assert os.path.basename(first) in err and "missing" in err
+
+
+def test_verify_names_a_listed_file_that_is_gone(tmp_path):
+    from rso.checksums import ChecksumError, digest, verify
+
+    paths = []
+    for name in ("a-00000-of-00002.parquet", "a-00001-of-00002.parquet"):
+        (tmp_path / name).write_bytes(name.encode())
+        paths.append(str(tmp_path / name))
+    with open(paths[0], "rb") as f0, open(paths[1], "rb") as f1:
+        manifest = {"files": {"checksums": {os.path.basename(paths[0]): digest(f0),
+                                            os.path.basename(paths[1]): digest(f1)}}}
+    names = [os.path.basename(p) for p in paths]
+    verify(paths, manifest, "run", names)  # all there: fine
+    with pytest.raises(ChecksumError, match="a-00001-of-00002.parquet listed in its manifest"):
+        verify(paths[:1], manifest, "run", names)
