@@ -151,7 +151,14 @@ def main(argv: list[str] | None = None) -> int:
         from rso import console
 
         console.configure(verbose=False)
-        result = (run_ours if args.only == "ours" else run_theirs)(args)
+        try:
+            result = (run_ours if args.only == "ours" else run_theirs)(args)
+        finally:
+            import psutil
+
+            # Beam's handler keeps its vLLM server in a process the job may leave behind
+            for child in psutil.Process().children(recursive=True):
+                child.kill()
         print("RESULT " + json.dumps(result))
         return 0
 
