@@ -171,7 +171,12 @@ class RewardHandler(RetryingHandler):
     failure_reason = REWARD_FAILED
 
     def __init__(self, spec: RewardModelSpec, config: GenerateConfig):
-        super().__init__(1, config.reward_prompts_per_batch, spec.path)
+        # A fixed batch size, as generation's: with a range, Beam's BatchElements fits batch
+        # times with numpy.polyfit, which warns on every poorly conditioned fit; in worker
+        # processes those warnings go to the console (and once filled a piped stderr, which
+        # blocked a 10,000-prompt run).
+        n = config.reward_prompts_per_batch
+        super().__init__(n, n, spec.path)
         self.spec = spec
         self.config = config
 

@@ -45,9 +45,10 @@ def measure(cmd: list[str], env: dict) -> dict:
     the launcher and the largest peak RSS of any descendant, in MiB."""
     import psutil
 
+    # stderr to a file, never a pipe read at the end: a child blocks once a pipe is full
+    err_file = tempfile.TemporaryFile(mode="w+")
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=err_file, text=True)
     peaks: dict[int, float] = {}
     done = threading.Event()
 
@@ -71,7 +72,8 @@ def measure(cmd: list[str], env: dict) -> dict:
     wall = time.perf_counter() - start
     done.set()
     poller.join()
-    stderr = proc.stderr.read() if proc.stderr else ""
+    err_file.seek(0)
+    stderr = err_file.read()
     if os.waitstatus_to_exitcode(status):
         sys.stderr.write(stderr[-4000:])
         raise SystemExit(f"run failed: {' '.join(cmd)}")
