@@ -13,6 +13,8 @@ import math
 import os
 from typing import Literal
 
+from rso import layout
+from rso import storage as rso_io
 from rso.config import Config, ConfigError, option
 from rso.console import command_log
 from rso.model_id import content_id, model_id
@@ -169,6 +171,11 @@ class GenerateConfig(Config):
             fail("at least one --reward-model is required")
         for spec in self.reward_model:
             spec.validate()
+        if rso_io.has_glob_chars(self.output):
+            # Beam's file sinks match their own temp and shard paths as patterns when they
+            # finalise (apache_beam/io/filebasedsink.py), so such a directory is never written.
+            fail(f"--output {self.output}: a directory name with *, ? or [ cannot be written "
+                 f"(Beam's file sinks read it as a glob pattern); choose a name without them")
         if self.selection != "rest" and self.num_samples > self.num_candidates:
             fail(f"--num-samples ({self.num_samples}) cannot exceed --num-candidates "
                  f"({self.num_candidates})")
@@ -194,6 +201,8 @@ class GenerateConfig(Config):
         if self.reuse_candidates and same_path(self.reuse_candidates, self.output):
             fail(f"--output {self.output} is the --reuse-candidates root itself; write each run "
                  f"to a subdirectory of it (e.g. ROOT/dt=YYYY-MM-DD)")
+        if self.reuse_candidates:
+            check_reuse_root(self.reuse_candidates)
         if self.candidates:
             from beam_pipelines.candidates import check_store
 
@@ -306,6 +315,19 @@ def same_path(a: str, b: str) -> bool:
     if "://" in a or "://" in b:
         return a.rstrip("/") == b.rstrip("/")
     return os.path.realpath(a) == os.path.realpath(b)
+
+
+def check_reuse_root(root: str) -> None:
+    """ConfigError unless ``root`` (``--reuse-candidates``) can be a root of runs: a directory
+    (or one not made yet) that is not itself a run. A file, or one run's directory (it holds
+    ``_SUCCESS``; its partitions would be its subdirectories), would silently reuse nothing."""
+    if rso_io.exists(root) and not rso_io.isdir(root):
+        raise ConfigError(f"--reuse-candidates {root} is a file; give the root directory that "
+                          f"holds the dt= partitions")
+    if layout.is_complete(root):
+        raise ConfigError(f"--reuse-candidates {root} is one run's directory (it holds "
+                          f"{layout.SUCCESS}); give the root that holds the dt= partitions "
+                          f"(e.g. {rso_io.parent(root)})")
 
 
 def content_part(model: str) -> str:

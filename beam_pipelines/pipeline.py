@@ -47,7 +47,7 @@ from rso.config import ConfigError
 from rso.console import command, command_log
 from rso.layout import is_complete
 from rso.ownership import OutputLock, OutputLockedError
-from rso.storage import join, open_file
+from rso.storage import exists, join, open_file, remove_empty_dir
 
 
 def add_scored_candidates(pipeline: beam.Pipeline, config: GenerateConfig,
@@ -308,12 +308,19 @@ def main(argv: Sequence[str] | None = None, prog: str = "rso generate", wait: bo
          ) -> int:
     """``rso generate``: 0 when done (``wait=False``: submitted, see :func:`run`); 2 for a
     configuration that cannot run (one line on stderr, nothing written); 75 when another run
-    owns --output."""
+    owns --output. A run that fails or is refused after it ran (e.g. no prompt was read)
+    removes --output again when it made that directory and left it empty."""
     try:
         config, beam_args = GenerateConfig.parse_args(
             argv, prog=prog, description=__doc__, passthrough=beam_option_parser())
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-        run(config, beam_args, wait=wait)
+        made_output = wait and not exists(config.output)
+        try:
+            run(config, beam_args, wait=wait)
+        except BaseException:
+            if made_output:
+                remove_empty_dir(config.output)
+            raise
     except OutputLockedError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 75  # EX_TEMPFAIL, as deploy/nightly/refresh.sh uses for its own lock
@@ -364,6 +371,26 @@ def _config_file_keys(argv: Sequence[str]) -> set[str]:
     return {str(k).replace("-", "_") for k in data} if isinstance(data, dict) else set()
 
 
+def _warn_if_incremental(store: str, doc: dict) -> None:
+    """Warns when the store was written by a ``--reuse-candidates`` run: it holds only the
+    candidates that run decoded (or re-scored), not those of the prompts it reused, so
+    re-selecting from it alone covers part of that run's prompt file."""
+    reused = (doc.get("reuse") or {}).get("reused_from") or []
+    if not reused:
+        return
+    names = ", ".join(f"{p.get('path')} ({p.get('prompts_reused')} prompts)" for p in reused)
+    counts = (doc.get("accounting") or {}).get("decoding") or {}
+    command_log().warning(
+        "--candidates %s is an incremental run's store (--reuse-candidates): it holds only the "
+        "%s prompts that run decoded, not the %s it reused from %s, so these records cover "
+        "part of its prompt file. To re-select over the whole prompt file, run rso generate "
+        "--input <that prompt file> --reuse-candidates %s with the new selection settings "
+        "instead: it reuses every stored candidate and decodes nothing again "
+        "(docs/CANDIDATES.md, Incremental runs)",
+        store, counts.get("prompts_decoded", "?"), counts.get("prompts_reused", "?"), names,
+        (doc.get("reuse") or {}).get("root", "ROOT"))
+
+
 def select_main(argv: Sequence[str] | None = None) -> int:
     """``rso select --candidates DIR --output OUT --policy SFT [--selection --beta ...]``: the
     select, pair, fp32 re-score and write stages on a stored candidate set, no decoding (and no
@@ -384,10 +411,12 @@ def _select_main(argv: list[str]) -> int:
         print("rso select: error: --candidates DIR is required", file=sys.stderr)
         return 2
     try:
-        stored = store_manifest(store).get("config", {})
+        store_doc = store_manifest(store)
     except ConfigError as e:
         print(f"rso select: error: {e}", file=sys.stderr)
         return 2
+    stored = store_doc.get("config", {})
+    _warn_if_incremental(store, store_doc)
     # The generation settings are the store's: they are what the candidates were made with.
     given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     for key in GENERATION_KEYS:

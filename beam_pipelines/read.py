@@ -146,6 +146,18 @@ class _ReadTextFile(beam.DoFn):
                               {"file": e.path, **e.position})
 
 
+def parquet_rows(path: str) -> Iterator[dict]:
+    """The rows of one Parquet file (local or gs://) as dicts, one row group at a time.
+    ``path`` is a file name, never a pattern: unlike Beam's ``ReadAllFromParquet``, which
+    matches each name (and again each match) as a glob, it reads e.g. ``runs/br[1]/x.parquet``."""
+    import pyarrow.parquet as pq
+
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
+        pf = pq.ParquetFile(f)
+        for i in range(pf.metadata.num_row_groups):
+            yield from pf.read_row_group(i).to_pylist()
+
+
 class _ReadParquetFile(beam.DoFn):
     """File metadata -> ``(path, row dict)``, one row group at a time; a file that cannot be
     opened, or each row group that cannot be read, -> a ``corrupt_input_file`` dead letter."""

@@ -31,12 +31,13 @@ from beam_pipelines.candidates import (
 from beam_pipelines.config import content_part, same_path
 from beam_pipelines.elements import PromptCandidates, RenderedPrompt
 from beam_pipelines.manifest import reused_from_count
+from beam_pipelines.read import parquet_rows
 from beam_pipelines.stage import StageOutput, StageParDo
 from rso import layout
 from rso.config import ConfigError
 from rso.console import command_log
 from rso.model_id import model_id
-from rso.storage import exists, glob, join
+from rso.storage import escape, exists, glob, join, parent
 
 STAGE = "reuse"
 FLAG = "--reuse-candidates"
@@ -74,18 +75,28 @@ def _reward_key(reward_id: str, config: dict) -> tuple:
 def find_partitions(config: Any) -> tuple[list[Partition], list[dict[str, str]]]:
     """The partitions under ``config.reuse_candidates`` whose candidates ``config`` may reuse,
     newest first (manifest ``written_at``, then name), and the complete ones it may not, as
-    ``{"path", "reason"}``. A ROOT that does not exist yet (the first night) holds none.
-    Raises ConfigError naming a partition whose manifest cannot be read or whose store files
-    differ from their recorded checksums."""
+    ``{"path", "reason"}``. A ROOT that does not exist yet (the first night) holds none. Logs
+    a warning when ``config.output`` is not directly under ROOT (later runs will not reuse what
+    this one decodes). Raises ConfigError naming a partition whose manifest cannot be read or
+    whose store files differ from their recorded checksums."""
     root = config.reuse_candidates
+    under_root = same_path(parent(config.output), root)
+    if not under_root:
+        command_log().warning(
+            "%s %s: --output %s is not directly under it, so later runs with %s %s will not "
+            "reuse what this run decodes; write each run to ROOT/dt=YYYY-MM-DD", FLAG, root,
+            config.output, FLAG, root)
     if not exists(root):
-        command_log().info("%s %s does not exist yet: nothing to reuse", FLAG, root)
+        if under_root:  # the first night
+            command_log().info("%s %s does not exist yet: nothing to reuse", FLAG, root)
+        else:
+            command_log().warning("%s %s does not exist: nothing to reuse", FLAG, root)
         return [], []
     policy = content_part(model_id(config.policy))
     sampling = sampling_params_json(config)
     rewards = _reward_key(config.model_ids()["reward"], config.to_dict())
     found, skipped = [], []
-    for success in glob(join(root, "*", layout.SUCCESS)):
+    for success in glob(join(escape(root), "*", layout.SUCCESS)):
         path = success.rstrip("/").rsplit("/", 1)[0]
         if same_path(path, config.output):
             continue
@@ -180,7 +191,8 @@ class MatchStoredCandidates(beam.PTransform):
         if files:
             stored = (p
                       | "StoreFiles" >> beam.Create(files)
-                      | "ReadStores" >> beam.io.ReadAllFromParquet(with_filename=True)
+                      | "ReadStores" >> beam.FlatMap(  # names, not patterns: e.g. run[1]
+                          lambda f: ((f, row) for row in parquet_rows(f)))
                       | "KeyRows" >> beam.Map(lambda fr: (
                           fr[1]["prompt_id"], (rank_of[_name(fr[0].rstrip("/").rsplit("/", 1)[0])],
                                                fr[1]))))

@@ -39,6 +39,7 @@ from beam_pipelines.plots import PLOT_NAMES
 from beam_pipelines.write import prepare_output, write_file
 from rso.console import command_log
 from rso.layout import MANIFEST, SUCCESS
+from rso.storage import beam_escape
 
 STAGING_PREFIX = "_staging-"
 
@@ -58,7 +59,7 @@ def _exists(path: str) -> bool:
 
 def _files(directory: str) -> list[str]:
     """Files directly inside ``directory`` (not in its subfolders)."""
-    pattern = FileSystems.join(directory, "*")
+    pattern = FileSystems.join(beam_escape(directory), "*")
     found = [m.path for m in FileSystems.match([pattern])[0].metadata_list]
     if FileSystems.get_scheme(directory) is None:
         found = [f for f in found if os.path.isfile(f)]
@@ -72,7 +73,7 @@ def staging_dirs(output: str) -> list[str]:
         return sorted(d for d in glob.glob(os.path.join(glob.escape(base), STAGING_PREFIX + "*"))
                       if os.path.isdir(d))
     # An object store lists objects, not folders: take the first part below OUTPUT.
-    objects = FileSystems.match([f"{base}/{STAGING_PREFIX}**"])[0].metadata_list
+    objects = FileSystems.match([f"{beam_escape(base)}/{STAGING_PREFIX}**"])[0].metadata_list
     return sorted({f"{base}/{m.path[len(base) + 1:].split('/', 1)[0]}" for m in objects})
 
 
@@ -82,7 +83,7 @@ def discard(staging: str) -> None:
         if os.path.isdir(staging):
             FileSystems.delete([staging])
         return
-    objects = [m.path for m in FileSystems.match([FileSystems.join(staging, "**")])[0]
+    objects = [m.path for m in FileSystems.match([FileSystems.join(beam_escape(staging), "**")])[0]
                .metadata_list]
     if objects:
         FileSystems.delete(objects)

@@ -35,6 +35,7 @@ from rso.checksums import digest as checksum_digest
 from rso.config import ConfigError
 from rso.cost import Usage, metered
 from rso.layout import MANIFEST, SUCCESS, is_complete
+from rso.storage import beam_escape
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,7 @@ def prepare_output(output: str, overwrite: bool = False,
         FileSystems.delete([success])
         removed.append(success)
     keep = set(keep)
-    patterns = [join(output, p) for p in OUTPUT_PATTERNS]
+    patterns = [join(beam_escape(output), p) for p in OUTPUT_PATTERNS]
     stale = sorted({m.path for r in FileSystems.match(patterns) for m in r.metadata_list
                     if _basename(m.path) not in keep})
     if FileSystems.get_scheme(output) is None:  # local: Beam's match lists no folders

@@ -61,8 +61,9 @@ def pair_files(output: str, data_format: str = "auto", prefix: str = PAIRS_PREFI
     TFRecord). The caller checks :func:`is_complete` first.
     """
     parquet_pattern, tfrecord_pattern = record_patterns(prefix)
-    parquet = rso_io.glob(rso_io.join(output, parquet_pattern))
-    tfrecord = rso_io.glob(rso_io.join(output, tfrecord_pattern))
+    directory = rso_io.escape(output)  # a directory named e.g. run[1] is not a pattern
+    parquet = rso_io.glob(rso_io.join(directory, parquet_pattern))
+    tfrecord = rso_io.glob(rso_io.join(directory, tfrecord_pattern))
     if data_format == "auto":
         return parquet or tfrecord
     return parquet if data_format == "parquet" else tfrecord
@@ -70,4 +71,5 @@ def pair_files(output: str, data_format: str = "auto", prefix: str = PAIRS_PREFI
 
 def candidate_files(output: str) -> list[str]:
     """The candidate-store files of a run, sorted (empty when it wrote none)."""
-    return rso_io.glob(rso_io.join(output, f"{CANDIDATES_PREFIX}-*{PARQUET_SUFFIX}"))
+    pattern = f"{CANDIDATES_PREFIX}-*{PARQUET_SUFFIX}"
+    return rso_io.glob(rso_io.join(rso_io.escape(output), pattern))

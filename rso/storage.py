@@ -6,6 +6,7 @@ Against a GCS emulator set ``STORAGE_EMULATOR_HOST``; gcsfs then talks to it ano
 from __future__ import annotations
 
 import os
+import re
 from typing import IO, Any
 
 import fsspec
@@ -40,8 +41,57 @@ def glob(pattern: str) -> list[str]:
     return sorted(_qualify(fs, m) for m in fs.glob(p))
 
 
+GLOB_CHARS = "*?["  # what a glob (fsspec's, Python's, Beam's FileSystems.match) treats specially
+
+
+def has_glob_chars(path: str) -> bool:
+    """Whether ``path`` holds a character a glob would read as a pattern (``*``, ``?``, ``[``;
+    a lone ``]`` is literal)."""
+    return any(c in path for c in GLOB_CHARS)
+
+
+def escape(path: str) -> str:
+    """``path`` as a glob that matches only itself, for :func:`glob` (fsspec, local or gs://):
+    ``*``, ``?`` and ``[`` become ``[*]``, ``[?]``, ``[[]`` (what :func:`glob.escape` does).
+    Escape the directory part a caller joins a pattern to, never the pattern."""
+    return re.sub(r"([*?[])", r"[\1]", path)
+
+
+def beam_escape(path: str) -> str:
+    """``path`` as a pattern of Beam's ``FileSystems.match`` (which every Beam file source
+    applies to its file names) that matches only itself. As :func:`escape`, but ``[`` becomes
+    ``[\\[]``: Beam hands ``[[]`` to ``re`` unchanged, which warns of a nested set (that class
+    also admits a backslash in the bracket's place, a name no run writes)."""
+    return re.sub(r"([*?])", r"[\1]", path.replace("[", "[\\[]"))
+
+
 def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
+
+
+def parent(path: str) -> str:
+    """The directory holding ``path``: ``gs://b/root/dt=1`` -> ``gs://b/root``; a local path is
+    made absolute first (``out`` -> the working directory)."""
+    if "://" in path:
+        return path.rstrip("/").rsplit("/", 1)[0]
+    return os.path.dirname(os.path.abspath(path))
+
+
+def isdir(path: str) -> bool:
+    fs, p = filesystem(path)
+    return fs.isdir(p)
+
+
+def remove_empty_dir(path: str) -> bool:
+    """Removes the local directory ``path`` if it is empty; True if it did. An object store
+    (``gs://``) has no empty directories: nothing to do there."""
+    if "://" in path and not path.startswith("file://"):
+        return False
+    try:
+        os.rmdir(path[len("file://"):] if path.startswith("file://") else path)
+    except OSError:  # not empty, or gone
+        return False
+    return True
 
 
 def makedirs(path: str) -> None:

@@ -238,7 +238,37 @@ def test_refresh_refuses_keep_with_reuse_before_running(tmp_path):
                                               RUNNER_SCRIPT=runner, LOCK_FILE=""),
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "REUSE=1 is refused" in proc.stderr
+    assert "set REUSE=0" in proc.stderr and "check-keep" in proc.stderr  # the way out
     assert not marker.exists()
+
+
+def test_refresh_refuses_keep_before_running_while_a_night_holds_a_store(tmp_path):
+    """REUSE=0 KEEP=1 over nights that hold candidate stores: refused before the pipeline runs
+    (publish would refuse afterwards and leave a good run unpublished), with a way out that
+    works: the printed rm command, after which the same refresh runs and prunes."""
+    marker = tmp_path / "ran"
+    runner = _runner_script(tmp_path, f'touch "{marker}"\nmkdir -p "$OUTPUT"\n'
+                                      f'touch "$OUTPUT/pairs-00000-of-00001.parquet" '
+                                      f'"$OUTPUT/_SUCCESS"\n')
+    root = str(tmp_path / "nightly")
+    for name in ("dt=2025-08-01", "dt=2025-08-02"):
+        with open(os.path.join(_complete_run(root, name), "candidates-00000-of-00001.parquet"),
+                  "wb") as f:
+            f.write(b"store")
+    env = _env(OUTPUT_ROOT=root, RUN_DATE="2025-08-03", REUSE="0", KEEP="1",
+               RUNNER_SCRIPT=runner, LOCK_FILE="")
+    proc = subprocess.run([REFRESH], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert "dt=2025-08-01, dt=2025-08-02" in proc.stderr
+    assert not marker.exists() and not os.path.exists(os.path.join(root, "dt=2025-08-03"))
+    remove = proc.stderr.split("delete its stores by hand: ", 1)[1].strip()
+    subprocess.run(remove, shell=True, check=True)  # the message's command, as a user runs it
+    assert P.main(["check-keep", root]) == 0
+    proc = subprocess.run([REFRESH], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert marker.exists()
+    assert P.read_latest(root) == os.path.join(root, "dt=2025-08-03")
+    assert P.list_runs(root) == ["dt=2025-08-03"]  # KEEP=1 pruned the older nights
 
 
 def test_refresh_passes_reuse_to_the_runner_unless_reuse_is_0(tmp_path):
@@ -428,6 +458,8 @@ def test_retention_is_refused_while_a_night_holds_a_candidate_store(tmp_path, ca
     with open(os.path.join(run, "candidates-00000-of-00001.parquet"), "wb") as f:
         f.write(b"store")
     _complete_run(root, "dt=2025-03-03")
+    assert P.main(["check-keep", root]) == 2  # what refresh.sh asks before running
+    assert "dt=2025-03-02" in capsys.readouterr().err
     assert P.main(["publish", root, "dt=2025-03-03", "--keep", "1"]) == 1
     assert "candidate store" in capsys.readouterr().err
     assert P.read_latest(root) is None  # nothing moved, nothing deleted

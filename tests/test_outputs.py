@@ -292,3 +292,63 @@ def test_a_direct_write_after_a_failed_attempt_holds_only_its_own_files(
     listed = _manifest(str(out))["files"]["checksums"]
     assert {n for n in names if n.startswith(("pairs-", "candidates-"))} <= set(listed)
     assert verify_files([str(out)])  # the trainer's check of every record file
+
+
+def test_an_empty_night_leaves_no_empty_directory_behind(tiny_policy, tiny_reward_model,
+                                                         tmp_path, capsys):
+    """A run that reads no prompt is refused after the job ran; the output directory it made
+    (ROOT/dt=...) goes with it, but a directory that was there before stays."""
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    root = tmp_path / "root"
+    root.mkdir()
+    out = root / "dt=2025-01-01"
+    assert generate(_args(str(empty), str(out), tiny_policy, tiny_reward_model)) == 2
+    assert "no prompt was read" in capsys.readouterr().err
+    assert os.listdir(root) == []
+    out.mkdir()  # made by someone else: kept, empty as it was
+    assert generate(_args(str(empty), str(out), tiny_policy, tiny_reward_model)) == 2
+    assert out.is_dir() and os.listdir(out) == []
+
+
+def test_an_output_with_glob_characters_is_refused_at_start(prompts_file, tiny_policy,
+                                                            tiny_reward_model, tmp_path, capsys):
+    """Beam's file sinks match their own shard paths as globs, so such a directory could
+    never be written: one line at start (exit 2), nothing made."""
+    for name in ("br[1]", "star*", "what?"):
+        out = str(tmp_path / name / "plain")
+        assert generate(_args(prompts_file, out, tiny_policy, tiny_reward_model)) == 2
+        err = capsys.readouterr().err
+        assert "glob pattern" in err and "Traceback" not in err and len(err.splitlines()) == 1
+        assert not os.path.exists(tmp_path / name)
+
+
+def test_a_run_in_a_directory_with_glob_characters_is_read_and_trained_on(
+        complete_run, tiny_policy, tmp_path, gcs_bucket):
+    """A complete run moved to a directory whose name holds [ ] * ?: its files are found (not
+    read as a pattern that matches other directories) and `rso train --data` trains on it."""
+    from rso import layout
+    from trainer.train import main as train_main
+
+    decoy = tmp_path / "br1" / "plain-x"  # what the unescaped pattern would match
+    shutil.copytree(complete_run, decoy)
+    os.remove(decoy / "pairs-00000-of-00001.parquet")
+    moved = str(tmp_path / "br[1]" / "plain*?")
+    shutil.copytree(complete_run, moved)
+    assert layout.pair_files(moved) == sorted(
+        os.path.join(moved, f) for f in os.listdir(moved) if f.startswith("pairs-")
+        and f.endswith(".parquet"))
+    assert layout.candidate_files(moved) == []
+    out = str(tmp_path / "train")
+    assert train_main(["--data", moved, "--policy", tiny_policy, "--output", out,
+                       "--max-steps", "1", "--batch-size", "2", "--no-progress",
+                       "--no-tensorboard", "--no-plots"]) == 0
+    assert os.path.exists(os.path.join(out, "metrics.jsonl"))
+    # gs:// (emulator): the same escape through gcsfs
+    remote = f"{gcs_bucket}/globs/br[1]"
+    fs, path = storage.filesystem(gcs_bucket)
+    for name in os.listdir(complete_run):
+        if os.path.isfile(os.path.join(complete_run, name)):
+            fs.put_file(os.path.join(complete_run, name), f"{path}/globs/br[1]/{name}")
+    assert [f.rsplit("/", 1)[-1] for f in layout.pair_files(remote)] == [
+        f.rsplit("/", 1)[-1] for f in layout.pair_files(complete_run)]

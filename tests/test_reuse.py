@@ -172,3 +172,70 @@ def test_the_reuse_keys_of_the_manifest_are_documented(nights):
     m = manifest(nights["night2"])
     keys = [*m["reuse"], *m["reuse"]["reused_from"][0], *m["accounting"]["decoding"]]
     assert not [k for k in keys if f"`{k}`" not in doc]
+
+
+def test_a_reuse_root_that_is_a_file_or_a_partition_is_refused(nights, tmp_path, capsys):
+    """A wrong --reuse-candidates would silently reuse nothing: refused at start, one line."""
+    argv = list(nights["common"])
+    at = argv.index("--reuse-candidates") + 1
+    afile = tmp_path / "root.txt"
+    afile.write_text("")
+    for root, message in ((str(afile), "is a file"),
+                          (nights["night1"], "give the root that holds the dt= partitions")):
+        argv[at] = root
+        out = tmp_path / "out"
+        assert generate(["--input", nights["grown"], "--output", str(out), *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1
+        assert not out.exists()
+
+
+def test_an_output_outside_the_reuse_root_is_warned_about(nights, tmp_path, caplog):
+    """Reading a root whose name holds glob characters works (escaped); an --output that is not
+    directly under the root is warned about, and a missing root is only the first night's
+    case when --output is under it."""
+    root = tmp_path / "nightly[1]"
+    shutil.copytree(nights["night1"], root / "dt=2025-01-01")
+    argv = list(nights["common"])
+    at = argv.index("--reuse-candidates") + 1
+    argv[at] = str(root)
+    out = str(tmp_path / "elsewhere")
+    with caplog.at_level("INFO"):
+        assert generate(["--input", nights["grown"], "--output", out, *argv]) == 0
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert any("not directly under it" in w for w in warnings)
+    assert (decoding(out)["prompts_reused"], decoding(out)["prompts_decoded"]) == (
+        len(OLD), len(NEW))
+    from beam_pipelines.config import GenerateConfig
+    from beam_pipelines.reuse import find_partitions
+
+    caplog.clear()
+    missing = str(tmp_path / "missing")
+    for output, level in ((str(tmp_path / "missing" / "dt=2025-01-01"), "INFO"),
+                          (str(tmp_path / "other"), "WARNING")):
+        config = GenerateConfig(input=nights["grown"], output=output, policy="p",
+                                reuse_candidates=missing)
+        with caplog.at_level("INFO"):
+            assert find_partitions(config) == ([], [])
+        (record,) = [r for r in caplog.records if "does not exist" in r.getMessage()]
+        assert record.levelname == level
+        caplog.clear()
+
+
+def test_select_on_an_incremental_store_warns_that_it_holds_part_of_the_night(
+        nights, tiny_policy, tmp_path, caplog):
+    from beam_pipelines.pipeline import select_main
+
+    warned = {}
+    for night in ("night2", "night1"):
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            assert select_main(["--candidates", nights[night], "--output",
+                                str(tmp_path / night), "--policy", tiny_policy]) == 0
+        warned[night] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"
+                         and "incremental run" in r.getMessage()]
+    assert warned["night1"] == []  # decoded everything it read: nothing to warn about
+    (text,) = warned["night2"]
+    assert "dt=2025-01-01" in text and f"--reuse-candidates {nights['root']}" in text
+    assert {r["prompt_id"] for r in records(str(tmp_path / "night2"))} == {
+        r["prompt_id"] for r in store_rows(nights["night2"])}  # what the warning says

@@ -37,7 +37,6 @@ log = logging.getLogger("rso.trainer")
 # The columns the trainer reads (SPEC 5 names).
 COLUMNS = ("prompt_id", "prompt_token_ids", "chosen_token_ids", "rejected_token_ids",
            "ref_chosen_logps", "ref_rejected_logps")
-_GLOB_CHARS = set("*?[")
 PARQUET, TFRECORD = "parquet", "tfrecord"
 
 
@@ -99,13 +98,15 @@ def _directory_files(directory: str, data_format: str) -> list[str]:
 
 
 def _resolve(source: str, data_format: str) -> tuple[list[str], str | None]:
-    """The files of one source, and the pipeline output directory they come from (if any)."""
-    if _GLOB_CHARS & set(source):
+    """The files of one source, and the pipeline output directory they come from (if any).
+    A source that exists as named is a directory or file even when its name holds glob
+    characters (e.g. ``runs/br[1]``); otherwise such a source is a glob."""
+    fs, path = rso_io.filesystem(source)
+    if rso_io.has_glob_chars(source) and not fs.exists(path):
         matches = rso_io.glob(source)
         if not matches:
             raise DataError(f"{source}: the pattern matches no file")
         return [m for m in matches if _file_format(m)], None
-    fs, path = rso_io.filesystem(source)
     if fs.isdir(path):
         directory = source.rstrip("/")
         return _directory_files(directory, data_format), directory

@@ -35,6 +35,7 @@ Beam-free (``rso.storage``, i.e. fsspec/gcsfs), so it runs on any host that can 
     python -m deploy.nightly.publish publish ROOT dt=2025-01-02 [--keep 7] [--force]
     python -m deploy.nightly.publish latest ROOT      # prints the published run's path
     python -m deploy.nightly.publish complete RUN_DIR # exit 0 if RUN_DIR has _SUCCESS
+    python -m deploy.nightly.publish check-keep ROOT  # exit 2 if --keep would be refused
 """
 from __future__ import annotations
 
@@ -193,16 +194,30 @@ def prune(root: str, keep: int, latest: str | None = None) -> list[str]:
     return removed
 
 
+def retention_refusal(root: str) -> str | None:
+    """Why retention (``--keep``) is refused under ``root``, or None when it is allowed: the
+    runs that hold a candidate store, which incremental runs may still reuse (see the module
+    doc), and the ways out that work."""
+    stores = [run_path(root, name) for name in list_runs(root)
+              if candidate_files(run_path(root, name))]
+    if not stores:
+        return None
+    remove = (f"gcloud storage rm '{root}/*/candidates-*.parquet'" if not _local(root)
+              else f"rm -- '{absolute_root(root)}'/*/candidates-*.parquet")
+    return (f"retention (--keep / KEEP) is refused: {len(stores)} run(s) under {root} hold a "
+            f"candidate store ({', '.join(_name_of(p) for p in stores)}), which incremental "
+            f"runs (--reuse-candidates {root}) may still reuse. Either keep every night (unset "
+            f"KEEP); or write to a new OUTPUT_ROOT with REUSE=0 and a config without "
+            f"write_candidates; or, to prune this root, stop reusing its candidates (REUSE=0, "
+            f"no write_candidates) and delete its stores by hand: {remove}")
+
+
 def check_retention_allowed(root: str) -> None:
-    """:class:`PublishError` when a run under ``root`` holds a candidate store: incremental runs
-    may still reuse its candidates (see the module doc)."""
-    for name in list_runs(root):
-        if candidate_files(run_path(root, name)):
-            raise PublishError(
-                f"retention (--keep / KEEP) is refused: {run_path(root, name)} holds a "
-                f"candidate store, which incremental runs (--reuse-candidates {root}) may still "
-                f"reuse; keep every night, or prune by hand the nights whose prompts left the "
-                f"prompt file")
+    """:class:`PublishError` (:func:`retention_refusal`) when a run under ``root`` holds a
+    candidate store."""
+    refusal = retention_refusal(root)
+    if refusal:
+        raise PublishError(refusal)
 
 
 def publish(root: str, name: str, keep: int | None = None, force: bool = False
@@ -265,6 +280,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     q.add_argument("root")
     c = sub.add_parser("complete", help="exit 0 if RUN_DIR has _SUCCESS, else 1")
     c.add_argument("run_dir")
+    k = sub.add_parser("check-keep", help="exit 0 if publish --keep would prune ROOT, else 2 "
+                       "with the reason (a run holds a candidate store): refresh.sh asks this "
+                       "before running the pipeline")
+    k.add_argument("root")
     n = sub.add_parser("check-name", help="exit 0 if NAME is a valid run name (dt=YYYY-MM-DD "
                        "or YYYY-MM-DD)")
     n.add_argument("name")
@@ -275,6 +294,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "complete":
             return 0 if is_complete(args.run_dir) else 1
+        if args.command == "check-keep":
+            refusal = retention_refusal(absolute_root(args.root))
+            if refusal:
+                print(f"publish: {refusal}", file=sys.stderr)
+                return 2
+            return 0
         if args.command == "check-name":
             check_run_name(args.name)
             return 0

@@ -14,8 +14,10 @@
 #                   until the pipeline ends
 #   REUSE           1 (default): pass --reuse-candidates OUTPUT_ROOT; 0: decode every prompt
 #   KEEP            keep only the KEEP newest complete runs (default: keep all); refused
-#                   (exit 2, before the run) with REUSE=1, and by publish.py while any night
-#                   holds a candidate store: later nights may still reuse its candidates
+#                   (exit 2, before the run) with REUSE=1, and while any night under
+#                   OUTPUT_ROOT holds a candidate store (publish.py check-keep, asked before
+#                   the run; its message says how to get out): later nights may still reuse
+#                   its candidates
 #   LOCK_FILE       a local lock so that two refreshes never overlap
 #                   (default: ${TMPDIR:-/tmp}/rso-refresh.lock; empty to skip)
 #   PYTHON          interpreter with this package installed (default: python)
@@ -56,7 +58,10 @@ case "$REUSE" in
   0) ;;
   1) if [[ -n "${KEEP:-}" ]]; then
        echo "refresh: KEEP=$KEEP with REUSE=1 is refused: later nights reuse the candidates of" \
-            "earlier ones, so no night can be deleted by age (set REUSE=0 to prune)" >&2
+            "earlier ones, so no night can be deleted by age. To prune, set REUSE=0, run with" \
+            "a config without write_candidates, and remove the candidate stores already under" \
+            "$OUTPUT_ROOT (python -m deploy.nightly.publish check-keep $OUTPUT_ROOT says how);" \
+            "or unset KEEP" >&2
        exit 2
      fi
      set -- "$@" --reuse-candidates "$OUTPUT_ROOT" ;;
@@ -64,6 +69,11 @@ case "$REUSE" in
 esac
 
 publish check-name "$RUN_DATE"
+if [[ -n "${KEEP:-}" ]]; then
+  # publish --keep refuses while a night holds a candidate store: ask before running, so that
+  # a good run is not left unpublished after hours of work.
+  publish check-keep "$OUTPUT_ROOT"
+fi
 RUN_NAME="dt=$RUN_DATE"
 export OUTPUT="$OUTPUT_ROOT/$RUN_NAME"
 export JOB_NAME="${JOB_NAME:-rso-nightly-$RUN_DATE-$(date -u +%H%M%S)}"
