@@ -22,6 +22,7 @@ from typing import Any
 import apache_beam as beam
 
 from beam_pipelines.elements import Candidate, PromptCandidates, RenderedPrompt
+from beam_pipelines.read import parquet_rows
 from rso import layout
 from rso.config import ConfigError
 from rso.storage import join, open_file
@@ -169,7 +170,7 @@ class ReadCandidates(beam.PTransform):
     def expand(self, pbegin: beam.pvalue.PBegin) -> beam.PCollection:
         return (pbegin
                 | "Files" >> beam.Create(self._files)
-                | "ReadParquet" >> beam.io.ReadAllFromParquet()
+                | "ReadParquet" >> beam.FlatMap(parquet_rows)  # by name, not as a glob
                 | "KeyByPrompt" >> beam.Map(lambda row: (row["prompt_id"], row))
                 | "GroupByPrompt" >> beam.GroupByKey()
                 | "ToGroups" >> beam.MapTuple(lambda pid, rows: (pid, group_from_rows(list(rows)))))

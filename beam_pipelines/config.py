@@ -115,8 +115,9 @@ class GenerateConfig(Config):
         1.0, "lambda of --reward-combination mean-minus-std", min=0, finite=True)
     torch_threads: int | None = option(
         None, "torch CPU threads of the transformers engine, reward and re-scoring models "
-        "(default: torch's own, this machine's cores); fix it to get bit-identical records on "
-        "workers with different core counts", min=1)
+        "(default: half this machine's cores, at least 1: workers share their cores, and with "
+        "all of them a competing process slowed decoding 30x); fix it to get bit-identical "
+        "records on workers with different core counts", min=1)
     write_candidates: bool = option(
         False, "also write every scored candidate to candidates-*.parquet (docs/CANDIDATES.md), "
         "so that rso select and rso sweep can re-select without decoding")

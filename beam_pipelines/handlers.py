@@ -21,6 +21,7 @@ others. An exception in ``load_model`` still fails the run (no element could be 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, TypeVar
 
@@ -68,15 +69,27 @@ def run_with_retry(items: Sequence[T], fn: Callable[[Sequence[T]], list[R]], rea
     return [r for item in items for r in run_with_retry([item], fn, reason, prefix)]
 
 
-def set_torch_threads(threads: int | None) -> None:
-    """``torch.set_num_threads(threads)`` when given (``--torch-threads``), before a model
-    handler's first forward pass. Float reductions depend on the thread count, so a fixed count
-    makes a model's outputs bit-identical on workers with different core counts (the DirectRunner
-    in-process or in worker processes, Dataflow machine types); None keeps torch's default."""
-    if threads:
-        import torch
+def default_torch_threads() -> int:
+    """Half the cores this process may use, at least 1: the default of ``--torch-threads``.
 
-        torch.set_num_threads(threads)
+    Beam workers share their cores (Dataflow's SDK processes, Flink slots, DirectRunner
+    workers); a torch process using every core then waits at each OpenMP barrier for a thread
+    another process has descheduled. Measured (``benchmarks/contention.py``, 2 cores, one
+    competing single-thread process): the transformers engine kept 1.03x its quiet tokens/s on
+    half the cores and fell to 0.03x on all of them (0.49x with ``OMP_WAIT_POLICY=PASSIVE``,
+    which also cost 40% when quiet)."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, (cores or 1) // 2)
+
+
+def set_torch_threads(threads: int | None) -> None:
+    """``torch.set_num_threads(threads or default_torch_threads())``, before a model handler's
+    first forward pass. Float reductions depend on the thread count, so a fixed count makes a
+    model's outputs bit-identical on workers with different core counts (the DirectRunner
+    in-process or in worker processes, Dataflow machine types)."""
+    import torch
+
+    torch.set_num_threads(threads or default_torch_threads())
 
 
 def num_tokens(element: Any) -> int:

@@ -115,7 +115,7 @@ def read_records(output: str, prefix: str = layout.PAIRS_PREFIX,
 
 def read_dead_letters(output: str) -> Iterator[dict[str, Any]]:
     pattern = f"{layout.DEAD_LETTER_PREFIX}-*{layout.DEAD_LETTER_SUFFIX}"
-    for path in rso_io.glob(rso_io.join(output, pattern)):
+    for path in rso_io.glob(rso_io.join(rso_io.escape(output), pattern)):
         with rso_io.open_file(path, "r") as f:
             for line in f:
                 if line.strip():

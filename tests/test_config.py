@@ -226,3 +226,22 @@ def test_auto_dtype_is_resolved_once_and_travels_with_the_config(monkeypatch):
     assert pickle.loads(pickle.dumps(emulated)).generation_dtype == "float32"  # not re-asked
     assert GenerateConfig(engine="transformers").generation_dtype == "float32"
     assert GenerateConfig(engine="vllm", dtype="bfloat16").generation_dtype == "bfloat16"
+
+
+def test_torch_threads_default_to_half_the_cores():
+    """Workers share their cores: torch on all of them collapsed under contention
+    (benchmarks/contention.py), so the default is half, at least one."""
+    import torch
+
+    from beam_pipelines.handlers import default_torch_threads, set_torch_threads
+
+    cores = len(os.sched_getaffinity(0))
+    assert default_torch_threads() == max(1, cores // 2)
+    before = torch.get_num_threads()
+    try:
+        set_torch_threads(None)
+        assert torch.get_num_threads() == max(1, cores // 2)
+        set_torch_threads(3)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
