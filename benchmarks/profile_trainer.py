@@ -12,10 +12,10 @@ costs); the next ``--steps`` are profiled. Ops are grouped into:
   gradient clipping;
 - ``elementwise/other``: norms, activations, softmax over the vocabulary, copies...
 
-Self CPU time is summed per group over all threads' ops (what the ops cost, not wall time). The
-forward time is split into the first forward and the recomputation that gradient checkpointing
-adds (the second forward of each layer during backward), and padding is reported as the share of
-positions in each batch that are padding.
+Self CPU time is summed per group over all threads' ops (what the ops cost, not wall time);
+padding is reported as the share of positions in each batch that are padding. What gradient
+checkpointing's recomputation costs is the difference between a run with and one without
+``--no-gradient-checkpointing``.
 
     .venv/bin/python benchmarks/profile_trainer.py                  # gradient checkpointing on
     .venv/bin/python benchmarks/profile_trainer.py --no-gradient-checkpointing
