@@ -87,6 +87,7 @@ def write_store(directory, rewards_by_prompt, beta=0.5):
     for pid, rewards in rewards_by_prompt.items():
         for i, r in enumerate(rewards):
             rows.append({"prompt_id": pid, "prompt": "x", "prompt_token_ids": [1],
+                         "prompt_messages": json.dumps([["user", "x"]]),
                          "candidate_index": i, "response": f"y{i}",
                          "response_token_ids": [10 + i], "finish_reason": "stop",
                          "sft_logp": -1.0, "sft_logp_dtype": "float32", "reward_scores": [r],
