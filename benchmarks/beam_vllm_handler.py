@@ -25,7 +25,6 @@ Target (issue 10): ours >= 1.5x theirs.
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import os
 import statistics
@@ -41,26 +40,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 def rendered_prompts(policy: str, count: int) -> list:
     """The first ``count`` bundled HH-RLHF prompts that fit the policy, rendered as the
-    pipeline's render stage renders them."""
-    from transformers import AutoTokenizer
-
-    from beam_pipelines.prompts import PromptError, parse_json_line
-    from beam_pipelines.render import context_length, max_prompt_tokens, render_prompt
+    pipeline's render stage renders them (``engine_throughput.load_prompts``)."""
+    from benchmarks.engine_throughput import load_prompts
     from rso_cli.demo import bundled_data
 
-    tok = AutoTokenizer.from_pretrained(policy)
-    limit = max_prompt_tokens(context_length(policy))
-    out: list = []
-    with gzip.open(bundled_data(), "rb") as f:
-        for i, line in enumerate(f):
-            try:
-                p = parse_json_line(line, f"hh:{i}", "hh-rlhf")
-                out.append(render_prompt(tok, p.prompt_id, p.prompt, p.messages, limit))
-            except PromptError:
-                continue
-            if len(out) == count:
-                break
-    return out
+    return load_prompts(bundled_data(), policy, count)
 
 
 def run_ours(args: argparse.Namespace) -> dict:
