@@ -92,21 +92,6 @@ def group_from_rows(rows: Sequence[Mapping[str, Any]]) -> PromptCandidates:
         for r in rows])
 
 
-def store_files(directory: str, flag: str = "--candidates") -> list[str]:
-    """The store's files; ConfigError (naming ``flag``) when ``directory`` is not a complete
-    run with a store, or when files its manifest lists are gone."""
-    files = layout.candidate_files(directory)
-    listed = store_manifest(directory, flag).get("files", {}).get("candidates") or []
-    if not files and not listed:
-        raise ConfigError(f"{flag} {directory}: the run wrote no candidate store (run "
-                          f"rso generate with --write-candidates)")
-    missing = sorted(set(listed) - {f.rstrip("/").rsplit("/", 1)[-1] for f in files})
-    if missing:
-        raise ConfigError(f"{flag} {directory}: {', '.join(missing[:3])} listed in its "
-                          f"{layout.MANIFEST} but missing: the store is incomplete")
-    return files
-
-
 def store_manifest(directory: str, flag: str = "--candidates") -> dict:
     """The manifest of a complete run (ConfigError when the directory, its ``_SUCCESS`` or a
     readable manifest is missing)."""
@@ -144,15 +129,22 @@ def check_store(directory: str, policy: str) -> None:
                           f"{policy} is {given}: give the policy that generated them")
 
 
-def verified_store_files(directory: str, flag: str = "--candidates") -> list[str]:
-    """:func:`store_files`, each checked against the sha256 its run recorded in the manifest
-    (ConfigError naming a corrupt, truncated or replaced file)."""
+def verified_store_files(directory: str, flag: str = "--candidates",
+                         manifest: dict | None = None) -> list[str]:
+    """The store's files, each checked against the sha256 its run recorded in the manifest
+    (``manifest``, when the caller has read it already), and every file the manifest lists
+    present: ConfigError (naming ``flag``) for a run without a store or a missing, corrupt,
+    truncated or replaced file."""
     from rso.checksums import ChecksumError, verify
 
-    files = store_files(directory, flag)
-    manifest = store_manifest(directory, flag)
+    manifest = store_manifest(directory, flag) if manifest is None else manifest
+    files = layout.candidate_files(directory)
+    listed = manifest.get("files", {}).get("candidates") or []
+    if not files and not listed:
+        raise ConfigError(f"{flag} {directory}: the run wrote no candidate store (run "
+                          f"rso generate with --write-candidates)")
     try:
-        verify(files, manifest, directory, manifest.get("files", {}).get("candidates") or ())
+        verify(files, manifest, directory, listed)
     except ChecksumError as e:
         raise ConfigError(f"{flag}: {e}") from None
     return files

@@ -37,7 +37,7 @@ from rso import layout
 from rso.config import ConfigError
 from rso.console import command_log
 from rso.model_id import model_id
-from rso.storage import escape, exists, glob, join, parent
+from rso.storage import basename, escape, exists, glob, join, parent
 
 STAGE = "reuse"
 FLAG = "--reuse-candidates"
@@ -56,11 +56,7 @@ class Partition:
 
     @property
     def name(self) -> str:
-        return _name(self.path)
-
-
-def _name(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[-1]
+        return basename(self.path)
 
 
 # Reward settings besides the model ids (content, weights, combination) that change a score.
@@ -97,7 +93,7 @@ def find_partitions(config: Any) -> tuple[list[Partition], list[dict[str, str]]]
     rewards = _reward_key(config.model_ids()["reward"], config.to_dict())
     found, skipped = [], []
     for success in glob(join(escape(root), "*", layout.SUCCESS)):
-        path = success.rstrip("/").rsplit("/", 1)[0]
+        path = success.rstrip("/").rsplit("/", 1)[0]  # as listed (parent() makes it absolute)
         if same_path(path, config.output):
             continue
         manifest = store_manifest(path, FLAG)
@@ -115,15 +111,12 @@ def find_partitions(config: Any) -> tuple[list[Partition], list[dict[str, str]]]
         if not same_sampling:
             skipped.append({"path": path, "reason": "other sampling parameters"})
             continue
-        files = verified_store_files(path, FLAG)
+        files = verified_store_files(path, FLAG, manifest)
         found.append(Partition(
             path, str(manifest.get("run_id", "")), str(manifest.get("written_at", "")),
             tuple(files),
             _reward_key(manifest.get("models", {}).get("reward", ""), stored) == rewards))
     found.sort(key=lambda p: (p.written_at, p.name), reverse=True)
-    names = [p.name for p in found]
-    if len(set(names)) != len(names):  # direct subdirectories of one root: cannot happen
-        raise ConfigError(f"{FLAG} {root}: two partitions share a name")
     for p in found:
         command_log().info("reusing candidates of %s (run %s)", p.path, p.run_id)
     for s in skipped:
@@ -194,7 +187,7 @@ class MatchStoredCandidates(beam.PTransform):
                       | "ReadStores" >> beam.FlatMap(  # names, not patterns: e.g. run[1]
                           lambda f: ((f, row) for row in parquet_rows(f)))
                       | "KeyRows" >> beam.Map(lambda fr: (
-                          fr[1]["prompt_id"], (rank_of[_name(fr[0].rstrip("/").rsplit("/", 1)[0])],
+                          fr[1]["prompt_id"], (rank_of[basename(parent(fr[0]))],
                                                fr[1]))))
         else:
             stored = p | "NoStores" >> beam.Create([])

@@ -39,7 +39,7 @@ from beam_pipelines.plots import PLOT_NAMES
 from beam_pipelines.write import prepare_output, write_file
 from rso.console import command_log
 from rso.layout import MANIFEST, SUCCESS
-from rso.storage import beam_escape
+from rso.storage import basename, beam_escape
 
 STAGING_PREFIX = "_staging-"
 
@@ -47,10 +47,6 @@ STAGING_PREFIX = "_staging-"
 def staging_dir(output: str, token: str) -> str:
     """Where a run identified by ``token`` writes before its commit."""
     return FileSystems.join(output, STAGING_PREFIX + token)
-
-
-def _name(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[-1]
 
 
 def _exists(path: str) -> bool:
@@ -114,11 +110,11 @@ def commit(staging: str, output: str) -> None:
     removed = prepare_output(output, overwrite=True, keep=new)
     if removed:
         command_log().info("replacing the previous run in %s (%d files)", output, len(removed))
-    moves = [f for f in _files(staging) if _name(f) not in (MANIFEST, SUCCESS)]
+    moves = [f for f in _files(staging) if basename(f) not in (MANIFEST, SUCCESS)]
     moves += [FileSystems.join(staging, MANIFEST), FileSystems.join(staging, SUCCESS)]
     for src in moves:
         if _exists(src):
-            dst = FileSystems.join(output, _name(src))
+            dst = FileSystems.join(output, basename(src))
             if FileSystems.get_scheme(output) is None and os.path.exists(dst):
                 os.replace(src, dst)  # FileSystems.rename refuses an existing destination
             else:

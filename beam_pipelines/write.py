@@ -35,7 +35,7 @@ from rso.checksums import digest as checksum_digest
 from rso.config import ConfigError
 from rso.cost import Usage, metered
 from rso.layout import MANIFEST, SUCCESS, is_complete
-from rso.storage import beam_escape
+from rso.storage import basename, beam_escape
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ def prepare_output(output: str, overwrite: bool = False,
     keep = set(keep)
     patterns = [join(beam_escape(output), p) for p in OUTPUT_PATTERNS]
     stale = sorted({m.path for r in FileSystems.match(patterns) for m in r.metadata_list
-                    if _basename(m.path) not in keep})
+                    if basename(m.path) not in keep})
     if FileSystems.get_scheme(output) is None:  # local: Beam's match lists no folders
         stale += sorted(glob.glob(os.path.join(glob.escape(output), layout.BEAM_TEMP)))
     if stale:
@@ -134,10 +134,6 @@ class _ToExample(beam.DoFn):
         yield schema.to_example(record, columns=self._columns)
 
 
-def _basename(path: str) -> str:
-    return path.rstrip("/").rsplit("/", 1)[-1]
-
-
 class _Finish(beam.DoFn):
     """Writes manifest.json, the plots and then ``_SUCCESS``; runs once, after every write.
 
@@ -158,24 +154,24 @@ class _Finish(beam.DoFn):
         # a failed attempt at the same directory: its files are not this run's and would be
         # read with it (a stale shard of another shard count), so they go before the manifest.
         # In a staging directory there is nothing to remove. A complete output is refused.
-        ours = {_basename(p) for p in [*record_files, *example_files, *dead_files,
+        ours = {basename(p) for p in [*record_files, *example_files, *dead_files,
                                        *candidate_files]}
         stale = prepare_output(self._output, keep=ours)
         if stale:
             log.warning("removed %d file(s) of an earlier, failed attempt at %s: %s", len(stale),
-                        self._output, ", ".join(_basename(p) for p in stale[:5]))
+                        self._output, ", ".join(basename(p) for p in stale[:5]))
         checksums = {}
         hashing = Usage(STAGE)  # the write stage's last work the manifest can still count
         with metered(hashing):
             for path in [*record_files, *example_files, *candidate_files]:  # .gz as stored
                 with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as f:
-                    checksums[_basename(path)] = checksum_digest(f)
-        files = {"parquet": [_basename(p) for p in record_files],
-                 "tfrecord": [_basename(p) for p in example_files],
-                 "dead_letters": [_basename(p) for p in dead_files],
+                    checksums[basename(path)] = checksum_digest(f)
+        files = {"parquet": [basename(p) for p in record_files],
+                 "tfrecord": [basename(p) for p in example_files],
+                 "dead_letters": [basename(p) for p in dead_files],
                  "plots": list(PLOT_NAMES), CHECKSUMS: checksums}
         if candidate_files:
-            files["candidates"] = [_basename(p) for p in candidate_files]
+            files["candidates"] = [basename(p) for p in candidate_files]
         doc = M.build_manifest(config=self._config, run_id=self._run_id,
                                versions=self._versions, models=self._models, totals=totals,
                                dead_letters=dead_counts, reward_stats=reward_stats,

@@ -53,7 +53,7 @@ def verify(paths: list[str], manifest: dict, where: str,
     accepted as it is."""
     from rso import storage
 
-    present = {path.rstrip("/").rsplit("/", 1)[-1] for path in paths}
+    present = {storage.basename(path) for path in paths}
     missing = sorted(set(expected) - present)
     if missing:
         raise ChecksumError(f"{where}: {', '.join(missing[:3])}"
@@ -63,8 +63,7 @@ def verify(paths: list[str], manifest: dict, where: str,
     if listed is None:
         return
     for path in paths:
-        name = path.rstrip("/").rsplit("/", 1)[-1]
-        want = listed.get(name)
+        want = listed.get(storage.basename(path))
         if want is None:
             raise ChecksumError(f"{path}: not listed in the manifest of {where}; it was not "
                                 f"written by that run")

@@ -69,6 +69,12 @@ def join(base: str, *parts: str) -> str:
     return "/".join([base.rstrip("/"), *parts])
 
 
+def basename(path: str) -> str:
+    """The last component of a local path or URL (``gs://b/run/x.parquet`` -> ``x.parquet``; a
+    trailing ``/`` is ignored): how manifests name a run's files."""
+    return path.rstrip("/").rsplit("/", 1)[-1]
+
+
 def parent(path: str) -> str:
     """The directory holding ``path``: ``gs://b/root/dt=1`` -> ``gs://b/root``; a local path is
     made absolute first (``out`` -> the working directory)."""
