@@ -354,11 +354,16 @@ def _inherited_flags(stored: dict, keys: Sequence[str]) -> list[str]:
     return flags
 
 
+def _flag_value(argv: Sequence[str], flag: str) -> str | None:
+    """The value of ``flag`` in ``argv`` (``--flag VALUE`` or ``--flag=VALUE``), or None."""
+    return next((b for a, b in zip(argv, argv[1:]) if a == flag), None) or next(
+        (a.split("=", 1)[1] for a in argv if a.startswith(flag + "=")), None)
+
+
 def _config_file_keys(argv: Sequence[str]) -> set[str]:
     """The keys of the ``--config`` YAML in ``argv`` (none when it is absent or unreadable:
     parsing reports that)."""
-    path = next((b for a, b in zip(argv, argv[1:]) if a == "--config"), None) or next(
-        (a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    path = _flag_value(argv, "--config")
     if not path:
         return set()
     import yaml
@@ -405,8 +410,7 @@ def select_main(argv: Sequence[str] | None = None) -> int:
 def _select_main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         return main(argv, prog="rso select")
-    store = next((b for a, b in zip(argv, argv[1:]) if a == "--candidates"), None) or next(
-        (a.split("=", 1)[1] for a in argv if a.startswith("--candidates=")), None)
+    store = _flag_value(argv, "--candidates")
     if not store:
         print("rso select: error: --candidates DIR is required", file=sys.stderr)
         return 2
