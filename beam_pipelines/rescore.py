@@ -6,9 +6,11 @@ is replaced by
 
     sft_logp = sum_t log pi_sft(y_t | x, y_<t)   (float32 forward pass)
 
-computed by ``rso.logprobs.sequence_logps``: the very function the trainer uses, on the same
-stored token ids, so stored and trainer-side reference log-probs agree by construction.
-Each prompt's candidates are scored on their own: sorted by length (stable) and cut into
+computed by ``rso.logprobs.shared_prompt_logps``: the trainer's log-prob sum
+(``rso.logprobs``), on the same stored token ids, with the prompt encoded once and its key/value
+cache shared by the prompt's responses (equal to the trainer's values up to float rounding,
+~1e-5 nats; the prompt's tokens cost once instead of k times).
+Each prompt's candidates are scored on their own: sorted by length (then ids) and cut into
 forward passes of ``config.rescore_batch_size`` sequences, never mixed with another prompt's.
 So every forward pass, padding included, is a function of the prompt alone and the values are
 bit-identical whatever other prompts share the Beam batch (float rounding depends on the padded
@@ -42,25 +44,22 @@ def rescore(model: Any, pad_id: int, items: Sequence[PromptCandidates], batch_si
 
 def rescore_one(model: Any, pad_id: int, pc: PromptCandidates, batch_size: int
                 ) -> PromptCandidates:
-    """``pc`` with each candidate's sft_logp replaced by its float32 sequence log-prob; the
-    candidates are sorted by length and scored ``batch_size`` at a time (module docstring)."""
+    """``pc`` with each candidate's sft_logp replaced by its float32 sequence log-prob: the
+    prompt is encoded once and the candidates, sorted by length, run ``batch_size`` at a time
+    on its key/value cache (:func:`rso.logprobs.shared_prompt_logps`)."""
     import torch
 
-    from rso.logprobs import sequence_logps
+    from rso.logprobs import shared_prompt_logps
 
-    order = sorted(range(len(pc.candidates)), key=lambda j: len(pc.candidates[j].token_ids))
-    logps: dict[int, float] = {}
+    responses = [c.token_ids for c in pc.candidates]
     with torch.inference_mode():
-        for start in range(0, len(order), batch_size):
-            chunk = order[start:start + batch_size]
-            values = sequence_logps(model, [pc.prompt.prompt_token_ids] * len(chunk),
-                                    [pc.candidates[j].token_ids for j in chunk], pad_id)
-            logps.update(zip(chunk, values.tolist()))
-            cost.record(calls=1, sequences=len(chunk), tokens_in=sum(
-                len(pc.prompt.prompt_token_ids) + len(pc.candidates[j].token_ids)
-                for j in chunk))
+        logps = shared_prompt_logps(model, pc.prompt.prompt_token_ids, responses, pad_id,
+                                    batch_size).tolist()
+    # (shared_prompt_logps counts its forward passes as calls)
+    cost.record(sequences=len(responses),
+                tokens_in=len(pc.prompt.prompt_token_ids) + sum(len(r) for r in responses))
     return dataclasses.replace(pc, candidates=[
-        dataclasses.replace(c, sft_logp=float(logps[j])) for j, c in enumerate(pc.candidates)])
+        dataclasses.replace(c, sft_logp=float(v)) for c, v in zip(pc.candidates, logps)])
 
 
 class Fp32RescoreHandler(RetryingHandler):

@@ -6,14 +6,21 @@ Sequences are left-padded so every response ends at the last position; only the 
 last ``max response length + 1`` positions are computed (``logits_to_keep``), which keeps the
 vocabulary-sized tensor small. Explicit ``position_ids`` make left padding exact for any
 position-embedding scheme.
+
+:func:`shared_prompt_logps` computes the same sums for several responses to ONE prompt without
+re-running the prompt for each: the prompt is encoded once (its key/value cache) and the
+responses run on copies of that cache (the pipeline's float32 re-scoring).
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+
+from rso import cost
 
 
 def gather_logps(logits: torch.Tensor, labels: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -162,3 +169,102 @@ def sequence_logps(model: torch.nn.Module, prompts: Sequence[Sequence[int]],
     """log pi(response | prompt) for each pair, summed over response tokens, in one forward."""
     device = next(model.parameters()).device
     return forward_logps(model, pack(prompts, responses, pad_id).to(device))
+
+
+def shared_prompt_logps(model: Any, prompt: Sequence[int], responses: Sequence[Sequence[int]],
+                        pad_id: int, batch_size: int) -> torch.Tensor:
+    """log pi(response | prompt) for each response to one prompt: [len(responses)] float32.
+
+    The same quantity as :func:`sequence_logps` with the prompt repeated (equal up to float
+    rounding, ~1e-5 nats), at the cost of the prompt's tokens once instead of once per response:
+
+    1. one forward pass over the prompt (batch 1) gives its key/value cache and the logits at its
+       last position, which predict each response's first token;
+    2. responses, sorted by (length, token ids) and cut into batches of ``batch_size``, run right-
+       padded on a copy of that cache repeated ``batch_size`` times
+       (``DynamicCache.batch_repeat_interleave``), with positions ``len(prompt) + t``; causal
+       attention keeps the right padding out of every real position.
+
+    Models whose cache cannot be repeated along the batch (recurrent and hybrid layers: Mamba,
+    RWKV, LFM2, Jamba...) get :func:`sequence_logps` on the same chunks instead: the same
+    values, without the saving. Equal-length responses are ordered by their token ids, so the
+    result, bit for bit, depends only on (prompt, the multiset of responses, batch_size), never
+    on their order or on other prompts. For inference (``torch.inference_mode``/``no_grad``:
+    the cache is deep-copied); ``prompt`` and each response are sequences of ints.
+    Each forward pass is counted as a model call (:func:`rso.cost.record`: into the metered
+    stage running in this thread, if any). Raises ValueError for an empty prompt or
+    ``batch_size < 1``.
+    """
+    if not prompt:
+        raise ValueError("every prompt needs at least one token to condition the response on")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    device = next(model.parameters()).device
+    out = torch.zeros(len(responses), dtype=torch.float32)
+    if not any(responses):
+        return out
+    encoded = model(input_ids=torch.tensor([list(prompt)], device=device), use_cache=True,
+                    logits_to_keep=1)
+    cost.record(calls=1)
+    cache = getattr(encoded, "past_key_values", None)
+    first = torch.log_softmax(encoded.logits[0, -1].float(), dim=-1)
+    order = sorted((j for j in range(len(responses)) if responses[j]),
+                   key=lambda j: (len(responses[j]), tuple(responses[j])))
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        if not _repeatable(cache):
+            values = sequence_logps(model, [prompt] * len(chunk),
+                                    [responses[j] for j in chunk], pad_id)
+            cost.record(calls=1)
+            out[chunk] = values.float().cpu()
+            continue
+        rest = _continuation_logps(model, cache, len(prompt), [responses[j] for j in chunk],
+                                   pad_id, device)
+        for j, value in zip(chunk, rest.tolist()):
+            out[j] = first[responses[j][0]].item() + value
+    return out
+
+
+def _repeatable(cache: Any) -> bool:
+    """Whether a model's cache can be copied and repeated along the batch: a transformers
+    ``Cache`` whose every layer supports ``batch_repeat_interleave`` (attention layers do;
+    linear-attention and state-space layers do not)."""
+    return (hasattr(cache, "batch_repeat_interleave")
+            and all(hasattr(layer, "batch_repeat_interleave")
+                    for layer in getattr(cache, "layers", ())))
+
+
+def _continuation_logps(model: Any, prompt_cache: Any, prompt_len: int,
+                        responses: Sequence[Sequence[int]], pad_id: int,
+                        device: torch.device) -> torch.Tensor:
+    """``sum_{t>=1} log pi(r_t | prompt, r_<t)`` for each (non-empty) response, on a copy of
+    the prompt's cache: [len(responses)] float32 (see :func:`shared_prompt_logps`)."""
+    n, steps = len(responses), max(len(r) for r in responses) - 1
+    if steps == 0:
+        return torch.zeros(n, dtype=torch.float32)
+    input_ids = torch.full((n, steps), pad_id, dtype=torch.long)
+    labels = torch.zeros((n, steps), dtype=torch.long)
+    mask = torch.zeros((n, steps), dtype=torch.float32)
+    for b, r in enumerate(responses):
+        input_ids[b, :len(r) - 1] = torch.tensor(r[:-1], dtype=torch.long)
+        labels[b, :len(r) - 1] = torch.tensor(r[1:], dtype=torch.long)
+        mask[b, :len(r) - 1] = 1.0
+    attention_mask = torch.cat([torch.ones((n, prompt_len), dtype=torch.long),
+                                mask.long()], dim=1)
+    cache = copy.deepcopy(prompt_cache)
+    cache.batch_repeat_interleave(n)
+    inputs = {"input_ids": input_ids.to(device), "attention_mask": attention_mask.to(device),
+              "position_ids": torch.arange(prompt_len, prompt_len + steps,
+                                           device=device).expand(n, steps),
+              "past_key_values": cache, "use_cache": True}
+    labels, mask = labels.to(device), mask.to(device)
+    head = _fused_head(model)
+    cost.record(calls=1)
+    if head is None:
+        return gather_logps(model(**inputs).logits, labels, mask).cpu()
+    hidden = model.base_model(**inputs).last_hidden_state
+    rows, cols = mask.nonzero(as_tuple=True)
+    token_logps = _LinearLogSoftmaxGather.apply(hidden[rows, cols], head.weight,
+                                                labels[rows, cols], CHUNK_ROWS)
+    return torch.zeros(n, dtype=torch.float32, device=device).index_add(0, rows,
+                                                                        token_logps).cpu()

@@ -89,9 +89,12 @@ def check_exact_counts(m: dict, reward_kinds: list[tuple[str, str]]) -> None:
             assert r["expected_per_prompt"] == orders * (N - 1)
 
     by_k = {int(k): n for k, n in m["acceptance"]["prompts_by_num_accepted"].items()}
-    res = stages["rescore"]  # each prompt's kept responses, RESCORE_BATCH per forward pass
+    # each prompt once, then its kept responses RESCORE_BATCH per forward pass (on the
+    # prompt's cache); exact when no kept response is a single token, as here
+    res = stages["rescore"]
     assert res["sequences"] == m["counters"]["accepted"]
-    assert res["calls"] == sum(n * math.ceil(k / RESCORE_BATCH) for k, n in by_k.items())
+    assert res["calls"] == sum(n * (1 + math.ceil(k / RESCORE_BATCH))
+                               for k, n in by_k.items() if k > 0)
     assert res["items"] == sum(n for k, n in by_k.items() if k > 0)
     for name in ("read", "render", "select", "records", "write"):
         assert stages[name]["calls"] == 0 and stages[name]["wall_seconds"] > 0
@@ -103,12 +106,21 @@ def check_exact_counts(m: dict, reward_kinds: list[tuple[str, str]]) -> None:
 @pytest.mark.slow
 def test_cost_on_the_fn_api_runner_with_prices(prompts, tiny_policy, tiny_reward_model,
                                                tmp_path, caplog):
+    import torch
+
     out = str(tmp_path / "priced")
-    with caplog.at_level(logging.INFO, logger="rso.generate"):
-        assert generate(["--output", out, *common(prompts, tiny_policy),
-                         "--reward-model", tiny_reward_model,
-                         "--reward-model", tiny_reward_model + ",kind=pairwise",
-                         "--price-per-hour", "2.5", "--write-candidates"]) == 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        with caplog.at_level(logging.INFO, logger="rso.generate"):
+            assert generate(["--output", out, *common(prompts, tiny_policy),
+                             "--reward-model", tiny_reward_model,
+                             "--reward-model", tiny_reward_model + ",kind=pairwise",
+                             "--price-per-hour", "2.5", "--write-candidates"]) == 0
+        # the in-process stages ran on --torch-threads 1; the caller keeps its own setting
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(threads)
     m = manifest(out)
     check_exact_counts(m, [("pointwise", "both-orders"), ("pairwise", "both-orders")])
     c = m["cost"]
