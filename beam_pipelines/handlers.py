@@ -20,9 +20,10 @@ others. An exception in ``load_model`` still fails the run (no element could be 
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
 
 import apache_beam as beam
@@ -90,6 +91,24 @@ def set_torch_threads(threads: int | None) -> None:
     import torch
 
     torch.set_num_threads(threads or default_torch_threads())
+
+
+@contextlib.contextmanager
+def torch_threads_kept() -> Iterator[None]:
+    """Restores this process's torch thread count on exit. Model handlers that run in this
+    process (the FnApiRunner) set it for their stage (:func:`set_torch_threads`: half the cores
+    by default); a command that runs a pipeline and then trains or generates in the same
+    process (``rso demo``, ``rso iterate``, ``rso evaluate``) must not inherit that setting.
+    (vLLM's CPU worker, which runs in this process, replaces ``torch.set_num_threads`` with a
+    no-op once it has bound its threads: after a vLLM run neither this nor the handlers can
+    change the count.)"""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def num_tokens(element: Any) -> int:

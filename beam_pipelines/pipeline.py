@@ -32,6 +32,7 @@ from beam_pipelines.candidates import (
 )
 from beam_pipelines.config import GenerateConfig
 from beam_pipelines.generate import GenerateCandidates, warn_if_not_pi_sft
+from beam_pipelines.handlers import torch_threads_kept
 from beam_pipelines.read import COUNTS, ReadPrompts
 from beam_pipelines.records import ToRecords
 from beam_pipelines.render import RenderPrompts
@@ -47,7 +48,7 @@ from rso.config import ConfigError
 from rso.console import command, command_log
 from rso.layout import is_complete
 from rso.ownership import OutputLock, OutputLockedError
-from rso.storage import exists, join, open_file, remove_empty_dir
+from rso.storage import exists, glob, join, open_file, remove_empty_dir
 
 
 def add_scored_candidates(pipeline: beam.Pipeline, config: GenerateConfig,
@@ -207,7 +208,7 @@ def run(config: GenerateConfig, beam_args: Sequence[str] = (), wait: bool = True
         return {}
     start = time.time()
     machines = cost.machines_from_beam_args(beam_args)
-    with OutputLock.acquire(output, run_id):
+    with OutputLock.acquire(output, run_id), torch_threads_kept():
         recover(output, keep=staging)
         if is_complete(output) and not config.overwrite:
             prepare_output(output)  # a run that finished while this one was starting
@@ -261,14 +262,34 @@ class EmptyRunError(ConfigError):
 
 def _refuse_empty(staging: str, output: str) -> None:
     """:class:`EmptyRunError` when the staged run read no prompt (an empty input file, or every
-    record bad): such a run is not committed, and ``output`` keeps what it held."""
+    record bad), or wrote no record because every prompt became a dead letter (a model that
+    fails on every input): such a run is not committed, and ``output`` keeps what it held."""
     with open_file(join(staging, layout.MANIFEST), "r") as f:
-        inputs = json.load(f).get("accounting", {}).get("inputs", {})
+        doc = json.load(f)
+    inputs = doc.get("accounting", {}).get("inputs", {})
     if inputs.get("prompts_read") == 0:
         raise EmptyRunError(
             f"no prompt was read from --input ({inputs.get('input_records')} records, "
             f"{inputs.get('read_dead_letters')} dead letters, {inputs.get('blank_lines')} blank "
             f"lines): nothing to generate; {output} is unchanged")
+    dead = doc.get("dead_letters", {})
+    if doc.get("counters", {}).get("records_written") == 0 and dead.get("total"):
+        raise EmptyRunError(
+            f"no record was written: {dead['total']} dead letters "
+            f"({json.dumps(dead.get('by_stage_reason'), sort_keys=True)}), the first: "
+            f"{_first_dead_letter(staging)}; {output} is unchanged")
+
+
+def _first_dead_letter(output: str) -> str:
+    """``stage/reason for prompt_id: detail`` of the first line of ``output``'s dead letters."""
+    for path in sorted(glob(join(output, f"{layout.DEAD_LETTER_PREFIX}-*"
+                                         f"{layout.DEAD_LETTER_SUFFIX}"))):
+        with open_file(path, "r") as f:
+            for line in f:
+                d = json.loads(line)
+                return (f"{d.get('stage')}/{d.get('reason')} for {d.get('prompt_id')}: "
+                        f"{d.get('detail')}")
+    return "none found"
 
 
 def _log_counters(result: beam.runners.runner.PipelineResult) -> None:

@@ -266,6 +266,17 @@ def test_an_empty_input_never_replaces_a_complete_run(tiny_policy, tiny_reward_m
     assert generate_main(["--input", str(empty), "--overwrite", *args]) == 2
     assert "no prompt was read" in capsys.readouterr().err
     assert sorted(os.listdir(out)) == before and os.path.exists(os.path.join(out, "_SUCCESS"))
+    # Prompts read, but every one a dead letter (here: too long for the context): no record,
+    # so the run is refused too, naming the reasons and the first dead letter.
+    long = tmp_path / "long.jsonl"
+    long.write_text("".join(json_.dumps({"prompt_id": f"l{i}", "prompt": "tell me " * 40})
+                            + "\n" for i in range(3)))
+    assert generate_main(["--input", str(long), "--overwrite", "--max-model-len", "32",
+                          *args]) == 2
+    err = capsys.readouterr().err
+    assert "no record was written: 3 dead letters" in err and "prompt_too_long" in err
+    assert "the first: render/prompt_too_long for l" in err
+    assert sorted(os.listdir(out)) == before and os.path.exists(os.path.join(out, "_SUCCESS"))
 
 
 def test_a_direct_write_after_a_failed_attempt_holds_only_its_own_files(
