@@ -31,7 +31,9 @@ Writes into ``--output``::
     evaluation_win_rate.png  wins / ties / losses and the win rate with its interval
     evaluation_rewards.png   judge rewards of both models (densities, and per prompt)
     evaluation_lengths.png   response lengths in tokens of both models
-    generations/{policy,baseline}/   the two pipeline outputs (rso inspect reads them)
+    generations/{policy,baseline}/   the two pipeline outputs (rso inspect reads them); with
+                             ``--baseline-generations DIR`` the baseline's are read from DIR
+                             (an earlier evaluation's, checked by run id) and not written again
 
 Lengths are in tokens of each model's own tokenizer (and in characters).
 """
@@ -49,7 +51,7 @@ from rso import console, layout, stats
 from rso import storage as rso_io
 from rso.model_id import model_id
 from rso.plotting import density, no_data, png, pyplot
-from rso_cli.inspect_output import read_records
+from rso_cli.inspect_output import check_complete, read_manifest, read_records, verify_records
 
 EVALUATION = "evaluation.json"
 COMPARISONS = "comparisons.jsonl"
@@ -273,6 +275,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
                         help="judge margins within +-this are ties (half a win)")
     parser.add_argument("--batch-size", type=int, default=8, help="prompts per engine call")
     parser.add_argument("--enforce-eager", action="store_true", help="vLLM: no graph capture")
+    parser.add_argument("--baseline-generations", metavar="DIR",
+                        help="reuse the baseline's responses from an earlier evaluation "
+                             "(its OUTPUT/generations/baseline) instead of generating them "
+                             "again; refused unless its run id shows the same baseline, "
+                             "judge, prompts, seed and settings")
     parser.add_argument("--overwrite", action="store_true", help="replace earlier results")
     parser.add_argument("--verbose", action="store_true", help="show library INFO logs "
                         "(also accepted by `rso` itself)")
@@ -282,6 +289,33 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     if args.num_prompts is not None and args.num_prompts < 1:
         parser.error(f"--num-prompts must be >= 1, got {args.num_prompts}")
     return args, beam_args
+
+
+def check_reusable(generations: str, run_id: str) -> dict[str, Any]:
+    """The manifest of ``generations``; raises ConfigError unless it is a complete `rso
+    generate` output whose run id is ``run_id`` (:meth:`GenerateConfig.resolved_run_id`: the
+    same models by content, prompts, seed and settings give the same id, so its records are the
+    ones a new run would write) and whose record files are those its manifest lists (checksums,
+    none missing)."""
+    from rso.config import ConfigError
+
+    if not rso_io.exists(generations):
+        raise ConfigError(f"--baseline-generations {generations} does not exist")
+    try:
+        check_complete(generations)
+        manifest = read_manifest(generations)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"--baseline-generations: {e}") from None
+    found = manifest.get("run_id") if isinstance(manifest, dict) else None
+    if found != run_id:
+        raise ConfigError(f"--baseline-generations {generations} holds run {found}, not "
+                          f"{run_id}: another baseline, judge, prompt set, seed or setting; "
+                          "leave the flag out to generate the baseline again")
+    try:
+        verify_records(generations, manifest)
+    except ValueError as e:  # a record file removed, partly copied or changed
+        raise ConfigError(f"--baseline-generations: {e}") from None
+    return manifest
 
 
 def evaluate(args: argparse.Namespace, beam_args: Sequence[str] = (),
@@ -299,9 +333,18 @@ def evaluate(args: argparse.Namespace, beam_args: Sequence[str] = (),
         outputs[side] = rso_io.join(args.output, "generations", side)
         configs[side] = generation_config(model, args, outputs[side])
         configs[side].validate()
+    reuse = args.baseline_generations is not None
+    if reuse:
+        outputs["baseline"] = args.baseline_generations
+        reused = check_reusable(args.baseline_generations,
+                                configs["baseline"].resolved_run_id())
     for side in SIDES:
-        say(f"[{side}] generating with {configs[side].policy} -> {outputs[side]}")
-        manifest = run(configs[side], beam_args)
+        if side == "baseline" and reuse:
+            manifest = reused
+            say(f"[{side}] reusing {outputs[side]} (run {manifest['run_id']})")
+        else:
+            say(f"[{side}] generating with {configs[side].policy} -> {outputs[side]}")
+            manifest = run(configs[side], beam_args)
         rows[side] = read_records(outputs[side], layout.SFT_PREFIX, SFT_COLUMNS)
         say(f"[{side}] {len(rows[side])} responses, "
             f"{(manifest.get('counters') or {}).get('dead_letters', 0)} dead letters")

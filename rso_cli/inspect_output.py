@@ -89,6 +89,16 @@ def record_kind(output: str) -> str:
     return layout.PAIRS_PREFIX
 
 
+def verify_records(output: str, manifest: Mapping[str, Any]) -> None:
+    """Raises :class:`rso.checksums.ChecksumError` (a ValueError) unless the record files of a
+    complete run are the ones its manifest lists, byte for byte, none missing."""
+    kind = record_kind(output)
+    files = manifest.get("files", {})
+    checksums.verify(layout.pair_files(output, "parquet", kind) + layout.pair_files(
+        output, "tfrecord", kind), dict(manifest), output,
+        [*files.get("parquet", []), *files.get("tfrecord", [])])
+
+
 def read_records(output: str, prefix: str = layout.PAIRS_PREFIX,
                  columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
     """Every record of a complete run's ``prefix`` files (Parquet if there is any, else
@@ -250,6 +260,8 @@ def _fmt(x: Any, spec: str = ".4g") -> str:
 
 def _pct(p: Mapping[str, Any]) -> str:
     """``"41.0% (95% CI 30.2%-52.7%)"`` for a :func:`rso.stats.proportion`."""
+    if not p.get("n"):
+        return "n/a (no pairs)"
     ci = p["ci95"] or [None, None]
     return (f"{_fmt(p['fraction'], '.1%')} (95% CI {_fmt(ci[0], '.1%')}-"
             f"{_fmt(ci[1], '.1%')})")
@@ -313,10 +325,14 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     if "length_bias" in summary:
         lb = summary["length_bias"]
         p, u = lb["chosen_longer"], lb["chosen_longer_among_unequal"]
-        lines.append(f"length bias: chosen longer in {p['count']}/{p['n']} pairs = "
-                     f"{_pct(p)}; among the {u['n']} pairs of unequal length {_pct(u)} "
-                     f"(0.5 = no bias); corr(margin, length diff) = "
-                     f"{_fmt(lb['margin_length_correlation'], '.3f')}")
+        if u["n"]:
+            lines.append(f"length bias: chosen longer in {p['count']}/{p['n']} pairs = "
+                         f"{_pct(p)}; among the {u['n']} pairs of unequal length {_pct(u)} "
+                         f"(0.5 = no bias); corr(margin, length diff) = "
+                         f"{_fmt(lb['margin_length_correlation'], '.3f')}")
+        else:
+            lines.append(f"length bias: none measurable: in all {p['n']} pairs both responses "
+                         "have the same length (e.g. every response reached max_new_tokens)")
     c = summary.get("cost")
     if isinstance(c, Mapping):
         lines.append("cost (busy seconds summed over workers; manifest.json cost):")
@@ -386,8 +402,11 @@ def render_plots(summary: Mapping[str, Any], series: Mapping[str, Any],
     _legend_or_no_data(ax, [density(ax, v, name, bins) for name, v in lengths.items()])
     head = "Response lengths"
     lb = summary.get("length_bias")
-    if lb and lb["chosen_longer"]["n"]:
-        head += f"\nchosen longer in {_pct(lb['chosen_longer'])} of pairs"
+    if lb and lb["chosen_longer_among_unequal"]["n"]:
+        u = lb["chosen_longer_among_unequal"]
+        head += f"\nchosen longer in {_pct(u)} of the {u['n']} pairs of unequal length"
+    elif lb and lb["chosen_longer"]["n"]:
+        head += "\nevery pair's responses have the same length"
     ax.set(xlabel="tokens", ylabel="density", title=head)
     out["inspect_lengths.png"] = png(fig)
 
@@ -445,12 +464,7 @@ def inspect_output(output: str, plots_dir: str | None = None) -> dict[str, Any]:
     summary. Raises :class:`IncompleteOutputError` for an unfinished directory and ValueError
     (:class:`rso.checksums.ChecksumError`) for a record file that differs from its manifest."""
     if layout.is_complete(output):
-        kind = record_kind(output)
-        manifest = read_manifest(output)
-        files = manifest.get("files", {})
-        checksums.verify(layout.pair_files(output, "parquet", kind) + layout.pair_files(
-            output, "tfrecord", kind), manifest, output,
-            [*files.get("parquet", []), *files.get("tfrecord", [])])
+        verify_records(output, read_manifest(output))
     summary, series = summarize_output(output)
     target = plots_dir or output
     rso_io.makedirs(target)

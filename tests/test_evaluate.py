@@ -7,6 +7,7 @@ import glob
 import json
 import math
 import os
+import shutil
 
 import pyarrow.parquet as pq
 import pytest
@@ -143,6 +144,42 @@ def test_policy_against_another_model(tiny_policy, other_policy, tiny_reward_mod
         sum(len(r["completion_token_ids"]) for r in baseline.values()) / n)
     assert ev["models"]["policy"].startswith(os.path.basename(other_policy) + "@sha256:")
     assert ev["unpaired"] == {"policy_only": [], "baseline_only": []}
+
+
+@pytest.mark.slow
+def test_baseline_generations_are_reused_only_when_they_are_the_same_run(
+        tiny_policy, other_policy, tiny_reward_model, prompts, tmp_path, capsys):
+    """--baseline-generations reads an earlier evaluation's baseline instead of generating it
+    again, with the same verdicts; another seed (or baseline, judge, prompts) is refused."""
+    first, second = str(tmp_path / "first"), str(tmp_path / "second")
+    assert _evaluate(other_policy, tiny_policy, tiny_reward_model, prompts, first) == 0
+    reused = os.path.join(first, "generations", "baseline")
+    assert _evaluate(other_policy, tiny_policy, tiny_reward_model, prompts, second,
+                     "--baseline-generations", reused) == 0
+    a, b = (json.load(open(os.path.join(d, "evaluation.json"))) for d in (first, second))
+    assert (b["wins"], b["ties"], b["losses"], b["win_rate"]) == \
+        (a["wins"], a["ties"], a["losses"], a["win_rate"])
+    assert b["generations"]["baseline"] == reused
+    assert not os.path.exists(os.path.join(second, "generations", "baseline"))
+    assert "[baseline] reusing" in capsys.readouterr().out
+    other_seed = str(tmp_path / "other-seed")
+    assert _evaluate(other_policy, tiny_policy, tiny_reward_model, prompts, other_seed,
+                     "--baseline-generations", reused, "--seed", "12") == 2
+    assert f"holds run {json.load(open(os.path.join(reused, 'manifest.json')))['run_id']}, " \
+        "not run-" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(other_seed, "evaluation.json"))
+    assert _evaluate(other_policy, tiny_policy, tiny_reward_model, prompts, other_seed,
+                     "--baseline-generations", str(tmp_path / "nowhere")) == 2
+    assert "nowhere does not exist" in capsys.readouterr().err
+    # the same run id, but a record file removed: refused, not a comparison of fewer prompts
+    damaged = str(tmp_path / "damaged")
+    shutil.copytree(reused, damaged)
+    for path in glob.glob(os.path.join(damaged, "sft-*.parquet")):
+        os.remove(path)
+    assert _evaluate(other_policy, tiny_policy, tiny_reward_model, prompts, other_seed,
+                     "--baseline-generations", damaged) == 2
+    assert "listed in its manifest but missing" in capsys.readouterr().err
+    assert not os.path.exists(os.path.join(other_seed, "evaluation.json"))
 
 
 @pytest.mark.slow

@@ -151,3 +151,14 @@ def test_refuses_a_run_whose_success_marker_was_removed(rso_run, tmp_path, capsy
     os.remove(os.path.join(copy, "_SUCCESS"))
     assert I.main([copy]) == 2
     assert "not a complete pipeline output" in capsys.readouterr().err
+@pytest.mark.slow
+def test_length_bias_line_when_every_pair_has_equal_lengths(rso_run):
+    """Responses cut at max_new_tokens all have one length: the summary says so instead of an
+    empty interval."""
+    summary, _ = I.summarize_output(rso_run)
+    summary["length_bias"]["chosen_longer"] = stats.proportion(0, 5)
+    summary["length_bias"]["chosen_longer_among_unequal"] = stats.proportion(0, 0)
+    text = I.format_summary(summary)
+    assert "length bias: none measurable: in all 5 pairs both responses have the same length" \
+        in text
+    assert "---" not in text and "among the 0 pairs" not in text and "0/5" not in text
