@@ -112,6 +112,10 @@ class GenerationHandler(RetryingHandler):
 
     def run_inference(self, batch: Sequence[RenderedPrompt], model: Any,
                       inference_args: dict | None = None) -> Iterable[PredictionResult]:
+        if not self._progress["prompts"]:  # the first batch can take minutes on a CPU
+            log.info("decoding batches of %d prompts x %d candidates (up to %d new tokens "
+                     "each); one line per batch", len(batch), self._config.num_candidates,
+                     self._config.max_new_tokens)
         start = time.perf_counter()
         fn = lambda ps: self.infer(ps, model)  # noqa: E731
         groups = [list(batch)] if self.batched else [[p] for p in batch]

@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -83,6 +84,8 @@ def vllm_engine_kwargs(config: GenerateConfig) -> dict[str, Any]:
         max_model_len=context_length(config.policy, config.max_model_len,
                                      config.trust_remote_code),
         enforce_eager=config.enforce_eager, logprobs_mode="raw_logprobs",
+        # its weight-loading progress bar only with --verbose (rso.console)
+        use_tqdm_on_load=logging.getLogger("vllm").isEnabledFor(logging.INFO),
         gpu_memory_utilization=(config.vllm_gpu_memory_utilization
                                 or (0.3 if cpu else 0.9)))
     if cpu:
@@ -107,8 +110,11 @@ def get_vllm_engine(config: GenerateConfig):
 
             if hasattr(vllm.envs, "disable_envs_cache"):
                 vllm.envs.disable_envs_cache()  # a previous engine froze the env it saw
-            log.info("starting vLLM engine: %s", kwargs)
+            log.info("starting vLLM engine (its first start compiles graphs: a minute or "
+                     "more on a CPU): %s", kwargs)
+            start = time.perf_counter()
             _ENGINES[key] = vllm.LLM(**kwargs)
+            log.info("vLLM engine ready in %.0f s", time.perf_counter() - start)
         return _ENGINES[key]
 
 

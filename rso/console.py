@@ -57,6 +57,10 @@ def configure(verbose: bool = False) -> None:
         os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # c10 warnings (NUMA binding...)
+        # torch's Python loggers carry their own handler, set up at import from TORCH_LOGS (so
+        # in vLLM's engine process too): "-all" = the "torch" logger at ERROR ("Triton not
+        # available"). Never "": torch 2.x fails to import with an empty TORCH_LOGS.
+        os.environ.setdefault("TORCH_LOGS", "-all")
     # Python warnings (FutureWarning, DeprecationWarning from libraries) go through logging, to
     # the "py.warnings" logger: shown with --verbose, hidden otherwise.
     logging.captureWarnings(True)

@@ -200,3 +200,29 @@ def test_eval_split_and_max_length(tiny_policy, data_dir, records, tmp_path, cap
     assert result.eval["pairs"] == len(held)
     assert result.summary["pairs"] == len(trained)
     assert result.steps == math.ceil(len(trained) / 2)
+
+
+def test_log_lines_during_the_progress_bar_get_their_own_lines(capsys):
+    """A log line written while the bar is shown goes above the bar, not into its line; the
+    console's handlers are restored when the bar closes."""
+    import sys
+
+    from trainer.metrics import Progress
+
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(name)s: %(message)s"))
+    before = list(root.handlers)
+    root.addHandler(handler)
+    try:
+        progress = Progress(total=2, initial=0, enabled=True)
+        progress.update({"loss": 0.69, "accuracy": 0.5, "pairs_per_s": 1.0})
+        logging.getLogger("trainer.test").warning("REFERENCE-CHECK-LINE")
+        progress.update({"loss": 0.68, "accuracy": 0.5, "pairs_per_s": 1.0})
+        progress.close()
+        assert root.handlers == before + [handler]
+    finally:
+        root.removeHandler(handler)
+    err = capsys.readouterr().err
+    lines = [part for line in err.splitlines() for part in line.split("\r")]
+    assert "trainer.test: REFERENCE-CHECK-LINE" in lines  # a line of its own
