@@ -14,10 +14,15 @@ sft-sample-rank (random selection) from the same candidates (Liu et al. 2024, Ta
    prompt's reward spread, ``--beta-scale std``) and paired.
 3. ``rso select --selection random`` on the same stored candidates (no decoding): the
    sft-sample-rank baseline at the same sample budget.
-4. ``rso train`` (DPO, sigmoid-norm) from the SFT policy on each pair set, the same budget.
+4. ``rso train`` (DPO, sigmoid-norm) from the SFT policy on each pair set, the same budget
+   (each in a child process: the vLLM engine's CPU worker pins this process's threads).
 5. ``rso evaluate`` of each trained policy against the SFT policy under the judge, on held-out
-   prompts (rows 1024-1279), with 95% intervals.
-It ends with a table and the paths of the plots. ``--full`` runs a larger version.
+   prompts (rows 1024-1279), with 95% intervals (the SFT responses are generated once and
+   reused for every method: ``--baseline-generations``).
+It ends with a table and the paths of the plots. The default run (12 prompts x 16 candidates,
+48 new tokens, 6 DPO steps of 4 pairs per method, 24 evaluation prompts) takes about a quarter
+of an hour cold on 2 CPU cores; ``--full`` runs a larger version (docs/RESULTS.md has the
+measured times).
 """
 from __future__ import annotations
 
@@ -58,6 +63,7 @@ def prepare_policy(cache_dir: str) -> str:
     """SmolLM2-135M-Instruct as a safetensors HF directory (dequantised from the shipped GGUF)."""
     out = os.path.join(cache_dir, "smollm2-135m-instruct")
     if os.path.exists(os.path.join(out, "model.safetensors")):
+        log.info("SFT policy: cached in %s", out)
         return out
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -85,6 +91,7 @@ def fit_head_model(out: str, backbone: str, rows: tuple[int, int], what: str,
     (cached: fitted once); ``reward_fit.json`` there holds the held-out accuracy and its 95%
     interval."""
     if os.path.exists(os.path.join(out, "model.safetensors")):
+        log.info("%s: cached in %s (held-out accuracy %s)", what, out, fit_accuracy(out))
         return out
     import shutil
 
@@ -120,7 +127,8 @@ def prepare_judge(cache_dir: str, backbone: str, max_pairs: int = 800, seed: int
     1280-2311, data the proxy never saw. The default run uses all-MiniLM-L6-v2 (a disjoint data
     split: minutes on 2 cores); ``--full`` uses SmolLM2-135M (a different backbone too: about
     half an hour of feature extraction on 2 cores, once)."""
-    name = os.path.basename(os.path.normpath(backbone)).lower()
+    name = ("all-minilm-l6-v2" if backbone == minilm_dir()  # the package's dir is ".../model"
+            else os.path.basename(os.path.normpath(backbone)).lower())
     return fit_head_model(os.path.join(cache_dir, f"judge-{name}-hh-harmless-bt"), backbone,
                           JUDGE_ROWS, "judge", max_pairs, seed)
 
@@ -144,12 +152,12 @@ def write_prompts(path: str, rows: tuple[int, int]) -> str:
 @dataclasses.dataclass(frozen=True)
 class Sizes:
     """What one demo run does; the default fits 15 minutes cold on 2 CPU cores."""
-    train_prompts: int = 16
+    train_prompts: int = 12
     eval_prompts: int = 24
     num_candidates: int = 16
     num_samples: int = 4
     max_new_tokens: int = 48
-    train_steps: int = 8
+    train_steps: int = 6  # 12 prompts x 2 pairs = 24 pairs: one epoch at batch 4
     batch_size: int = 4
 
 
@@ -178,13 +186,25 @@ def mean_chosen_reward(output: str) -> float:
     return sum(values) / len(values) if values else float("nan")
 
 
+def train_in_child(argv: list[str], verbose: bool = False) -> int:
+    """``rso train ARGV`` in a child process (the ``rso`` command: same console settings); its
+    exit code. Not in this process: vLLM's CPU
+    worker runs in the process that started the engine, binds its OpenMP threads there and
+    replaces ``torch.set_num_threads`` with a no-op, and training in that process ran at
+    0.13-0.15 pairs/s against 0.22 on its own (docs/RESULTS.md)."""
+    import subprocess
+
+    command = [sys.executable, "-m", "rso_cli.cli", "train", *argv]
+    return subprocess.run(command + (["--verbose"] if verbose else [])).returncode
+
+
 def run_loop(args: argparse.Namespace, sizes: Sizes, policy: str, proxy: str, judge: str) -> dict:
     """Steps 2-5 of the module docstring; returns the summary written to demo.json."""
+    from beam_pipelines.generate_vllm import clear_vllm_engines
     from beam_pipelines.pipeline import main as generate
     from beam_pipelines.pipeline import select_main
     from rso_cli.evaluate import main as evaluate
     from trainer.checkpoint import latest_checkpoint
-    from trainer.train import main as train
 
     out = args.output
     os.makedirs(out, exist_ok=True)
@@ -212,19 +232,25 @@ def run_loop(args: argparse.Namespace, sizes: Sizes, policy: str, proxy: str, ju
             "--candidates", data["rso"], "--output", data[method], "--selection", method,
             "--overwrite", *common]))
     summary: dict = {"proxy": proxy, "judge": judge, "policy": policy, "methods": {}}
+    baseline: list[str] = []  # the SFT responses, generated by the first evaluation only
     for method, pairs in data.items():
         trained = os.path.join(out, f"policy-{method}")
-        step(f"train on {method} pairs", train([
+        step(f"train on {method} pairs", train_in_child([
             "--data", pairs, "--policy", policy, "--output", trained, "--overwrite",
             "--loss", "sigmoid-norm", "--gamma", "0.1", "--lr", str(args.lr),
             "--batch-size", str(sizes.batch_size), "--max-steps", str(sizes.train_steps),
-            "--warmup-steps", "0", "--seed", str(args.seed), "--no-progress"]))
+            "--warmup-steps", "0", "--seed", str(args.seed)], args.verbose))
         evaluation = os.path.join(out, f"eval-{method}")
         step(f"evaluate the {method} policy against SFT", evaluate([
             "--policy", latest_checkpoint(trained), "--baseline", policy, "--judge", judge,
             "--prompts", eval_prompts, "--num-prompts", str(sizes.eval_prompts),
             "--max-new-tokens", str(sizes.max_new_tokens), "--seed", str(args.seed),
-            "--output", evaluation, "--overwrite", "--engine", args.eval_engine]))
+            "--output", evaluation, "--overwrite", "--engine", args.eval_engine,
+            "--batch-size", str(sizes.eval_prompts), *baseline]))
+        if not baseline:  # the first evaluation generated the SFT responses; later ones reuse
+            baseline = ["--baseline-generations",
+                        os.path.join(evaluation, "generations", "baseline")]
+        clear_vllm_engines()  # this policy's engine (and SFT's) is not needed again: free them
         with open(os.path.join(evaluation, "evaluation.json")) as f:
             ev = json.load(f)
         summary["methods"][method] = {
@@ -256,20 +282,32 @@ def format_summary(summary: dict) -> str:
     return "\n".join(lines)
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter,
+                     argparse.ArgumentDefaultsHelpFormatter):
+    """The module docstring as written, and each option's default."""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rso demo", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+                                     formatter_class=_HelpFormatter)
     parser.add_argument("--output", default="out/demo", help="output directory")
-    parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/rso-pipeline"))
+    parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/rso-pipeline"),
+                        help="where the SFT policy and the fitted reward models are kept "
+                             "between runs")
+    full = ", ".join(f"{f.name} {getattr(FULL, f.name)}" for f in dataclasses.fields(FULL))
     parser.add_argument("--full", action="store_true",
-                        help=f"a larger run (about 45 minutes on 2 CPU cores): {FULL}")
-    parser.add_argument("--engine", choices=("vllm", "transformers"), default="vllm")
-    parser.add_argument("--eval-engine", choices=("vllm", "transformers"), default="transformers",
-                        help="engine of the evaluation's short generations (transformers: no "
-                             "vLLM graph compilation for each trained policy)")
-    parser.add_argument("--seed", type=int, default=0)
+                        help=f"a larger run (about 45 minutes on 2 CPU cores): {full}")
+    parser.add_argument("--engine", choices=("vllm", "transformers"), default="vllm",
+                        help="engine that decodes the candidates")
+    parser.add_argument("--eval-engine", choices=("vllm", "transformers"), default="vllm",
+                        help="engine of the evaluation's generations (on a 2-core CPU: vLLM "
+                             "takes about a minute to start for each policy, then decodes all "
+                             "prompts in one batch at ~35-80 tok/s; transformers decodes one "
+                             "prompt at a time, ~9 tok/s)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="run seed: sampling, selection, training and evaluation")
     parser.add_argument("--lr", type=float, default=5e-6, help="policy learning rate")
-    parser.add_argument("--methods", type=lambda v: v.split(","), default=["rso", "random"],
+    parser.add_argument("--methods", type=lambda v: v.split(","), default="rso,random",
                         help="selections to compare, rso first (its run stores the candidates "
                              "the others re-select from): e.g. rso,random,top-k")
     parser.add_argument("--verbose", action="store_true", help="show library INFO logs")
