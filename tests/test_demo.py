@@ -3,7 +3,9 @@ SFT under a judge) through the same code path as the real demo, at tiny sizes.""
 from __future__ import annotations
 
 import json
+import logging
 import os
+import re
 
 from rso_cli.demo import main
 
@@ -11,12 +13,13 @@ TINY = {"train_prompts": 6, "eval_prompts": 4, "num_candidates": 4, "num_samples
         "max_new_tokens": 6, "train_steps": 2, "batch_size": 2}
 
 
-def test_whole_loop_on_tiny_models(tiny_policy, tiny_reward_model, tmp_path, capsys):
+def test_whole_loop_on_tiny_models(tiny_policy, tiny_reward_model, tmp_path, capsys, caplog):
     out = str(tmp_path / "demo")
-    assert main(["--output", out, "--policy", tiny_policy, "--proxy", tiny_reward_model,
-                 "--judge", tiny_reward_model, "--engine", "transformers",
-                 "--eval-engine", "transformers", "--lr", "1e-3",
-                 "--methods", "rso,random,top-k", "--sizes", json.dumps(TINY)]) == 0
+    with caplog.at_level(logging.INFO):
+        assert main(["--output", out, "--policy", tiny_policy, "--proxy", tiny_reward_model,
+                     "--judge", tiny_reward_model, "--engine", "transformers",
+                     "--eval-engine", "transformers", "--lr", "1e-3",
+                     "--methods", "rso,random,top-k", "--sizes", json.dumps(TINY)]) == 0
     printed = capsys.readouterr().out
     assert "rso-sample-rank (rso)" in printed and "sft-sample-rank (random)" in printed
     with open(os.path.join(out, "demo.json")) as f:
@@ -32,6 +35,13 @@ def test_whole_loop_on_tiny_models(tiny_policy, tiny_reward_model, tmp_path, cap
         assert 0.0 <= lo <= m["win_rate"] <= hi <= 1.0
         assert m["wins"] + m["ties"] + m["losses"] >= 1
         assert os.path.exists(os.path.join(m["evaluation"], "evaluation.json"))
+    # one line per stage with what it produced; the nested runs' counters and cost tables are
+    # hidden without --verbose (they are in each manifest), and the levels are restored after
+    counts = r"done \(\d+ prompts, \d+ candidates, \d+ pairs, \d+ dead letters\)"
+    assert re.search(r"generate \(rso, beta 0.5, candidates stored\): " + counts, caplog.text)
+    assert re.search(r"select \(random, from the stored candidates\): " + counts, caplog.text)
+    assert "cost: stage" not in caplog.text and "beam counters" not in caplog.text
+    assert logging.getLogger("rso.generate").level == logging.INFO
     # random selection re-used the stored candidates: nothing was decoded for it
     with open(os.path.join(out, "pairs-random", "manifest.json")) as f:
         assert json.load(f)["accounting"]["decoding"]["tokens_decoded"] == 0
