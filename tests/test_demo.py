@@ -41,7 +41,7 @@ def test_whole_loop_on_tiny_models(tiny_policy, tiny_reward_model, tmp_path, cap
     assert re.search(r"generate \(rso, beta 0.5, candidates stored\): " + counts, caplog.text)
     assert re.search(r"select \(random, from the stored candidates\): " + counts, caplog.text)
     assert "cost: stage" not in caplog.text and "beam counters" not in caplog.text
-    assert logging.getLogger("rso.generate").level == logging.INFO
+    assert logging.getLogger("rso.generate").getEffectiveLevel() == logging.INFO
     # random selection re-used the stored candidates: nothing was decoded for it
     with open(os.path.join(out, "pairs-random", "manifest.json")) as f:
         assert json.load(f)["accounting"]["decoding"]["tokens_decoded"] == 0
