@@ -93,12 +93,12 @@ def main(argv: list[str] | None = None) -> int:
 
     from beam_pipelines.pipeline import main as generate
     from rso import console
-    from rso_cli.demo import bundled_data, prepare_policy
+    from rso_cli.demo import PROXY_DIR, bundled_data, prepare_policy
 
     console.configure(verbose=False)
     work = tempfile.mkdtemp(prefix="rso-stage-costs-")
     policy = args.policy or prepare_policy(args.cache_dir)
-    reward = args.reward_model or os.path.join(args.cache_dir, "minilm-hh-harmless-bt-rm")
+    reward = args.reward_model or os.path.join(args.cache_dir, PROXY_DIR)
     if not os.path.exists(os.path.join(reward, "config.json")):
         from tests.tiny_models import build_reward_model
 

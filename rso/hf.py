@@ -89,13 +89,20 @@ def load_causal_lm(path: str, dtype: str = "float32", device: str | None = None,
 def load_classifier(path: str, dtype: str = "float32", device: str | None = None,
                     trust_remote_code: bool = False, train: bool = False,
                     **config_overrides: Any) -> Any:
-    """``AutoModelForSequenceClassification`` from ``path``, like :func:`load_causal_lm`;
-    ``config_overrides`` (e.g. ``num_labels=1`` for a new head on a backbone) go to
-    ``from_pretrained``."""
-    from transformers import AutoModelForSequenceClassification
+    """``AutoModelForSequenceClassification`` from ``path``, like :func:`load_causal_lm`, or a
+    :class:`rso.pooling.MeanPooledClassifier` when its config says ``rso_pooling: "mean"``;
+    ``config_overrides`` (e.g. ``num_labels=1`` for a new head on a backbone) go to the config.
+    ValueError on an ``rso_pooling`` this version does not know."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
 
-    model: Any = AutoModelForSequenceClassification.from_pretrained(
-        path, dtype=torch_dtype(dtype), trust_remote_code=trust_remote_code, **config_overrides)
+    from rso.pooling import MeanPooledClassifier, is_mean_pooled
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code,
+                                        **config_overrides)
+    cls: Any = MeanPooledClassifier if is_mean_pooled(config) else \
+        AutoModelForSequenceClassification
+    model: Any = cls.from_pretrained(path, config=config, dtype=torch_dtype(dtype),
+                                     trust_remote_code=trust_remote_code)
     if device is not None:
         model.to(resolve_device(device))
     model.train(train)

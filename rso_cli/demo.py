@@ -114,12 +114,17 @@ def fit_head_model(out: str, backbone: str, rows: tuple[int, int], what: str,
     return out
 
 
+# The cached proxy's directory name under --cache-dir; "mean" tells it from the pooler-output
+# model earlier versions cached under "minilm-hh-harmless-bt-rm".
+PROXY_DIR = "minilm-mean-hh-harmless-bt-rm"
+
+
 def prepare_reward_model(cache_dir: str, max_pairs: int = 768, seed: int = 0) -> str:
-    """The proxy: MiniLM (its pooler output, the input of its own classifier head, each dialogue
-    cut from the left to 384 tokens) + a Bradley-Terry head on bundled HH-RLHF rows
-    [256, 256 + max_pairs), laid out as the pipeline's reward stage lays them out (no chat
-    template: :func:`rso.transcript.hh_transcript`)."""
-    return fit_head_model(os.path.join(cache_dir, "minilm-hh-harmless-bt-rm"), minilm_dir(),
+    """The proxy: MiniLM (the mean of its final token states, the pooling it was trained for
+    (:mod:`rso.pooling`), each dialogue cut from the left to 384 tokens) + a Bradley-Terry head
+    on bundled HH-RLHF rows [256, 256 + max_pairs), laid out as the pipeline's reward stage
+    lays them out (no chat template: :func:`rso.transcript.hh_transcript`)."""
+    return fit_head_model(os.path.join(cache_dir, PROXY_DIR), minilm_dir(),
                           (NUM_PROMPT_ROWS, NUM_PROMPT_ROWS + max_pairs), "demo reward model",
                           seed=seed)
 
@@ -129,7 +134,7 @@ def prepare_judge(cache_dir: str, backbone: str, max_pairs: int = 800, seed: int
     1280-2311, data the proxy never saw. The default run uses all-MiniLM-L6-v2 (a disjoint data
     split: minutes on 2 cores); ``--full`` uses SmolLM2-135M (a different backbone too: about
     half an hour of feature extraction on 2 cores, once)."""
-    name = ("all-minilm-l6-v2" if backbone == minilm_dir()  # the package's dir is ".../model"
+    name = ("all-minilm-l6-v2-mean" if backbone == minilm_dir()  # the package dir's ".../model"
             else os.path.basename(os.path.normpath(backbone)).lower())
     return fit_head_model(os.path.join(cache_dir, f"judge-{name}-hh-harmless-bt"), backbone,
                           JUDGE_ROWS, "judge", max_pairs, seed)

@@ -267,3 +267,86 @@ def test_full_mode_beats_chance_and_resumes_exactly(marker_data, tiny_policy, tm
     assert [r["step"] for r in train_b] == [r["step"] for r in train_a]
     assert [r["loss"] for r in train_b] == pytest.approx([r["loss"] for r in train_a],
                                                          abs=1e-5)
+
+
+# ------------------------------------------------------------------------------ mean pooling
+@pytest.fixture(scope="module")
+def sentence_encoder(tmp_path_factory) -> str:
+    from tests.tiny_models import build_sentence_encoder
+
+    return build_sentence_encoder(str(tmp_path_factory.mktemp("tiny_encoder")))
+
+
+def test_a_sentence_transformers_encoder_is_mean_pooled_everywhere(marker_data,
+                                                                  sentence_encoder, tmp_path):
+    """`--pooling auto` reads the encoder's 1_Pooling config; the saved model scores the mean
+    of its token states (checked by hand), the same in a padded batch as alone, and loads in
+    the pipeline's reward handler with the same scores."""
+    from rso.hf import load_classifier as hf_classifier
+    from rso.pooling import POOLING_KEY, MeanPooledClassifier
+
+    result = train_reward(cfg(marker_data, sentence_encoder, tmp_path / "rm",
+                              c_grid=[0.1, 1.0, 10.0]))
+    assert result.fit["pooling"] == "mean"
+    assert result.fit["heldout_accuracy"] >= 0.8, result.fit
+    assert result.fit["saved_model_max_abs_diff"] <= 1e-4
+    with open(tmp_path / "rm" / "config.json") as f:
+        assert json.load(f)[POOLING_KEY] == "mean"
+    model = hf_classifier(result.output)
+    assert isinstance(model, MeanPooledClassifier)
+
+    from transformers import AutoTokenizer
+
+    examples = read_preferences([marker_data]).examples[:8]
+    tok = AutoTokenizer.from_pretrained(result.output)
+    ids_a, ids_b, _ = encode_examples(tok, examples, "pointwise", 48)
+    batched = model_scores(model, ids_a + ids_b, model.config.pad_token_id, 16,
+                           torch.device("cpu"))
+    with torch.no_grad():
+        one = torch.tensor([ids_a[0]])
+        hidden = model.encoder(input_ids=one).last_hidden_state[0]  # [T, H]
+        by_hand = float(model.score(hidden.mean(0))[0])
+        alone = float(model(input_ids=one, attention_mask=torch.ones_like(one)).logits[0, 0])
+    assert alone == pytest.approx(by_hand, abs=1e-5)
+    assert float(batched[0]) == pytest.approx(alone, abs=1e-5)  # padding changes nothing
+
+    handler = PointwiseRewardHandler(RewardModelSpec(path=result.output), GenerateConfig())
+    loaded = handler.load_model()
+    rewards = [r.inference for r in handler.run_inference(
+        [pipeline_candidates(ex) for ex in examples], loaded)]
+    for i, (ra, rb) in enumerate(rewards):
+        assert ra == pytest.approx(float(batched[i]), abs=1e-4)
+        assert rb == pytest.approx(float(batched[len(examples) + i]), abs=1e-4)
+
+
+def test_pooling_model_keeps_the_stock_classifier_and_unknown_poolings_fail(
+        marker_data, sentence_encoder, tmp_path):
+    from rso.hf import load_classifier as hf_classifier
+
+    result = train_reward(cfg(marker_data, sentence_encoder, tmp_path / "rm", pooling="model",
+                              c_grid=[1.0]))
+    assert result.fit["pooling"] == "model"
+    assert type(hf_classifier(result.output)).__name__ == "BertForSequenceClassification"
+    with open(tmp_path / "rm" / "config.json") as f:
+        config = json.load(f)
+    assert "rso_pooling" not in config
+    config["rso_pooling"] = "max"  # written by some other version
+    with open(tmp_path / "rm" / "config.json", "w") as f:
+        json.dump(config, f)
+    with pytest.raises(ValueError, match="rso_pooling='max'"):
+        hf_classifier(result.output)
+
+
+def test_mean_pooled_full_mode_resumes_exactly(marker_data, sentence_encoder, tmp_path):
+    common = dict(mode="full", lr=3e-3, epochs=2, batch_size=8, save_every=4, seed=1)
+    straight = train_reward(cfg(marker_data, sentence_encoder, tmp_path / "a", **common))
+    assert straight.fit["pooling"] == "mean"
+    train_reward(cfg(marker_data, sentence_encoder, tmp_path / "b", **common), stop_after=6)
+    resumed = train_reward(cfg(marker_data, sentence_encoder, tmp_path / "b", resume=True,
+                               **common))
+    wa = load_file(str(tmp_path / "a" / "model.safetensors"))
+    wb = load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert wa.keys() == wb.keys() and "score.weight" in wa
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
+    assert resumed.fit["heldout_accuracy"] == straight.fit["heldout_accuracy"]

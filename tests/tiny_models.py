@@ -2,7 +2,8 @@
 
 - a word-level tokenizer trained on a small corpus, with a chat template, eos/pad/bos tokens;
 - a 2-layer Llama causal LM (the policy), saved as safetensors;
-- a 2-layer Llama sequence-classification model with one output (a pointwise reward model).
+- a 2-layer Llama sequence-classification model with one output (a pointwise reward model);
+- a 2-layer BERT encoder laid out as a sentence-transformers model that pools by mean.
 Sizes are chosen so vLLM's CPU backend accepts them (head_dim 64).
 """
 from __future__ import annotations
@@ -99,4 +100,25 @@ def build_reward_model(out_dir: str, seed: int = 1) -> str:
     torch.manual_seed(seed)
     model = LlamaForSequenceClassification(_llama_config(tok, num_labels=1))
     model.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def build_sentence_encoder(out_dir: str, seed: int = 2) -> str:
+    """A 2-layer BERT encoder (bare ``BertModel``, as sentence-transformers saves one) with the
+    word-level tokenizer and a ``1_Pooling/config.json`` that selects mean pooling."""
+    import json
+
+    import torch
+    from transformers import BertConfig, BertModel
+
+    os.makedirs(os.path.join(out_dir, "1_Pooling"), exist_ok=True)
+    tok = build_tokenizer(out_dir)
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig(vocab_size=len(tok), hidden_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, intermediate_size=128,
+                                 max_position_embeddings=256, pad_token_id=tok.pad_token_id))
+    model.save_pretrained(out_dir, safe_serialization=True)
+    with open(os.path.join(out_dir, "1_Pooling", "config.json"), "w") as f:
+        json.dump({"word_embedding_dimension": 64, "pooling_mode_cls_token": False,
+                   "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False}, f)
     return out_dir
