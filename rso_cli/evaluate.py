@@ -35,6 +35,11 @@ Writes into ``--output``::
                              ``--baseline-generations DIR`` the baseline's are read from DIR
                              (an earlier evaluation's, checked by run id) and not written again
 
+Both models generate in ``--dtype`` (default float32, whatever the hardware): DPO moves a
+policy's weights by far less than bfloat16's resolution (8 significant bits; a relative step of
+about 0.4%), so in bf16 most of a short fine-tune's update rounds away and the rest becomes
+rounding noise, and the comparison would not be of the trained policy.
+
 Lengths are in tokens of each model's own tokenizer (and in characters).
 """
 from __future__ import annotations
@@ -67,7 +72,8 @@ def generation_config(model: str, args: argparse.Namespace, output: str):
 
     return GenerateConfig(
         input=args.prompts, input_format=args.input_format, output=output, policy=model,
-        engine=args.engine, max_new_tokens=args.max_new_tokens, max_prompts=args.num_prompts,
+        engine=args.engine, dtype=args.dtype, max_new_tokens=args.max_new_tokens,
+        max_prompts=args.num_prompts,
         num_candidates=1, num_samples=1, selection="best-of-n", seed=args.seed,
         reward_model=[RewardModelSpec(path=args.judge, kind=args.judge_kind)],
         enforce_eager=args.enforce_eager, batch_size=args.batch_size, overwrite=args.overwrite)
@@ -267,6 +273,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
                         choices=("auto", "jsonl", "parquet", "hh-rlhf"))
     parser.add_argument("--output", required=True, help="directory for the results")
     parser.add_argument("--engine", choices=("vllm", "transformers"), default="vllm")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "auto"),
+                        default="float32",
+                        help="generation precision of both models (default float32: a policy "
+                             "fine-tuned for a few hundred steps differs from its base by less "
+                             "than bfloat16's resolution, so in bf16 most of its update rounds "
+                             "away; auto = the pipeline's choice by hardware)")
     parser.add_argument("--max-new-tokens", type=int, default=128)
     parser.add_argument("--num-prompts", type=int, default=None,
                         help="evaluate on this many prompts (a seeded shard, as --max-prompts)")

@@ -70,6 +70,20 @@ def test_pairing_by_prompt_id_reports_one_sided_prompts():
 
 
 # ---------------------------------------------------------------- end to end
+def test_both_sides_generate_in_float32_unless_told(monkeypatch):
+    """A short fine-tune moves weights by less than bf16's resolution: evaluating in bf16 (what
+    the pipeline's "auto" picks on a CPU with native bf16) would round the update away."""
+    import rso.hf
+
+    monkeypatch.setattr(rso.hf, "native_bf16", lambda cpuinfo=None: True)
+    base = ["--policy", "p", "--baseline", "b", "--judge", "j", "--prompts", "x.jsonl",
+            "--output", "o"]
+    args, _ = E.parse_args(base)
+    assert E.generation_config("p", args, "o/g").generation_dtype == "float32"
+    args, _ = E.parse_args(base + ["--dtype", "auto"])
+    assert E.generation_config("p", args, "o/g").generation_dtype == "bfloat16"
+
+
 @pytest.fixture(scope="module")
 def prompts(tmp_path_factory):
     path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
