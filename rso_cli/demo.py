@@ -87,12 +87,17 @@ def prepare_policy(cache_dir: str) -> str:
     return out
 
 
+# Training-set sizes at which the demo's reward models are also fitted (seconds: the features
+# are computed once), so each reward_fit.json holds its learning curve.
+LEARNING_CURVE = (100, 200, 400)
+
+
 def fit_head_model(out: str, backbone: str, rows: tuple[int, int], what: str,
                    max_pairs: int | None = None, seed: int = 0) -> str:
     """``backbone``'s features + a Bradley-Terry head (``rso reward train --mode head``) on
     bundled HH-RLHF rows ``[start, end)``, a fifth of their prompts held out, saved in ``out``
-    (cached: fitted once); ``reward_fit.json`` there holds the held-out accuracy and its 95%
-    interval."""
+    (cached: fitted once); ``reward_fit.json`` there holds the held-out accuracy, its 95%
+    interval and the learning curve (:data:`LEARNING_CURVE`)."""
     if os.path.exists(os.path.join(out, "model.safetensors")):
         log.info("%s: cached in %s (held-out accuracy %s)", what, out, fit_accuracy(out))
         return out
@@ -106,7 +111,8 @@ def fit_head_model(out: str, backbone: str, rows: tuple[int, int], what: str,
              what, backbone_name(backbone), rows[0], rows[1] - 1)
     result = train_reward(RewardConfig(
         data=[bundled_data()], rows=f"{rows[0]}:{rows[1]}", model=backbone, output=tmp,
-        mode="head", eval_fraction=0.2, max_train_pairs=max_pairs, seed=seed, plots=False))
+        mode="head", eval_fraction=0.2, max_train_pairs=max_pairs, seed=seed, plots=False,
+        learning_curve=list(LEARNING_CURVE)))
     os.remove(os.path.join(tmp, FEATURES_FILE))
     os.replace(tmp, out)
     fit = result.fit
