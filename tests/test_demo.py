@@ -61,3 +61,25 @@ def test_a_cached_reward_model_is_reused_and_says_so(tmp_path, caplog):
     with caplog.at_level(logging.INFO, logger="rso_cli.demo"):
         assert fit_head_model(str(out), "no-such-backbone", (0, 1), "judge") == str(out)
     assert f"judge: cached in {out} (held-out accuracy 0.610 [0.550, 0.660])" in caplog.text
+
+
+def test_a_demo_reward_model_is_fitted_once_with_its_learning_curve(tmp_path, caplog):
+    """The demo's fit on bundled HH-RLHF rows, with the tiny sentence encoder as backbone:
+    mean-pooled (its 1_Pooling config), a learning curve in reward_fit.json, nothing of the
+    temporary directory or the feature cache left behind, and a rerun reuses it."""
+    from rso_cli.demo import LEARNING_CURVE, fit_head_model
+    from tests.tiny_models import build_sentence_encoder
+
+    encoder = build_sentence_encoder(str(tmp_path / "encoder"))
+    out = str(tmp_path / "rm")
+    assert fit_head_model(out, encoder, (256, 416), "proxy") == out
+    with open(os.path.join(out, "reward_fit.json")) as f:
+        fit = json.load(f)
+    assert fit["pooling"] == "mean" and fit["train_pairs"] > LEARNING_CURVE[0]
+    assert [r["train_pairs"] for r in fit["learning_curve"]] == [
+        n for n in LEARNING_CURVE if n <= fit["train_pairs"]]
+    assert sorted(os.listdir(tmp_path)) == ["encoder", "rm"]
+    assert not os.path.exists(os.path.join(out, "features.safetensors"))
+    with caplog.at_level(logging.INFO, logger="rso_cli.demo"):
+        assert fit_head_model(out, encoder, (256, 416), "proxy") == out
+    assert f"proxy: cached in {out}" in caplog.text
