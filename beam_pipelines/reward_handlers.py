@@ -80,6 +80,12 @@ def check_reward_model(spec: RewardModelSpec, trust_remote_code: bool = False) -
     except (OSError, ValueError) as e:
         raise ConfigError(f"reward model {spec.path}: cannot read its config: {e}") from e
     _check_num_labels(spec.path, cfg.num_labels, spec.kind)
+    from rso.pooling import is_mean_pooled
+
+    try:
+        is_mean_pooled(cfg)
+    except ValueError as e:
+        raise ConfigError(f"reward model {spec.path}: {e}") from e
 
 
 class LoadedClassifier:

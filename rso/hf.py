@@ -88,11 +88,14 @@ def load_causal_lm(path: str, dtype: str = "float32", device: str | None = None,
 
 def load_classifier(path: str, dtype: str = "float32", device: str | None = None,
                     trust_remote_code: bool = False, train: bool = False,
-                    **config_overrides: Any) -> Any:
+                    new_head: bool = False, **config_overrides: Any) -> Any:
     """``AutoModelForSequenceClassification`` from ``path``, like :func:`load_causal_lm`, or a
     :class:`rso.pooling.MeanPooledClassifier` when its config says ``rso_pooling: "mean"``;
     ``config_overrides`` (e.g. ``num_labels=1`` for a new head on a backbone) go to the config.
-    ValueError on an ``rso_pooling`` this version does not know."""
+    ValueError on an ``rso_pooling`` this version does not know, and when the checkpoint lacks
+    weights the model has (transformers would initialise them at random, e.g. a mean-pooled
+    model whose config lost ``rso_pooling``), unless ``new_head`` (a backbone getting a new
+    classification head: only weights outside the base model may be missing)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from rso.pooling import MeanPooledClassifier, is_mean_pooled
@@ -101,8 +104,16 @@ def load_classifier(path: str, dtype: str = "float32", device: str | None = None
                                         **config_overrides)
     cls: Any = MeanPooledClassifier if is_mean_pooled(config) else \
         AutoModelForSequenceClassification
-    model: Any = cls.from_pretrained(path, config=config, dtype=torch_dtype(dtype),
-                                     trust_remote_code=trust_remote_code)
+    model, info = cls.from_pretrained(path, config=config, dtype=torch_dtype(dtype),
+                                      trust_remote_code=trust_remote_code,
+                                      output_loading_info=True)
+    prefix = getattr(model, "base_model_prefix", "") + "."
+    missing = sorted(k for k in info.get("missing_keys", ())
+                     if not (new_head and not k.startswith(prefix)))
+    if missing:
+        raise ValueError(f"{path}: the checkpoint has no weights for {len(missing)} of the "
+                         f"model's parameters (e.g. {missing[0]}), which would be random: it "
+                         f"was saved by another architecture than its config names")
     if device is not None:
         model.to(resolve_device(device))
     model.train(train)

@@ -14,7 +14,10 @@ A saved model is an ordinary Hugging Face directory: the encoder's ``config.json
 ``rso_pooling: "mean"`` and ``num_labels``, and ``model.safetensors`` with the encoder's weights
 under ``encoder.`` and the one-output linear layer under ``score.``. :func:`rso.hf.load_classifier`
 (hence the pipeline's ``--reward-model``, ``rso evaluate --judge`` and ``rso reward train``)
-loads it as this class; a stock ``AutoModelForSequenceClassification`` does not.
+loads it as this class. A stock ``AutoModelForSequenceClassification`` (TRL, a user's script)
+builds a BERT classifier from the config, finds none of its weights under their names and
+initialises them at random, with only transformers' load report to say so:
+:func:`rso.hf.load_classifier` refuses such a load.
 """
 from __future__ import annotations
 
@@ -32,12 +35,19 @@ MEAN = "mean"
 
 def sentence_transformers_mean(path: str) -> bool:
     """Whether ``path`` is a sentence-transformers model directory whose
-    ``1_Pooling/config.json`` selects mean pooling and no other pooling."""
-    try:
-        with open(os.path.join(path, "1_Pooling", "config.json")) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError):
+    ``1_Pooling/config.json`` selects mean pooling and no other pooling. ValueError when that
+    file exists but is not a JSON object (a corrupt file must not silently change pooling)."""
+    file = os.path.join(path, "1_Pooling", "config.json")
+    if not os.path.exists(file):
         return False
+    try:
+        with open(file) as f:
+            cfg = json.load(f)
+        if not isinstance(cfg, dict):
+            raise ValueError("not a JSON object")
+    except (OSError, ValueError) as e:
+        raise ValueError(f"cannot read the sentence-transformers pooling config {file}: "
+                         f"{e}") from None
     modes = [k for k, v in cfg.items() if k.startswith("pooling_mode_") and v is True]
     return modes == ["pooling_mode_mean_tokens"]
 

@@ -16,6 +16,7 @@ from beam_pipelines.elements import Candidate, PromptCandidates, RenderedPrompt
 from beam_pipelines.prompts import parse_hh_dialogue, prompt_id_for
 from beam_pipelines.reward_handlers import PairwiseRewardHandler, PointwiseRewardHandler
 from rso.transcript import hh_transcript
+from rso.config import ConfigError
 from trainer.data import DataError
 from trainer.losses import bradley_terry_loss
 from trainer.metrics import read_metrics
@@ -335,6 +336,11 @@ def test_pooling_model_keeps_the_stock_classifier_and_unknown_poolings_fail(
         json.dump(config, f)
     with pytest.raises(ValueError, match="rso_pooling='max'"):
         hf_classifier(result.output)
+    from beam_pipelines.reward_handlers import check_reward_model
+    from rso.config import ConfigError as PipelineConfigError
+
+    with pytest.raises(PipelineConfigError, match="rso_pooling='max'"):  # at start, not in Beam
+        check_reward_model(RewardModelSpec(path=result.output))
 
 
 def test_mean_pooled_full_mode_resumes_exactly(marker_data, sentence_encoder, tmp_path):
@@ -342,11 +348,99 @@ def test_mean_pooled_full_mode_resumes_exactly(marker_data, sentence_encoder, tm
     straight = train_reward(cfg(marker_data, sentence_encoder, tmp_path / "a", **common))
     assert straight.fit["pooling"] == "mean"
     train_reward(cfg(marker_data, sentence_encoder, tmp_path / "b", **common), stop_after=6)
+    with pytest.raises(ConfigError, match="pooling differ"):
+        train_reward(cfg(marker_data, sentence_encoder, tmp_path / "b", resume=True,
+                         **{**common, "pooling": "model"}))
+    # "auto" resolved to mean when the run started: --pooling mean is the same setting
     resumed = train_reward(cfg(marker_data, sentence_encoder, tmp_path / "b", resume=True,
-                               **common))
+                               **{**common, "pooling": "mean"}))
     wa = load_file(str(tmp_path / "a" / "model.safetensors"))
     wb = load_file(str(tmp_path / "b" / "model.safetensors"))
     assert wa.keys() == wb.keys() and "score.weight" in wa
     for k in wa:
         torch.testing.assert_close(wa[k], wb[k], rtol=0, atol=1e-6)
     assert resumed.fit["heldout_accuracy"] == straight.fit["heldout_accuracy"]
+
+
+def test_a_model_whose_weights_are_not_its_configs_is_refused(marker_data, sentence_encoder,
+                                                              tmp_path):
+    """Without this check transformers initialises the weights it cannot find at random and
+    the pipeline scores with them: a mean-pooled model whose config lost ``rso_pooling``, and a
+    stock classifier whose config gained it."""
+    from rso.hf import load_classifier as hf_classifier
+
+    mean = train_reward(cfg(marker_data, sentence_encoder, tmp_path / "mean", c_grid=[1.0]))
+    stock = train_reward(cfg(marker_data, sentence_encoder, tmp_path / "stock", c_grid=[1.0],
+                             pooling="model"))
+    for out, edit in ((mean.output, lambda c: c.pop("rso_pooling")),
+                      (stock.output, lambda c: c.update(rso_pooling="mean"))):
+        with open(f"{out}/config.json") as f:
+            config = json.load(f)
+        edit(config)
+        with open(f"{out}/config.json", "w") as f:
+            json.dump(config, f)
+        with pytest.raises(ValueError, match="no weights for"):
+            hf_classifier(out)
+
+
+def test_a_failed_or_refused_run_leaves_the_earlier_model_as_it_was(
+        marker_data, sentence_encoder, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    import trainer.reward_train as R
+
+    out = tmp_path / "rm"
+    train_reward(cfg(marker_data, sentence_encoder, out, c_grid=[1.0]))
+    before = {n: (out / n).read_bytes() for n in ("model.safetensors", "reward_fit.json")}
+
+    def unchanged():
+        assert {n: (out / n).read_bytes() for n in before} == before
+        assert not (out / ".saving").exists()
+
+    # the saved model fails its check: nothing replaces the earlier one
+    def wrong(*args, **kwargs):
+        raise RuntimeError("the saved model's forward differs")
+
+    monkeypatch.setattr(R, "_verify_saved", wrong)
+    with pytest.raises(RuntimeError, match="differs"):
+        train_reward(cfg(marker_data, sentence_encoder, out, c_grid=[1.0], resume=True))
+    unchanged()
+    monkeypatch.undo()
+    # a backbone that cannot load: one ConfigError, and --overwrite has deleted nothing
+    broken = tmp_path / "broken"
+    shutil.copytree(sentence_encoder, broken)
+    os.remove(broken / "model.safetensors")
+    with pytest.raises(ConfigError, match="cannot load the backbone"):
+        train_reward(cfg(marker_data, str(broken), out, overwrite=True))
+    unchanged()
+    # a corrupt sentence-transformers pooling file is an error, not a silent switch to "model"
+    shutil.copytree(sentence_encoder, tmp_path / "corrupt")
+    (tmp_path / "corrupt" / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tok')
+    with pytest.raises(ConfigError, match="pooling config"):
+        train_reward(cfg(marker_data, str(tmp_path / "corrupt"), tmp_path / "c"))
+    assert not (tmp_path / "c").exists()
+    # a trained mean-pooled model as the backbone of a --pooling model run: refused
+    with pytest.raises(ConfigError, match="its pooling is fixed"):
+        train_reward(cfg(marker_data, str(out), tmp_path / "m", pooling="model"))
+
+
+def test_features_are_cached_by_the_backbones_content(marker_data, tmp_path, caplog):
+    """A backbone rebuilt at the same path is another backbone: its features are computed
+    again, and the saved model reproduces its fitted scores."""
+    import logging
+
+    from tests.tiny_models import build_sentence_encoder
+
+    backbone = build_sentence_encoder(str(tmp_path / "enc"), seed=2)
+    out = tmp_path / "rm"
+    train_reward(cfg(marker_data, backbone, out, c_grid=[1.0]))
+    build_sentence_encoder(backbone, seed=9)
+    with caplog.at_level(logging.INFO, logger="rso.reward"):
+        again = train_reward(cfg(marker_data, backbone, out, c_grid=[1.0], resume=True))
+    assert "reusing cached features" not in caplog.text
+    assert again.fit["saved_model_max_abs_diff"] <= 1e-4
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rso.reward"):
+        train_reward(cfg(marker_data, backbone, out, c_grid=[1.0], resume=True))
+    assert "reusing cached features" in caplog.text

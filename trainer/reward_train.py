@@ -230,12 +230,19 @@ def load_backbone(cfg: RewardConfig, path: str, device: torch.device) -> tuple[A
     verbosity = hf_logging.get_verbosity()
     if not cfg.verbose:  # "newly initialized weights: score.weight" is expected here
         hf_logging.set_verbosity_error()
+    wanted = resolve_pooling(cfg, cfg.model)
+    saved_mean = _is_rso_classifier(path)
+    if saved_mean and wanted != "mean":
+        raise ConfigError(f"{path} is a mean-pooled reward model: its pooling is fixed, and "
+                          f"--pooling {cfg.pooling} means {wanted!r} (use mean or auto)")
     try:
-        if resolve_pooling(cfg, path) == "mean" and not _is_rso_classifier(path):
+        if wanted == "mean" and not saved_mean:
             model = MeanPooledClassifier.from_encoder(path, 1, cfg.trust_remote_code)
         else:
             model = hf.load_classifier(path, "float32", None, cfg.trust_remote_code,
-                                       train=True, num_labels=1)
+                                       train=True, num_labels=1, new_head=True)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load the backbone {path}: {e}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
     model.config.pad_token_id = tok.pad_token_id
@@ -246,22 +253,45 @@ def load_backbone(cfg: RewardConfig, path: str, device: torch.device) -> tuple[A
     # cut by rso.reward_input.truncate_left, so the tokenizer's length warning is silenced.
     tok.model_max_length = min([cfg.max_length] + limits)
     tok.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+    log.info("backbone %s, pooling %s", path, pooling_of_model(model))
     return model.to(device), tok, tok.pad_token_id
+
+
+def pooling_of_model(model: Any) -> str:
+    """``mean`` for a :class:`rso.pooling.MeanPooledClassifier`, else ``model``."""
+    return "mean" if isinstance(model, MeanPooledClassifier) else "model"
 
 
 def resolve_pooling(cfg: RewardConfig, path: str) -> str:
     """``--pooling`` for the backbone in ``path``: ``auto`` becomes ``mean`` for a
-    sentence-transformers model that pools by mean, else ``model``."""
-    if cfg.pooling != "auto":
-        return cfg.pooling
-    return "mean" if sentence_transformers_mean(path) else "model"
+    sentence-transformers model that pools by mean or a mean-pooled rso reward model, else
+    ``model``. ConfigError for an unreadable ``1_Pooling/config.json``."""
+    return _pooling_of(cfg.pooling, path)
+
+
+def _pooling_of(pooling: str, path: str) -> str:
+    if pooling != "auto":
+        return pooling
+    try:
+        return "mean" if sentence_transformers_mean(path) or _is_rso_classifier(path) \
+            else "model"
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def _is_rso_classifier(path: str) -> bool:
-    """Whether ``path`` already holds a mean-pooled classifier (a checkpoint being resumed)."""
+    """Whether ``path`` already holds a mean-pooled classifier (a checkpoint being resumed, or
+    a trained reward model used as a backbone). ConfigError for an unknown ``rso_pooling``."""
     from transformers import AutoConfig
 
-    return is_mean_pooled(AutoConfig.from_pretrained(path))
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError):
+        return False  # not a model directory: the load that follows says so
+    try:
+        return is_mean_pooled(config)
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def head_layer(model: torch.nn.Module) -> torch.nn.Linear:
@@ -439,28 +469,41 @@ class RewardResult:
 
 
 def _prepare_output(cfg: RewardConfig) -> str | None:
-    """Creates --output; returns the checkpoint to resume from (full mode), if any."""
-    os.makedirs(cfg.output, exist_ok=True)
-    latest = ckpt.latest_checkpoint(cfg.output)
+    """Checks --output before any work; returns the checkpoint to resume from (full mode), if
+    any. Creates nothing and deletes nothing: :func:`_clear_previous` does that once the data
+    and the backbone have loaded, so a run that fails early leaves a directory as it was."""
+    latest = ckpt.latest_checkpoint(cfg.output) if os.path.isdir(cfg.output) else None
     done = os.path.exists(os.path.join(cfg.output, FIT_FILE))
     if cfg.overwrite:
-        for path in ckpt.list_checkpoints(cfg.output) + [os.path.join(cfg.output, n) for n in (
-                "plots", "metrics.jsonl", FIT_FILE, FEATURES_FILE)]:
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            elif os.path.exists(path):
-                os.remove(path)
         return None
     if (done or latest) and not cfg.resume:
         raise ConfigError(f"{cfg.output} already holds a reward-model run; pass --resume to "
                           f"continue it or --overwrite to start over")
     if latest:
         saved = ckpt.saved_config(latest)
-        changed = [k for k in RESUME_INVARIANTS if saved.get(k) != cfg.to_dict()[k]]
+        mine = cfg.to_dict()
+        changed = [k for k in RESUME_INVARIANTS if k != "pooling" and saved.get(k) != mine[k]]
+        if _pooling_of(saved.get("pooling", "auto"), saved.get("model", "")) != \
+                resolve_pooling(cfg, cfg.model):
+            changed.append("pooling")
         if changed:
             raise ConfigError(f"cannot resume {latest}: setting(s) {', '.join(changed)} differ "
                               f"from the interrupted run's")
     return latest
+
+
+def _clear_previous(cfg: RewardConfig) -> None:
+    """Creates --output; with --overwrite, removes an earlier run's results and checkpoints
+    (the earlier model files are replaced only when the new model is saved and verified)."""
+    os.makedirs(cfg.output, exist_ok=True)
+    if not cfg.overwrite:
+        return
+    for path in ckpt.list_checkpoints(cfg.output) + [os.path.join(cfg.output, n) for n in (
+            "plots", "metrics.jsonl", FIT_FILE, FEATURES_FILE)]:
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.exists(path):
+            os.remove(path)
 
 
 def _load_data(cfg: RewardConfig) -> tuple[PreferenceData, list[PreferenceExample],
@@ -492,18 +535,35 @@ def _fit_record(cfg: RewardConfig, data: PreferenceData, train: list, held: list
             **extra}
 
 
-def _save_model(model: Any, tok: Any, output: str) -> None:
-    model.save_pretrained(output, safe_serialization=True)
-    tok.save_pretrained(output)
+def _save_model(model: Any, tok: Any, output: str,
+                check: Callable[[str], float] | None = None) -> float | None:
+    """Saves model and tokenizer into ``OUTPUT/.saving``, runs ``check(that directory)`` (it
+    raises if the saved model is wrong) and only then moves the files into ``output``: a run
+    that fails leaves an earlier model there as it was. Returns what ``check`` returned."""
+    staging = os.path.join(output, ".saving")
+    shutil.rmtree(staging, ignore_errors=True)
+    try:
+        model.save_pretrained(staging, safe_serialization=True)
+        tok.save_pretrained(staging)
+        result = check(staging) if check is not None else None
+        for name in sorted(os.listdir(staging)):
+            os.replace(os.path.join(staging, name), os.path.join(output, name))
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return result
 
 
-def _feature_cache(cfg: RewardConfig, data_hash: str, compute: Callable[[], dict]) -> dict:
+def _feature_cache(cfg: RewardConfig, data_hash: str, pooling: str,
+                   compute: Callable[[], dict]) -> dict:
     """The cached features of this (backbone, data, layout), or ``compute()`` saved."""
     from safetensors.torch import load_file, save_file
 
     path = os.path.join(cfg.output, FEATURES_FILE)
-    key = json.dumps({"model": os.path.abspath(cfg.model), "data": data_hash, "kind": cfg.kind,
-                      "pooling": resolve_pooling(cfg, cfg.model), "max_length": cfg.max_length,
+    from rso.model_id import model_id
+
+    # the backbone by content (a directory rebuilt at the same path is another backbone)
+    key = json.dumps({"model": model_id(os.path.abspath(cfg.model)), "data": data_hash,
+                      "kind": cfg.kind, "pooling": pooling, "max_length": cfg.max_length,
                       "rows": cfg.rows, "eval_fraction": cfg.eval_fraction,
                       "max_train_pairs": cfg.max_train_pairs}, sort_keys=True)
     if os.path.exists(path):
@@ -527,6 +587,7 @@ def train_head(cfg: RewardConfig) -> RewardResult:
     _prepare_output(cfg)
     data, train, held = _load_data(cfg)
     model, tok, pad_id = load_backbone(cfg, cfg.model, device)
+    _clear_previous(cfg)
     train_a, train_b, cut_train = encode_examples(tok, train, cfg.kind, tok.model_max_length)
     held_a, held_b, cut_held = encode_examples(tok, held, cfg.kind, tok.model_max_length)
 
@@ -538,7 +599,7 @@ def train_head(cfg: RewardConfig) -> RewardResult:
                 "held_a": feats[2 * n:2 * n + m], "held_b": feats[2 * n + m:]}
 
     t0 = time.perf_counter()
-    feats = _feature_cache(cfg, data.content_hash, compute)
+    feats = _feature_cache(cfg, data.content_hash, pooling_of_model(model), compute)
     feature_s = time.perf_counter() - t0
     ids = [ex.prompt_id for ex in train]
     rows = _Rows(feats["train_a"], feats["train_b"], cfg.kind)
@@ -571,13 +632,13 @@ def train_head(cfg: RewardConfig) -> RewardResult:
         head.weight.copy_(fit.weight.float().unsqueeze(0))
         if head.bias is not None:
             head.bias.zero_()
-    _save_model(model, tok, cfg.output)
     held_scores = torch.cat([score(feats["held_a"]), score(feats["held_b"])])
     k = min(VERIFY_PAIRS, len(held))  # both sides of the first k held-out pairs
-    check = _verify_saved(cfg, held_a[:k] + held_b[:k], torch.cat(
-        [held_scores[:k], held_scores[len(held):len(held) + k]]), device)
+    check = _save_model(model, tok, cfg.output, lambda saved: _verify_saved(
+        cfg, saved, held_a[:k] + held_b[:k],
+        torch.cat([held_scores[:k], held_scores[len(held):len(held) + k]]), device))
     record = _fit_record(cfg, data, train, held, held_margins, held_scores, {
-        "mode": "head", "kind": cfg.kind, "pooling": resolve_pooling(cfg, cfg.model),
+        "mode": "head", "kind": cfg.kind, "pooling": pooling_of_model(model),
         "C": fit.c, "cross_validation": fit.cv,
         "train_accuracy": accuracy_summary(train_margins)["accuracy"],
         "learning_curve": curve, "saved_model_max_abs_diff": check,
@@ -587,20 +648,22 @@ def train_head(cfg: RewardConfig) -> RewardResult:
     return RewardResult(cfg.output, record)
 
 
-def _verify_saved(cfg: RewardConfig, seqs: list, expected: torch.Tensor,
+def _verify_saved(cfg: RewardConfig, saved_dir: str, seqs: list, expected: torch.Tensor,
                   device: torch.device) -> float:
-    """Loads OUTPUT with :func:`rso.hf.load_classifier` and checks that its logits equal the
+    """Loads ``saved_dir`` with :func:`rso.hf.load_classifier` and checks that its logits equal the
     fitted scores to 1e-4, relative to the largest score when that is above 1 (the saved model
     runs in float32: a score of 7,000 is only exact to about 1e-3); returns the largest gap."""
     from rso import hf
 
-    saved = hf.load_classifier(cfg.output, "float32", None, cfg.trust_remote_code).to(device)
+    saved = hf.load_classifier(saved_dir, "float32", None, cfg.trust_remote_code).to(device)
     got = model_scores(saved, seqs, saved.config.pad_token_id, cfg.batch_size, device)
     gap = float((got - expected).abs().max())
     tolerance = 1e-4 * max(1.0, float(expected.abs().max()))
     if not gap <= tolerance:
         raise RuntimeError(f"the saved model's forward differs from the fitted head by {gap:.2e} "
-                           f"(> {tolerance:.1e}): its pooling is not the features' pooling")
+                           f"(> {tolerance:.1e}): its features are not the ones the head was "
+                           f"fitted on (another pooling, or a stale {FEATURES_FILE}); nothing "
+                           f"was replaced in {cfg.output}")
     return gap
 
 
@@ -688,6 +751,7 @@ def train_full(cfg: RewardConfig, *, should_stop: Callable[[], bool] | None = No
     resume_from = _prepare_output(cfg)
     data, train, held = _load_data(cfg)
     model, tok, pad_id = load_backbone(cfg, resume_from or cfg.model, device)
+    _clear_previous(cfg)
     train_a, train_b, _ = encode_examples(tok, train, cfg.kind, tok.model_max_length)
     held_a, held_b, _ = encode_examples(tok, held, cfg.kind, tok.model_max_length)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
@@ -785,7 +849,7 @@ def train_full(cfg: RewardConfig, *, should_stop: Callable[[], bool] | None = No
     record = _fit_record(cfg, data, train, held, margins_of(cfg.kind, sa, sb),
                          torch.cat([sa, sb]), {
                              "mode": "full", "kind": cfg.kind,
-                             "pooling": resolve_pooling(cfg, cfg.model), "steps": state.step,
+                             "pooling": pooling_of_model(model), "steps": state.step,
                              "final_checkpoint": last_ckpt,
                              "pairs_per_s": state.pairs_seen / max(state.train_time_s, 1e-9)})
     with open(os.path.join(cfg.output, FIT_FILE), "w", encoding="utf-8") as f:
