@@ -144,6 +144,19 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def unknown_flags(parser: argparse.ArgumentParser, rest: Sequence[str],
+                  passthrough: argparse.ArgumentParser | None = None) -> str | None:
+    """:func:`unknown_flag_error` for what ``parser.parse_known_args`` left over (``rest``),
+    less what ``passthrough`` (e.g. Beam's pipeline options) knows; None when nothing is
+    unknown. Suggestions come from both parsers' flags."""
+    unknown = list(rest)
+    if passthrough is not None:
+        _, unknown = passthrough.parse_known_args(rest)
+    known = [o for p in (parser, passthrough) if p is not None
+             for o in p._option_string_actions]  # argparse has no public list
+    return unknown_flag_error(unknown, known)
+
+
 def unknown_flag_error(tokens: Sequence[str], known: Sequence[str]) -> str | None:
     """One line naming the flags in ``tokens`` (leftovers of argparse) with a "did you mean"
     from ``known``; values are never echoed (a secret given by mistake stays out of logs)."""
@@ -265,12 +278,7 @@ class Config:
         try:
             ns, rest = parser.parse_known_args(argv)
             if not allow_unknown:
-                unknown = rest
-                if passthrough is not None:
-                    _, unknown = passthrough.parse_known_args(rest)
-                known = [o for p in (parser, passthrough) if p is not None
-                         for o in p._option_string_actions]  # argparse has no public list
-                message = unknown_flag_error(unknown, known)
+                message = unknown_flags(parser, rest, passthrough)
                 if message:
                     raise ConfigError(message)
             return cls._from_namespace(ns), list(rest)

@@ -45,7 +45,10 @@ Lengths are in tokens of each model's own tokenizer (and in characters).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import os
+import re
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -54,6 +57,7 @@ import numpy as np
 
 from rso import console, layout, stats
 from rso import storage as rso_io
+from rso.config import ArgumentParser, ConfigError, unknown_flags
 from rso.model_id import model_id
 from rso.plotting import density, no_data, png, pyplot
 from rso_cli.inspect_output import check_complete, read_manifest, read_records, verify_records
@@ -257,35 +261,44 @@ def render_plots(result: Mapping[str, Any], pairs: Sequence[tuple[dict, dict]],
 
 # ---------------------------------------------------------------- command
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
-    parser = argparse.ArgumentParser(prog="rso evaluate", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     allow_abbrev=False)
+    # rso.config.ArgumentParser: an error is one line ``rso evaluate: error: ...``, exit 2, as
+    # `rso generate` prints it
+    parser = ArgumentParser(prog="rso evaluate", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            allow_abbrev=False)
     parser.add_argument("--policy", required=True, help="Hugging Face causal LM directory")
     parser.add_argument("--baseline", required=True,
                         help="the model to beat (e.g. the SFT policy): causal LM directory")
     parser.add_argument("--judge", required=True, help="judge reward model directory (held out:"
                         " not the reward model the policy was trained against)")
     parser.add_argument("--judge-kind", choices=("pointwise", "pairwise"), default="pointwise",
-                        help="pointwise: r(x, y); pairwise: logit P(a better than b | x)")
+                        help="pointwise: r(x, y); pairwise: logit P(a better than b | x) "
+                             "(default: %(default)s)")
     parser.add_argument("--prompts", required=True,
                         help="held-out prompts: JSONL/Parquet/HH-RLHF file or glob")
     parser.add_argument("--input-format", default="auto",
-                        choices=("auto", "jsonl", "parquet", "hh-rlhf"))
+                        choices=("auto", "jsonl", "parquet", "hh-rlhf"),
+                        help="format of --prompts (default: %(default)s)")
     parser.add_argument("--output", required=True, help="directory for the results")
-    parser.add_argument("--engine", choices=("vllm", "transformers"), default="vllm")
+    parser.add_argument("--engine", choices=("vllm", "transformers"), default="vllm",
+                        help="generation engine of both models (default: %(default)s)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16", "auto"),
                         default="float32",
                         help="generation precision of both models (default float32: a policy "
                              "fine-tuned for a few hundred steps differs from its base by less "
                              "than bfloat16's resolution, so in bf16 most of its update rounds "
                              "away; auto = the pipeline's choice by hardware)")
-    parser.add_argument("--max-new-tokens", type=int, default=128)
+    parser.add_argument("--max-new-tokens", type=int, default=128,
+                        help="response length limit in tokens (default: %(default)s)")
     parser.add_argument("--num-prompts", type=int, default=None,
                         help="evaluate on this many prompts (a seeded shard, as --max-prompts)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="sampling seed, the same for both models (default: %(default)s)")
     parser.add_argument("--tie-margin", type=float, default=0.0,
-                        help="judge margins within +-this are ties (half a win)")
-    parser.add_argument("--batch-size", type=int, default=8, help="prompts per engine call")
+                        help="judge margins within +-this are ties (half a win) "
+                             "(default: %(default)s)")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="prompts per engine call (default: %(default)s)")
     parser.add_argument("--enforce-eager", action="store_true", help="vLLM: no graph capture")
     parser.add_argument("--baseline-generations", metavar="DIR",
                         help="reuse the baseline's responses from an earlier evaluation "
@@ -296,6 +309,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     parser.add_argument("--verbose", action="store_true", help="show library INFO logs "
                         "(also accepted by `rso` itself)")
     args, beam_args = parser.parse_known_args(argv)
+    if beam_args:  # only Beam's pipeline options pass on, as in `rso generate`
+        from beam_pipelines.pipeline import beam_option_parser
+
+        message = unknown_flags(parser, beam_args, beam_option_parser())
+        if message:
+            parser.error(message)
     if args.tie_margin < 0:
         parser.error(f"--tie-margin must be >= 0, got {args.tie_margin}")
     if args.num_prompts is not None and args.num_prompts < 1:
@@ -309,10 +328,12 @@ def check_reusable(generations: str, run_id: str) -> dict[str, Any]:
     same models by content, prompts, seed and settings give the same id, so its records are the
     ones a new run would write) and whose record files are those its manifest lists (checksums,
     none missing)."""
-    from rso.config import ConfigError
-
     if not rso_io.exists(generations):
         raise ConfigError(f"--baseline-generations {generations} does not exist")
+    inside = rso_io.join(generations, "generations", "baseline")
+    if not layout.is_complete(generations) and rso_io.exists(inside):
+        raise ConfigError(f"--baseline-generations {generations} is an evaluation's output "
+                          f"directory, not its baseline's generations: give {inside}")
     try:
         check_complete(generations)
         manifest = read_manifest(generations)
@@ -330,12 +351,43 @@ def check_reusable(generations: str, run_id: str) -> dict[str, Any]:
     return manifest
 
 
+# `rso generate`'s flags that `rso evaluate` names otherwise (``--policy``: the side's model)
+GENERATE_FLAGS = {"--input": "--prompts", "--reward-model": "--judge",
+                  "--max-prompts": "--num-prompts"}
+
+
+@contextlib.contextmanager
+def evaluate_flags(side: str):
+    """Rewrites a ConfigError of one side's `rso generate` run (its config's checks, the run)
+    into `rso evaluate`'s flags: ``--input 'x' matches no file`` is about --prompts, and
+    ``--policy`` of the baseline's run is --baseline."""
+    names = {**GENERATE_FLAGS, "--policy": f"--{side}"}
+    try:
+        yield
+    except ConfigError as e:
+        e.args = (re.sub(r"--[a-z-]+(?![\w-])", lambda m: names.get(m[0], m[0]), str(e)),
+                  *e.args[1:])
+        raise
+
+
+def local_absolute(path: str | None) -> str | None:
+    """A local path made absolute (a URL such as ``gs://...`` as it is), for the record."""
+    return path if path is None or "://" in path else os.path.abspath(path)
+
+
+def settings(args: argparse.Namespace) -> dict[str, Any]:
+    """evaluation.json's ``settings``: what shaped the comparison besides the models."""
+    return {**{k: getattr(args, k) for k in (
+        "prompts", "input_format", "engine", "dtype", "max_new_tokens", "batch_size",
+        "num_prompts", "seed", "tie_margin", "judge_kind")},
+        "baseline_generations": local_absolute(args.baseline_generations)}
+
+
 def evaluate(args: argparse.Namespace, beam_args: Sequence[str] = (),
              say=print) -> dict[str, Any]:
     """Runs the evaluation described in the module docstring; returns evaluation.json's
     content. Raises ConfigError (bad settings, existing results without overwrite)."""
     from beam_pipelines.pipeline import run
-    from rso.config import ConfigError
 
     target = rso_io.join(args.output, EVALUATION)
     if rso_io.exists(target) and not args.overwrite:
@@ -343,8 +395,9 @@ def evaluate(args: argparse.Namespace, beam_args: Sequence[str] = (),
     outputs, configs, rows = {}, {}, {}
     for side, model in (("policy", args.policy), ("baseline", args.baseline)):
         outputs[side] = rso_io.join(args.output, "generations", side)
-        configs[side] = generation_config(model, args, outputs[side])
-        configs[side].validate()
+        with evaluate_flags(side):
+            configs[side] = generation_config(model, args, outputs[side])
+            configs[side].validate()
     reuse = args.baseline_generations is not None
     if reuse:
         outputs["baseline"] = args.baseline_generations
@@ -356,7 +409,8 @@ def evaluate(args: argparse.Namespace, beam_args: Sequence[str] = (),
             say(f"[{side}] reusing {outputs[side]} (run {manifest['run_id']})")
         else:
             say(f"[{side}] generating with {configs[side].policy} -> {outputs[side]}")
-            manifest = run(configs[side], beam_args)
+            with evaluate_flags(side):
+                manifest = run(configs[side], beam_args)
         rows[side] = read_records(outputs[side], layout.SFT_PREFIX, SFT_COLUMNS)
         say(f"[{side}] {len(rows[side])} responses, "
             f"{(manifest.get('counters') or {}).get('dead_letters', 0)} dead letters")
@@ -370,9 +424,7 @@ def evaluate(args: argparse.Namespace, beam_args: Sequence[str] = (),
         margins = pairwise_margins(pairs, configs["policy"], messages)
     result, comparisons = report(pairs, margins, args.tie_margin, args.judge_kind)
     evaluation = {
-        "settings": {k: getattr(args, k) for k in (
-            "prompts", "input_format", "engine", "max_new_tokens", "num_prompts", "seed",
-            "tie_margin", "judge_kind")},
+        "settings": settings(args),
         "models": {"policy": model_id(args.policy), "baseline": model_id(args.baseline),
                    "judge": model_id(args.judge)},
         "generations": outputs,
@@ -393,12 +445,10 @@ def evaluate(args: argparse.Namespace, beam_args: Sequence[str] = (),
 def main(argv: Sequence[str] | None = None) -> int:
     args, beam_args = parse_args(argv)
     console.configure(args.verbose)
-    from rso.config import ConfigError
-
     try:
         ev = evaluate(args, beam_args)
     except ConfigError as e:
-        print(f"rso evaluate: {e}", file=sys.stderr)
+        print(f"rso evaluate: error: {e}", file=sys.stderr)
         return 2
     if ev["num_prompts"]:
         lo, hi = ev["win_rate_ci95"]

@@ -283,6 +283,10 @@ def format_summary(summary: Mapping[str, Any]) -> str:
     d = summary["dead_letters"]
     lines.append(f"dead letters: {d['total']} in files (manifest: {d['manifest_total']})"
                  + "".join(f"\n  {r}: {n}" for r, n in d["by_reason"].items()))
+    if d["manifest_total"] is not None and d["total"] != d["manifest_total"]:
+        lines.append(f"WARNING: the manifest counts {d['manifest_total']} dead letters but the "
+                     f"dead-letter files hold {d['total']}: files were removed or changed "
+                     f"after the run")
     lines.append("rewards:")
     lines += [_reward_line(name, s) for name, s in summary["rewards"].items()]
     g = summary["reward_gain"]

@@ -7,6 +7,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 
 import pyarrow.parquet as pq
@@ -67,6 +68,109 @@ def test_pairing_by_prompt_id_reports_one_sided_prompts():
     assert unpaired == {"policy_only": ["a"], "baseline_only": ["c"]}
     with pytest.raises(ValueError, match="two responses"):
         E.pair_by_prompt(p + p[:1], b)
+
+
+# ---------------------------------------------------------------- command line
+BASE = ["--policy", "p", "--baseline", "b", "--judge", "j", "--prompts", "x.jsonl",
+        "--output", "o"]
+
+
+def _exit_code(call) -> int:
+    with pytest.raises(SystemExit) as stop:
+        call()
+    return stop.value.code
+
+
+@pytest.mark.parametrize("extra, named", [
+    (["--dtyp", "bfloat16"], "--dtyp (did you mean --dtype?)"),
+    (["--max-new-tokns", "5"], "--max-new-tokns (did you mean --max-new-tokens?)"),
+    (["--foo", "bar"], "--foo"),
+    (["--runer", "DirectRunner"], "--runer (did you mean --runner?)"),
+])
+def test_unknown_flags_are_refused_with_a_suggestion(extra, named, capsys):
+    """As `rso generate` refuses them (rso.config.unknown_flag_error): one line, exit 2, the
+    flag and a "did you mean" from evaluate's own flags (and Beam's), never the value."""
+    for call in (lambda: E.parse_args(BASE + extra), lambda: rso(["evaluate", *BASE, *extra])):
+        assert _exit_code(call) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"rso evaluate: error: unknown flag(s): {named}")
+        assert len(err.strip().splitlines()) == 1 and extra[1] not in err
+
+
+def test_beam_pipeline_options_pass_through():
+    beam = ["--runner", "DirectRunner", "--direct_num_workers", "1",
+            "--direct_running_mode=in_memory"]
+    args, beam_args = E.parse_args(BASE[:4] + beam + BASE[4:])
+    assert beam_args == beam and args.policy == "p" and args.output == "o"
+    assert E.parse_args(BASE)[1] == []
+
+
+def test_help_shows_the_defaults(capsys):
+    assert _exit_code(lambda: E.parse_args(["--help"])) == 0
+    out = capsys.readouterr().out
+    # The description keeps its layout (RawDescriptionHelpFormatter).
+    assert "\n    rso evaluate --policy DIR --baseline DIR --judge DIR --prompts FILE " in out
+    assert "\n    evaluation.json          settings, model ids" in out
+    options = out.split("\noptions:\n", 1)[1]
+    helps = {m[1]: " ".join(m[2].split()) for m in re.finditer(
+        r"^  (--[\w-]+)(.*?)(?=^  -|\Z)", options, flags=re.M | re.S)}
+    for flag, default in (("--engine", "vllm"), ("--max-new-tokens", "128"), ("--seed", "0"),
+                          ("--batch-size", "8"), ("--tie-margin", "0.0"),
+                          ("--judge-kind", "pointwise")):
+        assert helps[flag].endswith(f"(default: {default})"), (flag, helps[flag])
+
+
+def test_settings_record_dtype_batch_size_and_the_absolute_baseline_generations(
+        tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args, _ = E.parse_args(BASE + ["--baseline-generations", "first/generations/baseline",
+                                   "--batch-size", "3"])
+    settings = E.settings(args)
+    assert (settings["dtype"], settings["batch_size"]) == ("float32", 3)
+    assert settings["baseline_generations"] == str(tmp_path / "first/generations/baseline")
+    assert E.settings(E.parse_args(BASE)[0])["baseline_generations"] is None
+    args, _ = E.parse_args(BASE + ["--baseline-generations", "gs://bucket/eval/baseline"])
+    assert E.settings(args)["baseline_generations"] == "gs://bucket/eval/baseline"
+
+
+def test_an_evaluation_root_given_as_baseline_generations_names_its_baseline(tmp_path):
+    """Not "no _SUCCESS; wait for the run to finish": the directory is an evaluation's output,
+    and its generations/baseline is what the flag wants."""
+    from rso.config import ConfigError
+
+    root = tmp_path / "eval"
+    (root / "generations" / "baseline").mkdir(parents=True)
+    (root / "generations" / "baseline" / "_SUCCESS").write_text("")
+    (root / "evaluation.json").write_text("{}")
+    with pytest.raises(ConfigError) as err:
+        E.check_reusable(str(root), "run-x")
+    assert str(err.value) == (
+        f"--baseline-generations {root} is an evaluation's output directory, not its "
+        f"baseline's generations: give {root / 'generations' / 'baseline'}")
+
+
+def test_bad_settings_are_one_line_errors_in_evaluate_terms(tiny_policy, tiny_reward_model,
+                                                            tmp_path, capsys):
+    """`rso evaluate: error: ...`, exit 2, naming evaluate's flags (not the --input or the
+    --policy of the `rso generate` runs underneath); nothing is written."""
+    out = str(tmp_path / "out")
+    missing = str(tmp_path / "missing.jsonl")
+    assert rso(["evaluate", "--policy", tiny_policy, "--baseline", tiny_policy, "--judge",
+                tiny_reward_model, "--prompts", missing, "--output", out]) == 2
+    assert capsys.readouterr().err == \
+        f"rso evaluate: error: --prompts {missing!r} matches no file\n"
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt_id": "a", "prompt": "hi"}) + "\n")
+    nowhere = str(tmp_path / "nowhere")
+    for argv, message in (
+            (["--baseline", nowhere, "--judge", tiny_reward_model],
+             f"--baseline: model directory not found: {nowhere}"),
+            (["--baseline", tiny_policy, "--judge", nowhere],
+             f"--judge: model directory not found: {nowhere}")):
+        assert rso(["evaluate", "--policy", tiny_policy, *argv, "--prompts", str(prompts),
+                    "--output", out]) == 2
+        assert capsys.readouterr().err == f"rso evaluate: error: {message}\n"
+    assert not os.path.exists(out)
 
 
 # ---------------------------------------------------------------- end to end
@@ -174,6 +278,10 @@ def test_baseline_generations_are_reused_only_when_they_are_the_same_run(
     assert (b["wins"], b["ties"], b["losses"], b["win_rate"]) == \
         (a["wins"], a["ties"], a["losses"], a["win_rate"])
     assert b["generations"]["baseline"] == reused
+    assert a["settings"]["baseline_generations"] is None
+    assert b["settings"]["baseline_generations"] == os.path.abspath(reused)
+    assert all((ev["settings"]["dtype"], ev["settings"]["batch_size"]) == ("float32", 8)
+               for ev in (a, b))
     assert not os.path.exists(os.path.join(second, "generations", "baseline"))
     assert "[baseline] reusing" in capsys.readouterr().out
     other_seed = str(tmp_path / "other-seed")
@@ -185,6 +293,12 @@ def test_baseline_generations_are_reused_only_when_they_are_the_same_run(
     assert _evaluate(other_policy, tiny_policy, tiny_reward_model, prompts, other_seed,
                      "--baseline-generations", str(tmp_path / "nowhere")) == 2
     assert "nowhere does not exist" in capsys.readouterr().err
+    # the first evaluation's root instead of its generations/baseline: the hint names that
+    assert _evaluate(other_policy, tiny_policy, tiny_reward_model, prompts, other_seed,
+                     "--baseline-generations", first) == 2
+    assert capsys.readouterr().err == (
+        f"rso evaluate: error: --baseline-generations {first} is an evaluation's output "
+        f"directory, not its baseline's generations: give {reused}\n")
     # the same run id, but a record file removed: refused, not a comparison of fewer prompts
     damaged = str(tmp_path / "damaged")
     shutil.copytree(reused, damaged)

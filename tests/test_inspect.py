@@ -162,3 +162,19 @@ def test_length_bias_line_when_every_pair_has_equal_lengths(rso_run):
     assert "length bias: none measurable: in all 5 pairs both responses have the same length" \
         in text
     assert "---" not in text and "among the 0 pairs" not in text and "0/5" not in text
+
+
+@pytest.mark.slow
+def test_says_when_dead_letter_files_disagree_with_the_manifest(rso_run, tmp_path, capsys):
+    """The run's inputs include broken lines (dead letters); deleting their files afterwards
+    must not pass silently."""
+    copy = str(tmp_path / "copy")
+    shutil.copytree(rso_run, copy)
+    summary, _ = I.summarize_output(copy)
+    assert summary["dead_letters"]["total"] == summary["dead_letters"]["manifest_total"] > 0
+    assert "WARNING" not in I.format_summary(summary)
+    for name in os.listdir(copy):
+        if name.startswith("dead_letter"):
+            os.remove(os.path.join(copy, name))
+    summary, _ = I.summarize_output(copy)
+    assert "WARNING: the manifest counts" in I.format_summary(summary)

@@ -15,8 +15,8 @@ from beam_pipelines.config import GenerateConfig, RewardModelSpec
 from beam_pipelines.elements import Candidate, PromptCandidates, RenderedPrompt
 from beam_pipelines.prompts import parse_hh_dialogue, prompt_id_for
 from beam_pipelines.reward_handlers import PairwiseRewardHandler, PointwiseRewardHandler
-from rso.transcript import hh_transcript
 from rso.config import ConfigError
+from rso.transcript import hh_transcript
 from trainer.data import DataError
 from trainer.losses import bradley_terry_loss
 from trainer.metrics import read_metrics
