@@ -325,15 +325,16 @@ def beam_option_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Sequence[str] | None = None, prog: str = "rso generate", wait: bool = True
-         ) -> int:
+def main(argv: Sequence[str] | None = None, prog: str = "rso generate", wait: bool = True,
+         description: str | None = None) -> int:
     """``rso generate``: 0 when done (``wait=False``: submitted, see :func:`run`); 2 for a
     configuration that cannot run (one line on stderr, nothing written); 75 when another run
     owns --output. A run that fails or is refused after it ran (e.g. no prompt was read)
     removes --output again when it made that directory and left it empty."""
     try:
         config, beam_args = GenerateConfig.parse_args(
-            argv, prog=prog, description=__doc__, passthrough=beam_option_parser())
+            argv, prog=prog, description=description or __doc__,
+            passthrough=beam_option_parser())
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         made_output = wait and not exists(config.output)
         try:
@@ -417,6 +418,15 @@ def _warn_if_incremental(store: str, doc: dict) -> None:
         (doc.get("reuse") or {}).get("root", "ROOT"))
 
 
+SELECT_HELP = """`rso select`: re-select a stored candidate set (`rso generate --write-candidates`)
+without decoding: the select, pair, fp32 re-score and write stages.
+
+The generation settings (and the prompts) are the store's: giving one is an error. Every
+selection setting not given (flag or --config) defaults to the value of the run that stored the
+candidates, NOT to the default listed below, so `--beta 1` alone changes only beta.
+`--reward-model` re-scores the stored candidates with another reward model."""
+
+
 def select_main(argv: Sequence[str] | None = None) -> int:
     """``rso select --candidates DIR --output OUT --policy SFT [--selection --beta ...]``: the
     select, pair, fp32 re-score and write stages on a stored candidate set, no decoding (and no
@@ -430,7 +440,7 @@ def select_main(argv: Sequence[str] | None = None) -> int:
 
 def _select_main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
-        return main(argv, prog="rso select")
+        return main(argv, prog="rso select", description=SELECT_HELP)
     store = _flag_value(argv, "--candidates")
     if not store:
         print("rso select: error: --candidates DIR is required", file=sys.stderr)
@@ -450,6 +460,11 @@ def _select_main(argv: list[str]) -> int:
             print(f"rso select: error: {flag} is a generation setting; the candidates in "
                   f"{store} were generated with {key}={stored.get(key)!r} (leave it out)",
                   file=sys.stderr)
+            return 2
+    for flag in ("--input", "--input-format"):
+        if flag in given:
+            print(f"rso select: error: {flag}: the prompts are the ones stored in {store} "
+                  f"(leave it out)", file=sys.stderr)
             return 2
     named = {f[len("--no-"):] if f.startswith("--no-") else f[2:] for f in given}
     from_file = _config_file_keys(argv)

@@ -96,6 +96,10 @@ def test_generation_settings_come_from_the_store(store, tiny_policy, tmp_path, c
                       "--policy", tiny_policy, "--num-candidates", "8", *SELECTION])
     assert rc == 2
     assert "generation setting" in capsys.readouterr().err
+    # the prompts are the store's too: an --input would be silently ignored
+    assert select_main(["--candidates", store, "--output", str(tmp_path / "x"), "--policy",
+                        tiny_policy, "--input", "other.jsonl", *SELECTION]) == 2
+    assert "the prompts are the ones stored in" in capsys.readouterr().err
     out = str(tmp_path / "ok")
     assert select_main(["--candidates", store, "--output", out, "--policy", tiny_policy,
                         *SELECTION]) == 0
