@@ -82,3 +82,22 @@ def configure(verbose: bool = False) -> None:
             hf_logging.disable_progress_bar()
         except ImportError:
             pass
+
+
+@contextlib.contextmanager
+def details_hidden(hidden: bool, loggers: tuple[str, ...] = ("rso.generate", "rso.select")
+                   ) -> Iterator[None]:
+    """Within the block, the INFO lines of the pipeline commands that a command runs inside
+    itself (`rso demo`, `rso evaluate`: each nested run's Beam counters, counts and per-stage
+    cost table, a dozen lines per run, all in the run's ``manifest.json`` and in ``rso
+    inspect``) are hidden when ``hidden``; their warnings and errors, and the per-batch
+    decoding lines, are not."""
+    levels = {name: logging.getLogger(name).level for name in loggers}
+    if hidden:
+        for name in loggers:
+            logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        yield
+    finally:
+        for name, level in levels.items():
+            logging.getLogger(name).setLevel(level)

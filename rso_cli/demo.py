@@ -27,14 +27,12 @@ measured times).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import logging
 import os
 import sys
 import time
-from collections.abc import Iterator
 from importlib import resources
 
 log = logging.getLogger("rso_cli.demo")
@@ -217,24 +215,6 @@ def train_in_child(argv: list[str], verbose: bool = False) -> int:
     return subprocess.run(command + (["--verbose"] if verbose else [])).returncode
 
 
-@contextlib.contextmanager
-def details_hidden(hidden: bool, loggers: tuple[str, ...] = ("rso.generate", "rso.select")
-                   ) -> Iterator[None]:
-    """Within the block, the INFO lines of the pipeline commands the demo runs (each run's
-    Beam counters, counts and per-stage cost table: a dozen lines per run, all in the run's
-    ``manifest.json`` and in ``rso inspect``) are hidden when ``hidden``; their warnings and
-    errors, and the per-batch decoding lines, are not."""
-    levels = {name: logging.getLogger(name).level for name in loggers}
-    if hidden:
-        for name in loggers:
-            logging.getLogger(name).setLevel(logging.WARNING)
-    try:
-        yield
-    finally:
-        for name, level in levels.items():
-            logging.getLogger(name).setLevel(level)
-
-
 def run_counts(output: str) -> str:
     """``12 prompts, 192 candidates, 24 pairs, 0 dead letters`` from a pipeline output's
     manifest counters (``n/a`` where the manifest lacks them)."""
@@ -375,7 +355,7 @@ def main(argv: list[str] | None = None) -> int:
     policy = args.policy or prepare_policy(args.cache_dir)
     proxy = args.proxy or prepare_reward_model(args.cache_dir)
     judge = args.judge or prepare_judge(args.cache_dir, policy if args.full else minilm_dir())
-    with details_hidden(not args.verbose):
+    with console.details_hidden(not args.verbose):
         summary = run_loop(args, sizes, policy, proxy, judge)
     print(format_summary(summary))
     print(f"done in {time.time() - start:.0f} s; "

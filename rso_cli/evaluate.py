@@ -446,7 +446,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args, beam_args = parse_args(argv)
     console.configure(args.verbose)
     try:
-        ev = evaluate(args, beam_args)
+        with console.details_hidden(not args.verbose):  # each side's counters and cost table
+            ev = evaluate(args, beam_args)
     except ConfigError as e:
         print(f"rso evaluate: error: {e}", file=sys.stderr)
         return 2

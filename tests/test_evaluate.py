@@ -216,9 +216,14 @@ def _sft(out: str, side: str) -> dict[str, dict]:
 
 @pytest.mark.slow
 def test_policy_against_itself_ties_on_every_prompt(tiny_policy, tiny_reward_model, prompts,
-                                                     tmp_path, capsys):
+                                                     tmp_path, capsys, caplog):
+    import logging
+
     out = str(tmp_path / "self")
-    assert _evaluate(tiny_policy, tiny_policy, tiny_reward_model, prompts, out) == 0
+    with caplog.at_level(logging.INFO):
+        assert _evaluate(tiny_policy, tiny_policy, tiny_reward_model, prompts, out) == 0
+    # one line per stage: each side's counters and cost table only with --verbose
+    assert "cost: stage" not in caplog.text and "beam counters" not in caplog.text
     ev = json.load(open(os.path.join(out, "evaluation.json")))
     n = len(PROMPTS)
     assert (ev["num_prompts"], ev["ties"], ev["wins"], ev["losses"]) == (n, n, 0, 0)
