@@ -34,6 +34,7 @@ COMMANDS = {
     "demo": ("rso_cli.demo", "the whole loop on SmolLM2-135M-Instruct and bundled HH-RLHF data, "
                              "offline"),
 }
+OWN_VERBOSE = ("reward", "evaluate", "demo")  # commands whose parser has --verbose
 USAGE = ("usage: rso {" + ",".join(COMMANDS) + "} [--config FILE.yaml] [flags] [--verbose]\n\n"
          + "\n".join(f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items())
          + "\n\n`rso COMMAND --help` lists every flag of a command. `--verbose` shows the INFO "
@@ -48,7 +49,10 @@ def main(argv: list[str] | None = None) -> int:
     from rso import console
 
     console.configure("--verbose" in argv)
-    command, rest = argv[0], [a for a in argv[1:] if a != "--verbose"]
+    command = argv[0]
+    # a command with its own --verbose (what it shows more: nested runs' details) gets the flag;
+    # the others would refuse it as unknown
+    rest = argv[1:] if command in OWN_VERBOSE else [a for a in argv[1:] if a != "--verbose"]
     if command not in COMMANDS:
         print(f"rso: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2

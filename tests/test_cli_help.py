@@ -38,3 +38,22 @@ def test_percent_in_any_help_text_is_printed_as_written():
     parser = argparse.ArgumentParser(prog="odd")
     Odd.add_arguments(parser)
     assert "50% of %(prog)s, 100% (default: 0.5)" in " ".join(parser.format_help().split())
+
+
+@pytest.mark.parametrize("command,module", [("evaluate", "rso_cli.evaluate"),
+                                            ("demo", "rso_cli.demo"),
+                                            ("reward", "trainer.reward_train"),
+                                            ("inspect", "rso_cli.inspect_output")])
+def test_verbose_reaches_the_commands_that_parse_it(command, module, monkeypatch):
+    """`rso demo --verbose` once lost its flag in the dispatcher, so the demo ran quiet (and
+    re-quieted the libraries) although the user asked for everything."""
+    import importlib
+
+    from rso_cli import cli
+
+    seen: list[list[str]] = []
+    monkeypatch.setattr("rso.console.configure", lambda verbose=False: None)  # keep pytest's
+    monkeypatch.setattr(importlib.import_module(module), "main",
+                        lambda argv: seen.append(list(argv)) or 0)
+    assert cli.main([command, "x", "--verbose"]) == 0
+    assert seen == [["x", "--verbose"] if command in cli.OWN_VERBOSE else ["x"]]
