@@ -35,10 +35,12 @@ COMMANDS = {
                              "offline"),
 }
 OWN_VERBOSE = ("reward", "evaluate", "demo")  # commands whose parser has --verbose
-USAGE = ("usage: rso {" + ",".join(COMMANDS) + "} [--config FILE.yaml] [flags] [--verbose]\n\n"
+USAGE = ("usage: rso {" + ",".join(COMMANDS) + "} [flags] [--verbose]\n\n"
          + "\n".join(f"  {name:<10} {help_}" for name, (_, help_) in COMMANDS.items())
          + "\n\n`rso COMMAND --help` lists every flag of a command. `--verbose` shows the INFO "
-           "logs of the\nlibraries underneath (Beam, vLLM, transformers), hidden by default.\n")
+           "logs of the\nlibraries underneath (Beam, vLLM, transformers), hidden by default. "
+           "generate, select,\ntrain and reward train also read --config FILE.yaml (flags "
+           "override it).\n")
 
 
 def main(argv: list[str] | None = None) -> int:

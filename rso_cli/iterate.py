@@ -77,7 +77,9 @@ def format_table(rows: list[dict]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="rso iterate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, required=True)
+    parser.add_argument("--rounds", type=int, required=True,
+                        help="R: rounds of generate + train (round r samples from round r-1's "
+                             "policy)")
     parser.add_argument("--policy", required=True, help="the SFT policy (round 0's proposal)")
     parser.add_argument("--input", required=True, help="prompts (as rso generate --input)")
     parser.add_argument("--reward-model", required=True, action="append",
