@@ -324,7 +324,8 @@ def main(argv: list[str] | None = None) -> int:
                              "between runs")
     full = ", ".join(f"{f.name} {getattr(FULL, f.name)}" for f in dataclasses.fields(FULL))
     parser.add_argument("--full", action="store_true",
-                        help=f"a larger run (over an hour on 2 CPU cores, docs/RESULTS.md): {full}")
+                        help=f"a larger run (on 2 CPU cores about 35 min, an hour the first time, "
+                             f"which fits the SmolLM2 judge; docs/RESULTS.md): {full}")
     parser.add_argument("--engine", choices=("vllm", "transformers"), default="vllm",
                         help="engine that decodes the candidates")
     parser.add_argument("--eval-engine", choices=("vllm", "transformers"), default="vllm",
