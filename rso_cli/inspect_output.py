@@ -73,13 +73,17 @@ def check_complete(output: str) -> None:
 
 
 def read_manifest(output: str) -> dict[str, Any]:
-    """The run's manifest; ValueError (one line) when it is not readable JSON."""
+    """The run's manifest; ValueError (one line) when it is not readable JSON or has no
+    ``run_id`` (not written by the pipeline)."""
     path = rso_io.join(output, layout.MANIFEST)
     try:
         with rso_io.open_file(path, "r") as f:
-            return json.load(f)
+            manifest = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not a readable manifest ({e})") from None
+    if not isinstance(manifest, dict) or "run_id" not in manifest:
+        raise ValueError(f"{path}: not a pipeline run's manifest (no run_id)")
+    return manifest
 
 
 def record_kind(output: str) -> str:
@@ -467,8 +471,8 @@ def inspect_output(output: str, plots_dir: str | None = None) -> dict[str, Any]:
     """Writes :data:`WRITTEN_FILES` into ``plots_dir`` (default: ``output``); returns the
     summary. Raises :class:`IncompleteOutputError` for an unfinished directory and ValueError
     (:class:`rso.checksums.ChecksumError`) for a record file that differs from its manifest."""
-    if layout.is_complete(output):
-        verify_records(output, read_manifest(output))
+    check_complete(output)
+    verify_records(output, read_manifest(output))
     summary, series = summarize_output(output)
     target = plots_dir or output
     rso_io.makedirs(target)

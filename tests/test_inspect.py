@@ -178,3 +178,15 @@ def test_says_when_dead_letter_files_disagree_with_the_manifest(rso_run, tmp_pat
             os.remove(os.path.join(copy, name))
     summary, _ = I.summarize_output(copy)
     assert "WARNING: the manifest counts" in I.format_summary(summary)
+
+
+def test_refuses_a_finished_marker_without_a_pipeline_manifest(tmp_path, capsys):
+    out = tmp_path / "odd"
+    out.mkdir()
+    (out / "_SUCCESS").write_text("")
+    assert rso(["inspect", str(out)]) == 2
+    assert "has _SUCCESS but no manifest.json" in capsys.readouterr().err
+    (out / "manifest.json").write_text("{}")
+    assert rso(["inspect", str(out)]) == 2
+    assert "not a pipeline run's manifest" in capsys.readouterr().err
+    assert not any(n.startswith("inspect") for n in os.listdir(out))
