@@ -99,19 +99,31 @@ def fit_head_model(out: str, backbone: str, rows: tuple[int, int], what: str,
         log.info("%s: cached in %s (held-out accuracy %s)", what, out, fit_accuracy(out))
         return out
     import shutil
+    import tempfile
 
     from trainer.reward_train import FEATURES_FILE, RewardConfig, train_reward
 
-    tmp = out + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
+    # a directory of this run's own (two demos fitting at once must not share one), removed
+    # whatever happens; the model appears under ``out`` in one rename
+    parent, name = os.path.split(os.path.normpath(out))
+    os.makedirs(parent or ".", exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=parent or ".")
     log.info("fitting the %s (%s features + Bradley-Terry head) on HH-RLHF rows %d-%d (once)",
              what, backbone_name(backbone), rows[0], rows[1] - 1)
-    result = train_reward(RewardConfig(
-        data=[bundled_data()], rows=f"{rows[0]}:{rows[1]}", model=backbone, output=tmp,
-        mode="head", eval_fraction=0.2, max_train_pairs=max_pairs, seed=seed, plots=False,
-        learning_curve=list(LEARNING_CURVE)))
-    os.remove(os.path.join(tmp, FEATURES_FILE))
-    os.replace(tmp, out)
+    try:
+        result = train_reward(RewardConfig(
+            data=[bundled_data()], rows=f"{rows[0]}:{rows[1]}", model=backbone, output=tmp,
+            mode="head", eval_fraction=0.2, max_train_pairs=max_pairs, seed=seed, plots=False,
+            learning_curve=list(LEARNING_CURVE)))
+        os.remove(os.path.join(tmp, FEATURES_FILE))
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            if not os.path.exists(os.path.join(out, "model.safetensors")):
+                raise
+            log.info("%s: another run fitted it first; using %s", what, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     fit = result.fit
     log.info("%s: held-out pairwise accuracy %.3f [%.3f, %.3f] on %d pairs; cached in %s", what,
              fit["heldout_accuracy"], *fit["heldout_accuracy_ci95"], fit["heldout_pairs"], out)

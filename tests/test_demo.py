@@ -83,3 +83,29 @@ def test_a_demo_reward_model_is_fitted_once_with_its_learning_curve(tmp_path, ca
     with caplog.at_level(logging.INFO, logger="rso_cli.demo"):
         assert fit_head_model(out, encoder, (256, 416), "proxy") == out
     assert f"proxy: cached in {out}" in caplog.text
+
+
+def test_a_reward_model_fitted_by_two_demos_at_once(tmp_path, monkeypatch, caplog):
+    """Two cold demos sharing a cache: each fits in a directory of its own; the one that finishes
+    second keeps the first one's model and leaves nothing behind."""
+    import shutil
+
+    import trainer.reward_train as R
+    from rso_cli.demo import fit_head_model
+    from tests.tiny_models import build_sentence_encoder
+
+    encoder = build_sentence_encoder(str(tmp_path / "encoder"))
+    cache = tmp_path / "cache"
+    out = str(cache / "rm")
+    real = R.train_reward
+
+    def and_the_other_demo_finishes(cfg, **kw):
+        result = real(cfg, **kw)
+        shutil.copytree(cfg.output, out)  # the other run's rename lands first
+        return result
+
+    monkeypatch.setattr(R, "train_reward", and_the_other_demo_finishes)
+    with caplog.at_level(logging.INFO, logger="rso_cli.demo"):
+        assert fit_head_model(out, encoder, (256, 416), "proxy") == out
+    assert "another run fitted it first" in caplog.text
+    assert os.listdir(cache) == ["rm"] and os.path.exists(os.path.join(out, "reward_fit.json"))
