@@ -444,3 +444,13 @@ def test_features_are_cached_by_the_backbones_content(marker_data, tmp_path, cap
     with caplog.at_level(logging.INFO, logger="rso.reward"):
         train_reward(cfg(marker_data, backbone, out, c_grid=[1.0], resume=True))
     assert "reusing cached features" in caplog.text
+
+
+def test_too_few_pairs_for_cross_validation_is_said(tmp_path, tiny_policy, caplog):
+    import logging
+
+    data = write_jsonl(tmp_path / "few.jsonl", marker_rows(12))
+    with caplog.at_level(logging.WARNING, logger="rso.reward"):
+        result = train_reward(cfg(data, tiny_policy, tmp_path / "rm", c_grid=[1.0]))
+    assert result.fit["train_pairs"] < 50
+    assert "a noisy choice" in caplog.text

@@ -70,6 +70,7 @@ log = logging.getLogger("rso.reward")
 FIT_FILE = "reward_fit.json"
 FEATURES_FILE = "features.safetensors"
 Z95 = 1.959963984540054
+MIN_PROMPTS_PER_FOLD = 10  # fewer training prompts per cross-validation fold: a warning
 VERIFY_PAIRS = 64  # held-out pairs re-scored through the saved directory's own forward
 DEFAULT_C_GRID = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 0.1, 0.3, 1.0, 3.0, 10.0]
 RESUME_INVARIANTS = ("data", "rows", "model", "kind", "pooling", "max_length", "eval_fraction",
@@ -602,6 +603,10 @@ def train_head(cfg: RewardConfig) -> RewardResult:
     feats = _feature_cache(cfg, data.content_hash, pooling_of_model(model), compute)
     feature_s = time.perf_counter() - t0
     ids = [ex.prompt_id for ex in train]
+    if len(set(ids)) < MIN_PROMPTS_PER_FOLD * cfg.folds:
+        log.warning("%d training prompts for %d-fold cross-validation: C is chosen on folds of "
+                    "about %.0f prompts, a noisy choice (more data, or fewer --folds)",
+                    len(set(ids)), cfg.folds, len(set(ids)) / cfg.folds)
     rows = _Rows(feats["train_a"], feats["train_b"], cfg.kind)
     fit = fit_head(rows, feats["train_a"], feats["train_b"], ids, cfg.kind, cfg.c_grid,
                    cfg.folds, cfg.seed)
