@@ -150,7 +150,9 @@ def prepare_judge(cache_dir: str, backbone: str, max_pairs: int = 800, seed: int
     1280-2311, data the proxy never saw. The default run uses all-MiniLM-L6-v2 (a disjoint data
     split: minutes on 2 cores); ``--full`` uses SmolLM2-135M (a different backbone too: about
     half an hour of feature extraction on 2 cores, once)."""
-    name = backbone_name(backbone).lower().replace(" mean-pooled", "-mean")
+    # the cache key names the backbone and its pooling (MiniLM's package dir is ".../model")
+    name = ("all-minilm-l6-v2-mean" if backbone == minilm_dir()
+            else os.path.basename(os.path.normpath(backbone)).lower())
     return fit_head_model(os.path.join(cache_dir, f"judge-{name}-hh-harmless-bt"), backbone,
                           JUDGE_ROWS, "judge", max_pairs, seed)
 

@@ -166,11 +166,14 @@ def _diff(a: float | None, b: float | None) -> float | None:
     return a - b if a is not None and b is not None else None
 
 
-def summarize_output(output: str) -> tuple[dict[str, Any], dict[str, Any]]:
+def summarize_output(output: str, manifest: Mapping[str, Any] | None = None
+                     ) -> tuple[dict[str, Any], dict[str, Any]]:
     """(summary, series): the JSON summary of a complete run and the raw series the plots draw
-    (``rewards``: {name: list}, ``lengths``: {name: list}, ``margins``, ``length_diffs``)."""
-    check_complete(output)
-    manifest = read_manifest(output)
+    (``rewards``: {name: list}, ``lengths``: {name: list}, ``margins``, ``length_diffs``).
+    ``manifest``: the run's, when the caller has read it (after :func:`check_complete`)."""
+    if manifest is None:
+        check_complete(output)
+        manifest = read_manifest(output)
     kind = record_kind(output)
     sft = kind == layout.SFT_PREFIX
     cols = (["prompt_id", "reward", "completion_token_ids"] if sft else
@@ -472,11 +475,12 @@ def inspect_output(output: str, plots_dir: str | None = None) -> dict[str, Any]:
     summary. Raises :class:`IncompleteOutputError` for an unfinished directory and ValueError
     (:class:`rso.checksums.ChecksumError`) for a record file that differs from its manifest."""
     check_complete(output)
-    verify_records(output, read_manifest(output))
-    summary, series = summarize_output(output)
+    manifest = read_manifest(output)
+    verify_records(output, manifest)
+    summary, series = summarize_output(output, manifest)
     target = plots_dir or output
     rso_io.makedirs(target)
-    files = render_plots(summary, series, read_manifest(output))
+    files = render_plots(summary, series, manifest)
     files[SUMMARY_FILE] = (json.dumps(summary, indent=2, sort_keys=True, default=str)
                            + "\n").encode()
     for name, data in files.items():

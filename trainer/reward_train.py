@@ -231,7 +231,7 @@ def load_backbone(cfg: RewardConfig, path: str, device: torch.device) -> tuple[A
     verbosity = hf_logging.get_verbosity()
     if not cfg.verbose:  # "newly initialized weights: score.weight" is expected here
         hf_logging.set_verbosity_error()
-    wanted = resolve_pooling(cfg, cfg.model)
+    wanted = resolve_pooling(cfg.pooling, cfg.model)
     saved_mean = _is_rso_classifier(path)
     if saved_mean and wanted != "mean":
         raise ConfigError(f"{path} is a mean-pooled reward model: its pooling is fixed, and "
@@ -263,14 +263,10 @@ def pooling_of_model(model: Any) -> str:
     return "mean" if isinstance(model, MeanPooledClassifier) else "model"
 
 
-def resolve_pooling(cfg: RewardConfig, path: str) -> str:
+def resolve_pooling(pooling: str, path: str) -> str:
     """``--pooling`` for the backbone in ``path``: ``auto`` becomes ``mean`` for a
     sentence-transformers model that pools by mean or a mean-pooled rso reward model, else
     ``model``. ConfigError for an unreadable ``1_Pooling/config.json``."""
-    return _pooling_of(cfg.pooling, path)
-
-
-def _pooling_of(pooling: str, path: str) -> str:
     if pooling != "auto":
         return pooling
     try:
@@ -484,8 +480,8 @@ def _prepare_output(cfg: RewardConfig) -> str | None:
         saved = ckpt.saved_config(latest)
         mine = cfg.to_dict()
         changed = [k for k in RESUME_INVARIANTS if k != "pooling" and saved.get(k) != mine[k]]
-        if _pooling_of(saved.get("pooling", "auto"), saved.get("model", "")) != \
-                resolve_pooling(cfg, cfg.model):
+        if resolve_pooling(saved.get("pooling", "auto"), saved.get("model", "")) != \
+                resolve_pooling(cfg.pooling, cfg.model):
             changed.append("pooling")
         if changed:
             raise ConfigError(f"cannot resume {latest}: setting(s) {', '.join(changed)} differ "
@@ -603,10 +599,11 @@ def train_head(cfg: RewardConfig) -> RewardResult:
     feats = _feature_cache(cfg, data.content_hash, pooling_of_model(model), compute)
     feature_s = time.perf_counter() - t0
     ids = [ex.prompt_id for ex in train]
-    if len(set(ids)) < MIN_PROMPTS_PER_FOLD * cfg.folds:
+    prompts = len(set(ids))
+    if prompts < MIN_PROMPTS_PER_FOLD * cfg.folds:
         log.warning("%d training prompts for %d-fold cross-validation: C is chosen on folds of "
                     "about %.0f prompts, a noisy choice (more data, or fewer --folds)",
-                    len(set(ids)), cfg.folds, len(set(ids)) / cfg.folds)
+                    prompts, cfg.folds, prompts / cfg.folds)
     rows = _Rows(feats["train_a"], feats["train_b"], cfg.kind)
     fit = fit_head(rows, feats["train_a"], feats["train_b"], ids, cfg.kind, cfg.c_grid,
                    cfg.folds, cfg.seed)
