@@ -357,11 +357,17 @@ def main(argv: list[str] | None = None) -> int:
     # Tests run the same loop on tiny models and sizes:
     parser.add_argument("--policy", help=argparse.SUPPRESS)
     parser.add_argument("--proxy", help=argparse.SUPPRESS)
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace a finished demo in --output (without it, refused: the "
+                             "rerun would delete that demo's policies before making new ones)")
     parser.add_argument("--judge", help=argparse.SUPPRESS)
     parser.add_argument("--sizes", help=argparse.SUPPRESS)  # JSON of Sizes fields
     args = parser.parse_args(argv)
     if args.methods[0] != "rso" or not set(args.methods) <= {"rso", "random", "top-k"}:
         parser.error("--methods: rso first, then any of random, top-k")
+    if os.path.exists(os.path.join(args.output, "demo.json")) and not args.overwrite:
+        parser.error(f"{args.output} holds a finished demo; pass --overwrite to replace it or "
+                     f"give another --output")
     from rso import console
 
     console.configure(args.verbose)

@@ -109,3 +109,16 @@ def test_a_reward_model_fitted_by_two_demos_at_once(tmp_path, monkeypatch, caplo
         assert fit_head_model(out, encoder, (256, 416), "proxy") == out
     assert "another run fitted it first" in caplog.text
     assert os.listdir(cache) == ["rm"] and os.path.exists(os.path.join(out, "reward_fit.json"))
+
+
+def test_a_finished_demo_is_not_replaced_without_overwrite(tmp_path, capsys):
+    import pytest
+
+    out = tmp_path / "demo"
+    out.mkdir()
+    (out / "demo.json").write_text("{}")
+    with pytest.raises(SystemExit) as stop:
+        main(["--output", str(out)])
+    assert stop.value.code == 2
+    assert "holds a finished demo; pass --overwrite" in capsys.readouterr().err
+    assert os.listdir(out) == ["demo.json"]

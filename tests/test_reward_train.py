@@ -414,6 +414,12 @@ def test_a_failed_or_refused_run_leaves_the_earlier_model_as_it_was(
     with pytest.raises(ConfigError, match="cannot load the backbone"):
         train_reward(cfg(marker_data, str(broken), out, overwrite=True))
     unchanged()
+    bare = tmp_path / "bare"  # a config and nothing else: no tokenizer either
+    bare.mkdir()
+    (bare / "config.json").write_text("{}")
+    with pytest.raises(ConfigError, match="cannot load the backbone"):
+        train_reward(cfg(marker_data, str(bare), out, overwrite=True))
+    unchanged()
     # a corrupt sentence-transformers pooling file is an error, not a silent switch to "model"
     shutil.copytree(sentence_encoder, tmp_path / "corrupt")
     (tmp_path / "corrupt" / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tok')

@@ -219,7 +219,10 @@ def load_backbone(cfg: RewardConfig, path: str, device: torch.device) -> tuple[A
     ``pad_token_id`` is that id: classifiers pool the rightmost non-pad token."""
     from rso import hf
 
-    tok = hf.load_tokenizer(path, cfg.trust_remote_code)
+    try:
+        tok = hf.load_tokenizer(path, cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"cannot load the backbone's tokenizer from {path}: {e}") from None
     if tok.pad_token is None:
         if tok.eos_token is None:
             raise ConfigError(f"{path}: the tokenizer has neither a pad nor an EOS token")
