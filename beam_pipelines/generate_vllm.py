@@ -110,8 +110,11 @@ def get_vllm_engine(config: GenerateConfig):
 
             if hasattr(vllm.envs, "disable_envs_cache"):
                 vllm.envs.disable_envs_cache()  # a previous engine froze the env it saw
+            # the whole engine configuration only with --verbose (a dozen settings per start)
+            detail = (kwargs if logging.getLogger("vllm").isEnabledFor(logging.INFO) else
+                      f"{os.path.basename(str(kwargs['model']).rstrip('/'))}, {kwargs['dtype']}")
             log.info("starting vLLM engine (its first start compiles graphs: a minute or "
-                     "more on a CPU): %s", kwargs)
+                     "more on a CPU): %s", detail)
             start = time.perf_counter()
             _ENGINES[key] = vllm.LLM(**kwargs)
             log.info("vLLM engine ready in %.0f s", time.perf_counter() - start)

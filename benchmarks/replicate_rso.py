@@ -2,11 +2,22 @@
 random (sft-sample-rank) and top-k (beta 0) from the same stored candidates; mean proxy reward
 of the chosen responses; each trained policy's win rate against SFT under the judge.
 
-    .venv/bin/python benchmarks/replicate_rso.py --seeds 0,1,2 [--full] [--output out/replicate]
+    .venv/bin/python benchmarks/replicate_rso.py --seeds 0,1,2 [--full] [--methods rso,random]
+        [--output out/replicate]
 
-Each seed is one `rso demo --methods rso,random,top-k --seed S` run (the same code path as the
-demo). Prints one table per seed and the mean over seeds, and writes results.json; record the
-table, the command, the hardware and an honest reading in docs/RESULTS.md.
+Each seed is one `rso demo --methods ... --seed S` run (the same code path as the demo) into
+OUTPUT/seed-S; a seed whose demo.json exists is read, not run again, so an interrupted
+replication resumes where it stopped. Prints one row per seed and method, then over all seeds:
+
+- the pooled win rate against SFT: every (seed, prompt) comparison counted once, with its Wilson
+  interval (`rso.stats.win_rate`; it treats the seeds' comparisons as independent, ignoring that
+  they share the evaluation prompts: read it as an approximate interval);
+- each method head to head with rso: on each (seed, prompt), the judge's reward of that method's
+  response against the rso policy's response (same prompt, same sampling seed, same tie margin
+  as the evaluation), as a win rate of rso over it.
+
+Writes OUTPUT/results.json; record the table, the command, the hardware and an honest reading in
+docs/RESULTS.md.
 """
 from __future__ import annotations
 
@@ -15,44 +26,101 @@ import json
 import os
 import platform
 import sys
+from typing import Any
 
 METHODS = ("rso", "random", "top-k")
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--seeds", default="0")
-    parser.add_argument("--full", action="store_true")
-    parser.add_argument("--output", default="out/replicate")
-    args = parser.parse_args()
-    from rso_cli.demo import main as demo
+def read_seed(out: str) -> dict[str, Any]:
+    """A finished demo's summary with each method's per-prompt comparisons
+    (``{method: {prompt_id: row}}`` under ``"comparisons"``) and tie margin."""
+    with open(os.path.join(out, "demo.json")) as f:
+        summary = json.load(f)
+    summary["comparisons"] = {}
+    for method, m in summary["methods"].items():
+        with open(os.path.join(m["evaluation"], "comparisons.jsonl")) as f:
+            summary["comparisons"][method] = {r["prompt_id"]: r for r in map(json.loads, f)}
+        with open(os.path.join(m["evaluation"], "evaluation.json")) as f:
+            summary["tie_margin"] = float(json.load(f)["settings"].get("tie_margin", 0.0))
+    return summary
 
-    rows = []
-    for seed in [int(s) for s in args.seeds.split(",")]:
-        out = os.path.join(args.output, f"seed-{seed}")
-        flags = ["--output", out, "--seed", str(seed), "--methods", ",".join(METHODS)]
-        if demo(flags + (["--full"] if args.full else [])):
-            return 1
-        with open(os.path.join(out, "demo.json")) as f:
-            summary = json.load(f)
+
+def aggregate(seeds: dict[int, dict[str, Any]]) -> dict[str, Any]:
+    """Per-seed rows, the pooled win rate of each method against SFT and rso head to head with
+    each other method, from :func:`read_seed` summaries keyed by seed."""
+    from rso import stats
+
+    rows, pooled, head = [], {}, {}
+    for seed, summary in sorted(seeds.items()):
         for method, m in summary["methods"].items():
             rows.append({"seed": seed, "method": method, **{k: m[k] for k in (
                 "mean_chosen_proxy_reward", "win_rate", "win_rate_ci95", "wins", "ties",
                 "losses")}})
-    print(f"{'seed':>4} {'method':<8} {'chosen proxy r':>14} {'win rate':>9}  95% CI")
-    for r in rows:
+            pooled.setdefault(method, []).extend(
+                r["score"] for r in summary["comparisons"][method].values())
+        rso = summary["comparisons"]["rso"]
+        for method, theirs in summary["comparisons"].items():
+            if method == "rso":
+                continue
+            both = sorted(set(rso) & set(theirs))
+            if any(rso[p]["policy_reward"] is None for p in both):
+                continue  # a pairwise judge gives margins against SFT only
+            head.setdefault(method, []).extend(stats.match_scores(
+                [rso[p]["policy_reward"] for p in both],
+                [theirs[p]["policy_reward"] for p in both], summary["tie_margin"]).tolist())
+    chosen = {method: [r["mean_chosen_proxy_reward"] for r in rows if r["method"] == method]
+              for method in pooled}
+    return {"rows": rows,
+            "pooled_vs_sft": {m: {**stats.win_rate(s),
+                                  "mean_chosen_proxy_reward": sum(chosen[m]) / len(chosen[m])}
+                              for m, s in pooled.items()},
+            "rso_head_to_head": {m: stats.win_rate(s) for m, s in head.items()},
+            "seeds": sorted(seeds)}
+
+
+def format_table(result: dict[str, Any]) -> str:
+    def ci(r: dict[str, Any]) -> str:
         lo, hi = r["win_rate_ci95"]
-        print(f"{r['seed']:>4} {r['method']:<8} {r['mean_chosen_proxy_reward']:>14.3f} "
-              f"{r['win_rate']:>9.3f}  [{lo:.3f}, {hi:.3f}]")
-    for method in METHODS:
-        mine = [r for r in rows if r["method"] == method]
-        chosen = sum(r["mean_chosen_proxy_reward"] for r in mine) / len(mine)
-        win = sum(r["win_rate"] for r in mine) / len(mine)
-        print(f"mean {method:<8} {chosen:>14.3f} {win:>9.3f}")
+        return f"{r['win_rate']:>9.3f}  [{lo:.3f}, {hi:.3f}]  {r['wins']}/{r['ties']}/{r['losses']}"
+
+    lines = [f"{'seed':>6} {'method':<8} {'chosen proxy r':>14} {'win rate':>9}  95% CI"
+             f"            wins/ties/losses vs SFT"]
+    lines += [f"{r['seed']:>6} {r['method']:<8} {r['mean_chosen_proxy_reward']:>14.3f} {ci(r)}"
+              for r in result["rows"]]
+    lines += [f"{'pooled':>6} {m:<8} {r['mean_chosen_proxy_reward']:>14.3f} {ci(r)}"
+              for m, r in result["pooled_vs_sft"].items()]
+    lines += [f"rso vs {m:<8} (head to head, judge) {ci(r)}"
+              for m, r in result["rso_head_to_head"].items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--seeds", default="0")
+    parser.add_argument("--full", action="store_true")
+    parser.add_argument("--methods", default=",".join(METHODS),
+                        help="rso first, then any of random, top-k")
+    parser.add_argument("--output", default="out/replicate")
+    parser.add_argument("--demo-flags", default="",
+                        help="more `rso demo` flags, space-separated (tests: tiny models)")
+    args = parser.parse_args(argv)
+    from rso_cli.demo import main as demo
+
+    seeds = {}
+    for seed in [int(s) for s in args.seeds.split(",")]:
+        out = os.path.join(args.output, f"seed-{seed}")
+        if not os.path.exists(os.path.join(out, "demo.json")):
+            flags = ["--output", out, "--seed", str(seed), "--methods", args.methods,
+                     "--overwrite", *args.demo_flags.split()]
+            if demo(flags + (["--full"] if args.full else [])):
+                return 1
+        seeds[seed] = read_seed(out)
+    result = aggregate(seeds)
+    print(format_table(result))
     with open(os.path.join(args.output, "results.json"), "w") as f:
-        json.dump({"rows": rows, "full": args.full, "machine": platform.platform(),
-                   "cpus": os.cpu_count()}, f, indent=2)
+        json.dump({**result, "full": args.full, "methods": args.methods,
+                   "machine": platform.platform(), "cpus": os.cpu_count()}, f, indent=2)
     return 0
 
 

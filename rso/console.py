@@ -43,6 +43,21 @@ FORMAT = "%(asctime)s %(name)s: %(message)s"
 DATE_FORMAT = "%H:%M:%S"
 
 
+class TqdmHandler(logging.StreamHandler):
+    """A stream handler that writes through ``tqdm.write``: a log line printed while a
+    progress bar is open lands above the bar, which is then redrawn, instead of inside it
+    (tqdm's documented way to print beside bars; it writes plainly when no bar is open)."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # noqa: BLE001 - logging's own contract: report, never raise
+            self.handleError(record)
+
+
 def configure(verbose: bool = False) -> None:
     """Logging for a command line run: our loggers at INFO, the root at WARNING (or INFO
     everywhere with ``verbose``); third-party loggers at ERROR unless ``verbose``.
@@ -66,7 +81,7 @@ def configure(verbose: bool = False) -> None:
     logging.captureWarnings(True)
     root = logging.getLogger()
     if not root.handlers:
-        handler = logging.StreamHandler()
+        handler = TqdmHandler()
         handler.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
         root.addHandler(handler)
     root.setLevel(logging.INFO if verbose else logging.WARNING)

@@ -59,8 +59,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"rso: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         return 2
     module, _, function = COMMANDS[command][0].partition(":")
-    run = getattr(importlib.import_module(module), function or "main")
-    return int(run(rest) or 0)
+    try:
+        run = getattr(importlib.import_module(module), function or "main")
+        return int(run(rest) or 0)
+    except KeyboardInterrupt:
+        # Ctrl-C: one line, not a traceback (or two: `rso demo`'s training child gets the
+        # signal too). Outputs are staged and published only when complete, so an interrupted
+        # run leaves the previous one in place; a training run resumes from its last checkpoint.
+        print(f"\nrso {command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

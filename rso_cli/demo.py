@@ -319,9 +319,33 @@ def format_summary(summary: dict) -> str:
         lo, hi = m["win_rate_ci95"]
         lines.append(f"{names[method]:<26} {m['mean_chosen_proxy_reward']:>14.3f} "
                      f"{m['win_rate']:>24.3f}  [{lo:.3f}, {hi:.3f}]")
-    lines += ["", "plots: " + ", ".join(os.path.join(m["evaluation"], "*.png")
+    lines += ["", *reading(summary), "", "plots: " + ", ".join(os.path.join(m["evaluation"], "*.png")
                                         for m in summary["methods"].values())]
     return "\n".join(lines)
+
+
+def reading(summary: dict) -> list[str]:
+    """One line per method compared with rso: what its table row says, in words. Selection:
+    whether rso's chosen responses have a higher mean proxy reward. Policies: which win rate
+    against SFT is higher when the two 95% intervals are disjoint; overlapping intervals are
+    read as no detectable difference (conservative: overlap does not prove equality)."""
+    rso = summary["methods"]["rso"]
+    lines = []
+    for method, m in summary["methods"].items():
+        if method == "rso":
+            continue
+        a, b = rso["mean_chosen_proxy_reward"], m["mean_chosen_proxy_reward"]
+        selection = (f"rso's chosen responses score {'higher' if a > b else 'no higher'} on the "
+                     f"proxy than {method}'s ({a:.3f} vs {b:.3f})")
+        (rso_lo, rso_hi), (lo, hi) = rso["win_rate_ci95"], m["win_rate_ci95"]
+        if rso_lo > hi or lo > rso_hi:
+            better = "rso" if rso_lo > hi else method
+            policy = f"{better}'s policy wins more often against SFT (disjoint 95% intervals)"
+        else:
+            policy = ("the win-rate intervals overlap: no policy-level difference is "
+                      "detectable at this size")
+        lines.append(f"reading, rso vs {method}: {selection}; {policy}.")
+    return lines
 
 
 class _HelpFormatter(argparse.RawDescriptionHelpFormatter,

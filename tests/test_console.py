@@ -41,3 +41,26 @@ def test_verbose_shows_everything():
     for line in ("OUR-LINE", "BEAM-INFO", "PER-WEIGHT-WARNING", "LIB-WARNING",
                  "TORCH-CHILD-WARNING"):
         assert line in err
+
+
+BAR_SCRIPT = """
+import logging, sys
+from tqdm import tqdm
+from rso import console
+console.configure(verbose=False)
+bar = tqdm(total=3, desc="BAR", file=sys.stderr, mininterval=0)
+bar.update(1)
+logging.getLogger("trainer.train").info("MID-BAR")
+bar.update(1)
+bar.close()
+"""
+
+
+def test_a_line_logged_under_a_progress_bar_gets_a_line_of_its_own():
+    """Trainer lines logged while its tqdm bar was open landed inside the bar's line."""
+    err = subprocess.run([sys.executable, "-c", BAR_SCRIPT], capture_output=True, text=True,
+                         timeout=120, check=True).stderr
+    line = next(line for line in err.split("\n") if "MID-BAR" in line)
+    # what the terminal shows on that line: the text after its last carriage return
+    assert "BAR" not in line.split("\r")[-1].replace("MID-BAR", ""), repr(err)
+    assert line.split("\r")[-1].strip().endswith("trainer.train: MID-BAR"), repr(err)

@@ -45,6 +45,47 @@ def test_whole_loop_on_tiny_models(tiny_policy, tiny_reward_model, tmp_path, cap
     # random selection re-used the stored candidates: nothing was decoded for it
     with open(os.path.join(out, "pairs-random", "manifest.json")) as f:
         assert json.load(f)["accounting"]["decoding"]["tokens_decoded"] == 0
+    # the table is read in words, one line per method compared with rso
+    assert printed.count("reading, rso vs ") == 2, printed
+    # benchmarks/replicate_rso.py's figures from this run (as one seed)
+    replicate = load_replicate()
+    result = replicate.aggregate({0: replicate.read_seed(out)})
+    for method, m in summary["methods"].items():
+        pooled = result["pooled_vs_sft"][method]
+        assert (pooled["wins"], pooled["ties"], pooled["losses"]) == (
+            m["wins"], m["ties"], m["losses"])
+    head = result["rso_head_to_head"]
+    assert set(head) == {"random", "top-k"}
+    assert all(h["num_prompts"] == TINY["eval_prompts"] for h in head.values())
+    assert "rso vs random" in replicate.format_table(result)
+
+
+def load_replicate():
+    import importlib.util
+
+    path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "benchmarks",
+                        "replicate_rso.py")
+    spec = importlib.util.spec_from_file_location("replicate_rso", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_reading_of_the_table():
+    from rso_cli.demo import reading
+
+    def method(chosen, lo, hi):
+        return {"mean_chosen_proxy_reward": chosen, "win_rate_ci95": [lo, hi]}
+
+    overlap = {"methods": {"rso": method(1.4, 0.30, 0.67), "random": method(0.6, 0.39, 0.76)}}
+    assert reading(overlap) == [
+        "reading, rso vs random: rso's chosen responses score higher on the proxy than "
+        "random's (1.400 vs 0.600); the win-rate intervals overlap: no policy-level difference "
+        "is detectable at this size."]
+    apart = {"methods": {"rso": method(0.1, 0.60, 0.70), "top-k": method(0.2, 0.40, 0.55)}}
+    assert reading(apart)[0].endswith(
+        "no higher on the proxy than top-k's (0.100 vs 0.200); rso's policy wins more often "
+        "against SFT (disjoint 95% intervals).")
 
 
 def test_a_cached_reward_model_is_reused_and_says_so(tmp_path, caplog):

@@ -296,3 +296,29 @@ def test_resume_compares_the_data_by_content_not_path(dropout_policy, data_dir, 
                             resume=True, allow_change=["data"]))
     (change,) = _final_run_info(switched)["changes"]
     assert change["setting"] == "data" and change["step"] == 2 and other in change["to"]
+
+
+@pytest.mark.slow
+def test_ctrl_c_is_one_line_and_leaves_a_resumable_run(dropout_policy, data_dir, tmp_path):
+    """Ctrl-C (SIGINT) on `rso train` printed a KeyboardInterrupt traceback (two under `rso
+    demo`, whose training child gets the signal too): now one line, exit 130, and the saved
+    checkpoints stay loadable for --resume."""
+    out = str(tmp_path / "interrupted")
+    flags = ["--data", data_dir, "--policy", dropout_policy, "--output", out, "--lr", "1e-3",
+             "--batch-size", "2", "--max-steps", "400", "--save-every", "1",
+             "--keep-checkpoints", "2", "--no-progress", "--no-tensorboard", "--no-plots",
+             "--num-threads", "1"]
+    proc = subprocess.Popen([sys.executable, "-m", "rso_cli.cli", "train", *flags], cwd=ROOT,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and len(list_checkpoints(out)) < 2:
+            assert time.monotonic() < deadline, "the trainer made no progress in 120 s"
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGINT)
+    finally:
+        _, stderr = proc.communicate()
+    assert proc.returncode == 130, stderr
+    assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
+    assert stderr.rstrip().endswith("rso train: interrupted"), stderr
+    assert load_trainer_state(list_checkpoints(out)[-1])["state"]["step"] >= 1
