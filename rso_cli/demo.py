@@ -319,8 +319,8 @@ def format_summary(summary: dict) -> str:
         lo, hi = m["win_rate_ci95"]
         lines.append(f"{names[method]:<26} {m['mean_chosen_proxy_reward']:>14.3f} "
                      f"{m['win_rate']:>24.3f}  [{lo:.3f}, {hi:.3f}]")
-    lines += ["", *reading(summary), "", "plots: " + ", ".join(os.path.join(m["evaluation"], "*.png")
-                                        for m in summary["methods"].values())]
+    plots = [os.path.join(m["evaluation"], "*.png") for m in summary["methods"].values()]
+    lines += ["", *reading(summary), "", "plots: " + ", ".join(plots)]
     return "\n".join(lines)
 
 
