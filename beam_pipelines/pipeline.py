@@ -11,13 +11,15 @@ setting (see ``config.py``) is a Beam pipeline option (``--runner``, ``--project
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import functools
 import json
 import logging
 import sys
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import apache_beam as beam
 from apache_beam.options.pipeline_options import PipelineOptions
@@ -179,6 +181,45 @@ def run(config: GenerateConfig, beam_args: Sequence[str] = (), wait: bool = True
     staged template does (no lock, no staging; ``--overwrite`` is refused, since a failing job
     would leave a mix of two runs).
     """
+    with staged_run(config, beam_args, wait=wait) as staging:
+        pass
+    if staging is None:
+        return {}
+    with open_file(join(config.output, layout.MANIFEST), "r") as f:
+        written = json.load(f)
+    command_log().info("done in %.0f s: %s", time.time() - staging.started,
+                       json.dumps(written.get("counters", {}), sort_keys=True))
+    decoding = written.get("accounting", {}).get("decoding", {})
+    if decoding:
+        command_log().info(
+            "decoded %s prompts (%s candidates, %s tokens); reused %s prompts (%s candidates)",
+            *(decoding.get(k, 0) for k in ("prompts_decoded", "candidates_decoded",
+                                           "tokens_decoded", "prompts_reused",
+                                           "candidates_reused")))
+    if isinstance(written.get("cost"), dict):
+        for line in cost.format_lines(written["cost"]):
+            command_log().info("cost: %s", line)
+    return written
+
+
+@dataclasses.dataclass(frozen=True)
+class Staged:
+    """A run's complete staging directory (``path``) and the ``time.time()`` it started at."""
+
+    path: str
+    started: float
+
+
+@contextlib.contextmanager
+def staged_run(config: GenerateConfig, beam_args: Sequence[str] = (),
+               wait: bool = True) -> Iterator[Staged | None]:
+    """:func:`run` in two steps, for a caller that publishes several outputs together (`rso
+    evaluate`): runs the pipeline into a staging directory inside ``config.output`` and yields
+    it, complete (``_SUCCESS`` written, readable with the usual readers), while holding
+    ``config.output``'s lock; when the block exits normally, commits it into
+    ``config.output``; when the block raises, discards it, and ``config.output`` keeps what it
+    held. Yields None when no job was waited for (a template, or ``wait=False``). Same checks
+    and errors as :func:`run`."""
     beam_args = list(beam_args)
     if not any(a == "--runner" or a.startswith("--runner=") for a in beam_args):
         # The in-process portable runner that Beam's DirectRunner uses when it cannot start
@@ -200,12 +241,14 @@ def run(config: GenerateConfig, beam_args: Sequence[str] = (), wait: bool = True
     if template:
         pipeline.run().wait_until_finish()
         command_log().info("no job was run (template or graph only)")
-        return {}
+        yield None
+        return
     if not wait:
         pipeline.run()
         command_log().info("submitted run %s -> %s (not waiting; _SUCCESS marks it done)",
                            run_id, output)
-        return {}
+        yield None
+        return
     start = time.time()
     machines = cost.machines_from_beam_args(beam_args)
     with OutputLock.acquire(output, run_id), torch_threads_kept():
@@ -222,7 +265,8 @@ def run(config: GenerateConfig, beam_args: Sequence[str] = (), wait: bool = True
             wall = time.perf_counter() - submitted
             if not getattr(result, "has_job", True):
                 command_log().info("no job was run (template or graph only)")
-                return {}
+                yield None
+                return
             _log_counters(result)
             if not is_complete(staging):
                 raise RuntimeError(f"the pipeline finished ({result.state}) without writing "
@@ -230,24 +274,10 @@ def run(config: GenerateConfig, beam_args: Sequence[str] = (), wait: bool = True
             _refuse_empty(staging, output)
             amend_manifest(staging, functools.partial(_add_launcher_cost, wall=wall,
                                                       machines=machines))
+            yield Staged(staging, start)
             commit(staging, output)
         finally:
             discard(staging)
-    with open_file(join(output, layout.MANIFEST), "r") as f:
-        written = json.load(f)
-    command_log().info("done in %.0f s: %s", time.time() - start,
-                       json.dumps(written.get("counters", {}), sort_keys=True))
-    decoding = written.get("accounting", {}).get("decoding", {})
-    if decoding:
-        command_log().info(
-            "decoded %s prompts (%s candidates, %s tokens); reused %s prompts (%s candidates)",
-            *(decoding.get(k, 0) for k in ("prompts_decoded", "candidates_decoded",
-                                           "tokens_decoded", "prompts_reused",
-                                           "candidates_reused")))
-    if isinstance(written.get("cost"), dict):
-        for line in cost.format_lines(written["cost"]):
-            command_log().info("cost: %s", line)
-    return written
 
 
 def _add_launcher_cost(doc: dict, wall: float, machines: int | None) -> None:

@@ -103,3 +103,9 @@ def remove_empty_dir(path: str) -> bool:
 def makedirs(path: str) -> None:
     fs, p = filesystem(path)
     fs.makedirs(p, exist_ok=True)
+
+
+def remove(path: str) -> None:
+    """Deletes the file ``path`` (local or ``gs://``); FileNotFoundError if there is none."""
+    fs, p = filesystem(path)
+    fs.rm_file(p)

@@ -35,6 +35,11 @@ Writes into ``--output``::
                              ``--baseline-generations DIR`` the baseline's are read from DIR
                              (an earlier evaluation's, checked by run id) and not written again
 
+Nothing is published until both sides have generated and the report is computed: each side
+runs into a staging directory (:func:`beam_pipelines.pipeline.staged_run`), the old
+evaluation.json is removed, the sides are committed, and the new evaluation.json is written
+last; a failed or interrupted evaluation leaves the previous one as it was.
+
 Both models generate in ``--dtype`` (default float32, whatever the hardware): DPO moves a
 policy's weights by far less than bfloat16's resolution (8 significant bits; a relative step of
 about 0.4%), so in bf16 most of a short fine-tune's update rounds away and the rest becomes
@@ -387,7 +392,7 @@ def evaluate(args: argparse.Namespace, beam_args: Sequence[str] = (),
              say=print) -> dict[str, Any]:
     """Runs the evaluation described in the module docstring; returns evaluation.json's
     content. Raises ConfigError (bad settings, existing results without overwrite)."""
-    from beam_pipelines.pipeline import run
+    from beam_pipelines.pipeline import staged_run
 
     target = rso_io.join(args.output, EVALUATION)
     if rso_io.exists(target) and not args.overwrite:
@@ -403,39 +408,48 @@ def evaluate(args: argparse.Namespace, beam_args: Sequence[str] = (),
         outputs["baseline"] = args.baseline_generations
         reused = check_reusable(args.baseline_generations,
                                 configs["baseline"].resolved_run_id())
-    for side in SIDES:
-        if side == "baseline" and reuse:
-            manifest = reused
-            say(f"[{side}] reusing {outputs[side]} (run {manifest['run_id']})")
+    # Each side generates into a staging directory; nothing is published until every step that
+    # can fail has run, so a failed or interrupted evaluation leaves the previous one whole.
+    with contextlib.ExitStack() as publish:
+        for side in SIDES:
+            source = outputs[side]
+            if side == "baseline" and reuse:
+                manifest = reused
+                say(f"[{side}] reusing {source} (run {manifest['run_id']})")
+            else:
+                say(f"[{side}] generating with {configs[side].policy} -> {source}")
+                with evaluate_flags(side):
+                    source = publish.enter_context(staged_run(configs[side], beam_args)).path
+                manifest = read_manifest(source)
+            rows[side] = read_records(source, layout.SFT_PREFIX, SFT_COLUMNS)
+            say(f"[{side}] {len(rows[side])} responses, "
+                f"{(manifest.get('counters') or {}).get('dead_letters', 0)} dead letters")
+        pairs, unpaired = pair_by_prompt(rows["policy"], rows["baseline"])
+        if args.judge_kind == "pointwise":
+            margins = [p["reward"] - b["reward"] for p, b in pairs]
         else:
-            say(f"[{side}] generating with {configs[side].policy} -> {outputs[side]}")
-            with evaluate_flags(side):
-                manifest = run(configs[side], beam_args)
-        rows[side] = read_records(outputs[side], layout.SFT_PREFIX, SFT_COLUMNS)
-        say(f"[{side}] {len(rows[side])} responses, "
-            f"{(manifest.get('counters') or {}).get('dead_letters', 0)} dead letters")
-    pairs, unpaired = pair_by_prompt(rows["policy"], rows["baseline"])
-    if args.judge_kind == "pointwise":
-        margins = [p["reward"] - b["reward"] for p, b in pairs]
-    else:
-        say(f"[judge] scoring {len(pairs)} pairs with the pairwise judge, both orders")
-        messages = prompt_messages(args.prompts, args.input_format,
-                                   {p["prompt_id"] for p, _ in pairs})
-        margins = pairwise_margins(pairs, configs["policy"], messages)
-    result, comparisons = report(pairs, margins, args.tie_margin, args.judge_kind)
-    evaluation = {
-        "settings": settings(args),
-        "models": {"policy": model_id(args.policy), "baseline": model_id(args.baseline),
-                   "judge": model_id(args.judge)},
-        "generations": outputs,
-        "unpaired": unpaired,
-        **result,
-    }
+            say(f"[judge] scoring {len(pairs)} pairs with the pairwise judge, both orders")
+            messages = prompt_messages(args.prompts, args.input_format,
+                                       {p["prompt_id"] for p, _ in pairs})
+            margins = pairwise_margins(pairs, configs["policy"], messages)
+        result, comparisons = report(pairs, margins, args.tie_margin, args.judge_kind)
+        evaluation = {
+            "settings": settings(args),
+            "models": {"policy": model_id(args.policy), "baseline": model_id(args.baseline),
+                       "judge": model_id(args.judge)},
+            "generations": outputs,
+            "unpaired": unpaired,
+            **result,
+        }
+        files = render_plots(result, pairs, margins, args.judge_kind)
+        files[COMPARISONS] = "".join(json.dumps(c, ensure_ascii=False, sort_keys=True) + "\n"
+                                     for c in comparisons).encode()
+        files[EVALUATION] = (json.dumps(evaluation, indent=2, sort_keys=True) + "\n").encode()
+        # Publish: the old results stop counting as complete before their generations are
+        # replaced (leaving the block commits each side's staged run into its directory).
+        if rso_io.exists(target):
+            rso_io.remove(target)
     rso_io.makedirs(args.output)
-    files = render_plots(result, pairs, margins, args.judge_kind)
-    files[COMPARISONS] = "".join(json.dumps(c, ensure_ascii=False, sort_keys=True) + "\n"
-                                 for c in comparisons).encode()
-    files[EVALUATION] = (json.dumps(evaluation, indent=2, sort_keys=True) + "\n").encode()
     for name, data in files.items():  # evaluation.json last: it marks complete results
         with rso_io.open_file(rso_io.join(args.output, name), "wb") as f:
             f.write(data)

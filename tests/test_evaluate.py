@@ -269,6 +269,40 @@ def test_policy_against_another_model(tiny_policy, other_policy, tiny_reward_mod
     assert ev["unpaired"] == {"policy_only": [], "baseline_only": []}
 
 
+def _snapshot(root: str) -> dict[str, bytes]:
+    return {os.path.relpath(os.path.join(d, name), root): open(os.path.join(d, name), "rb").read()
+            for d, _, names in os.walk(root) for name in names}
+
+
+@pytest.mark.slow
+def test_a_failed_overwrite_leaves_the_previous_evaluation_whole(
+        tiny_policy, other_policy, tiny_reward_model, prompts, tmp_path, monkeypatch):
+    """`--overwrite` that failed after the policy side had generated left the old
+    evaluation.json beside the new policy generations: a result describing responses that
+    were no longer there. Both sides are now staged and published together, the report last."""
+    out = str(tmp_path / "kept")
+    assert _evaluate(other_policy, tiny_policy, tiny_reward_model, prompts, out) == 0
+    before = _snapshot(out)
+
+    def judge_crashed(*args, **kwargs):
+        raise RuntimeError("judge crashed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(E, "report", judge_crashed)
+        with pytest.raises(RuntimeError, match="judge crashed"):  # after both sides generated
+            _evaluate(other_policy, tiny_policy, tiny_reward_model, prompts, out,
+                      "--overwrite", "--seed", "12")
+    assert _snapshot(out) == before  # no staging directory left either
+    assert _evaluate(other_policy, tiny_policy, tiny_reward_model, prompts, out,
+                     "--overwrite", "--seed", "12") == 0
+    ev = json.load(open(os.path.join(out, "evaluation.json")))
+    assert ev["settings"]["seed"] == 12
+    for side in E.SIDES:
+        with open(os.path.join(out, "generations", side, "manifest.json")) as f:
+            assert json.load(f)["config"]["seed"] == 12
+    assert not glob.glob(os.path.join(out, "generations", "*", "_staging-*"))
+
+
 @pytest.mark.slow
 def test_baseline_generations_are_reused_only_when_they_are_the_same_run(
         tiny_policy, other_policy, tiny_reward_model, prompts, tmp_path, capsys):
