@@ -191,11 +191,15 @@ def run(config: GenerateConfig, beam_args: Sequence[str] = (), wait: bool = True
                        json.dumps(written.get("counters", {}), sort_keys=True))
     decoding = written.get("accounting", {}).get("decoding", {})
     if decoding:
+        reused = decoding.get("prompts_reused", 0)
         command_log().info(
-            "decoded %s prompts (%s candidates, %s tokens); reused %s prompts (%s candidates)",
+            "decoded %s prompts (%s candidates, %s tokens); reused %s prompts (%s candidates)%s",
             *(decoding.get(k, 0) for k in ("prompts_decoded", "candidates_decoded",
                                            "tokens_decoded", "prompts_reused",
-                                           "candidates_reused")))
+                                           "candidates_reused")),
+            # the counters' *_generated count every candidate that reached selection
+            ", decoded by the run that stored them (counted in tokens_generated above)"
+            if reused else "")
     if isinstance(written.get("cost"), dict):
         for line in cost.format_lines(written["cost"]):
             command_log().info("cost: %s", line)
@@ -363,7 +367,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "rso generate", wait: bo
     removes --output again when it made that directory and left it empty."""
     try:
         config, beam_args = GenerateConfig.parse_args(
-            argv, prog=prog, description=description or __doc__,
+            argv, prog=prog, description=description or GENERATE_HELP,
             passthrough=beam_option_parser())
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         made_output = wait and not exists(config.output)
@@ -446,6 +450,18 @@ def _warn_if_incremental(store: str, doc: dict) -> None:
         "(docs/CANDIDATES.md, Incremental runs)",
         store, counts.get("prompts_decoded", "?"), counts.get("prompts_reused", "?"), names,
         (doc.get("reuse") or {}).get("root", "ROOT"))
+
+
+GENERATE_HELP = """`rso generate`: build RSO preference pairs from prompts.
+
+Reads the prompts of --input, samples --num-candidates responses per prompt from the SFT
+--policy (--engine vllm or transformers), scores every response with --reward-model, keeps
+--num-samples per prompt by statistical rejection sampling (--selection rso, --beta; or top-k,
+random, ...), pairs them, re-scores the pairs' SFT log-probabilities in fp32 and writes the pair
+records, manifest.json and the dead letters into --output (visible only when complete). Every
+flag not listed below is passed to Apache Beam as a pipeline option (--runner, --project, ...):
+the same command runs on the DirectRunner, Dataflow and Flink. README.md and SPEC.md describe
+the records and the manifest."""
 
 
 SELECT_HELP = """`rso select`: re-select a stored candidate set (`rso generate --write-candidates`)

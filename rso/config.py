@@ -253,7 +253,7 @@ class Config:
                 kw["action"] = argparse.BooleanOptionalAction
             elif get_origin(inner) in (list, tuple, Sequence):
                 kw["action"] = "append"  # repeat the flag, or give a comma-separated list
-            if f.default is not dataclasses.MISSING and f.default is not None:
+            if f.default not in (dataclasses.MISSING, None, ""):  # "": a path to be given
                 kw["help"] += f" (default: {f.default})"
             # argparse %-formats help texts ("%(default)s"); a literal "%" must be doubled.
             kw["help"] = kw["help"].replace("%", "%%")

@@ -11,6 +11,7 @@ import contextlib
 import contextvars
 import logging
 import os
+import re
 from collections.abc import Iterator
 
 OUR_LOGGERS = ("rso", "rso_cli", "beam_pipelines", "trainer", "deploy")
@@ -116,3 +117,12 @@ def details_hidden(hidden: bool, loggers: tuple[str, ...] = ("rso.generate", "rs
     finally:
         for name, level in levels.items():
             logging.getLogger(name).setLevel(level)
+
+
+def help_text(doc: str | None) -> str:
+    """A module docstring as a command's ``--help`` shows it: Sphinx cross-references
+    (``:func:`~a.b.c```) as their names (``c``; the whole path without ``~``) and ````literals````
+    in single backticks, as the README writes them; a line's closing ``::`` as ``:``."""
+    text = re.sub(r":[a-z]+:`(~?)([^`]+)`",
+                  lambda m: f"`{m[2].rsplit('.', 1)[-1] if m[1] else m[2]}`", doc or "")
+    return re.sub(r"::$", ":", text.replace("``", "`"), flags=re.M)  # "::" opens an RST block

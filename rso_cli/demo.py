@@ -35,6 +35,8 @@ import sys
 import time
 from importlib import resources
 
+from rso import console
+
 log = logging.getLogger("rso_cli.demo")
 
 HH_RLHF = "hh-rlhf-harmless-base-test.jsonl.gz"
@@ -354,7 +356,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rso demo", description=__doc__,
+    parser = argparse.ArgumentParser(prog="rso demo", description=console.help_text(__doc__),
                                      formatter_class=_HelpFormatter)
     parser.add_argument("--output", default="out/demo", help="output directory")
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/rso-pipeline"),
@@ -392,8 +394,6 @@ def main(argv: list[str] | None = None) -> int:
     if os.path.exists(os.path.join(args.output, "demo.json")) and not args.overwrite:
         parser.error(f"{args.output} holds a finished demo; pass --overwrite to replace it or "
                      f"give another --output")
-    from rso import console
-
     console.configure(args.verbose)
     sizes = FULL if args.full else Sizes(**json.loads(args.sizes or "{}"))
     start = time.time()

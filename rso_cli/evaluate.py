@@ -268,7 +268,7 @@ def render_plots(result: Mapping[str, Any], pairs: Sequence[tuple[dict, dict]],
 def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str]]:
     # rso.config.ArgumentParser: an error is one line ``rso evaluate: error: ...``, exit 2, as
     # `rso generate` prints it
-    parser = ArgumentParser(prog="rso evaluate", description=__doc__,
+    parser = ArgumentParser(prog="rso evaluate", description=console.help_text(__doc__),
                             formatter_class=argparse.RawDescriptionHelpFormatter,
                             allow_abbrev=False)
     parser.add_argument("--policy", required=True, help="Hugging Face causal LM directory")

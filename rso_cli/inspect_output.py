@@ -48,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from rso import checksums, cost, layout, schema, stats
+from rso import checksums, console, cost, layout, schema, stats
 from rso import storage as rso_io
 from rso.plotting import NUM_BINS, density, no_data, png, pyplot
 
@@ -491,7 +491,7 @@ def inspect_output(output: str, plots_dir: str | None = None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rso inspect", description=__doc__,
+    parser = argparse.ArgumentParser(prog="rso inspect", description=console.help_text(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output", help="a complete `rso generate` output directory")
     parser.add_argument("--plots", default=None,

@@ -27,6 +27,8 @@ import shlex
 import sys
 from collections.abc import Sequence
 
+from rso import console
+
 log = logging.getLogger("rso_cli.iterate")
 DONE = "round.json"  # ROOT/round-R/round.json: the round's summary, written when it is complete
 
@@ -75,7 +77,7 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rso iterate", description=__doc__,
+    parser = argparse.ArgumentParser(prog="rso iterate", description=console.help_text(__doc__),
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, required=True,
                         help="R: rounds of generate + train (round r samples from round r-1's "

@@ -10,8 +10,11 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-@pytest.mark.parametrize("command", [[], ["generate"], ["train"], ["demo"]],
-                         ids=["rso", "generate", "train", "demo"])
+COMMANDS = [[], ["generate"], ["select"], ["train"], ["reward", "train"], ["evaluate"], ["demo"],
+            ["iterate"], ["sweep"], ["inspect"]]
+
+
+@pytest.mark.parametrize("command", COMMANDS, ids=[" ".join(c) or "rso" for c in COMMANDS])
 def test_help_of_every_command(command):
     proc = subprocess.run([sys.executable, "-m", "rso_cli.cli", *command, "--help"], cwd=ROOT,
                           capture_output=True, text=True, timeout=300,
@@ -19,7 +22,9 @@ def test_help_of_every_command(command):
     assert proc.returncode == 0, proc.stderr
     assert "usage:" in proc.stdout
     # An unescaped "%" in a help text makes argparse print its own dict or a raw "%(...)".
-    for leak in ("{'", "%("):
+    # nor the source's markup: Sphinx roles, RST literals, an empty default
+    for leak in ("{'", "%(", "(default: )", "(default: None)", ":func:", ":mod:", ":class:",
+                 ":meth:", ":data:", "``", "::\n"):
         assert leak not in proc.stdout, proc.stdout
     if command == ["train"]:
         assert "~15% speed" in proc.stdout

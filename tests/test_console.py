@@ -64,3 +64,11 @@ def test_a_line_logged_under_a_progress_bar_gets_a_line_of_its_own():
     # what the terminal shows on that line: the text after its last carriage return
     assert "BAR" not in line.split("\r")[-1].replace("MID-BAR", ""), repr(err)
     assert line.split("\r")[-1].strip().endswith("trainer.train: MID-BAR"), repr(err)
+
+
+def test_help_text_shows_docstring_markup_as_the_readme_writes_it():
+    from rso.console import help_text
+
+    doc = "See :class:`~a.b.Staged` and :func:`rso.stats.win_rate`: ``k`` pairs.\nWrites::\n"
+    assert help_text(doc) == "See `Staged` and `rso.stats.win_rate`: `k` pairs.\nWrites:\n"
+    assert help_text(None) == ""

@@ -131,6 +131,9 @@ def test_selection_flags_not_given_default_to_the_stores_run(store, tiny_policy,
         assert config[name] == stored[name], name
     names = {r.name for r in caplog.records if r.name.startswith("rso.")}
     assert "rso.select" in names and "rso.generate" not in names
+    # the counters' tokens_generated (the store's) beside "decoded 0 tokens" is explained
+    assert "decoded 0 prompts (0 candidates, 0 tokens); reused " in caplog.text
+    assert "decoded by the run that stored them (counted in tokens_generated" in caplog.text
     # a setting given in --config wins over the store's, as a flag does
     cfg = tmp_path / "sel.yaml"
     cfg.write_text("num_samples: 3\n")
