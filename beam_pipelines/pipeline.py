@@ -50,7 +50,7 @@ from rso.config import ConfigError
 from rso.console import command, command_log
 from rso.layout import is_complete
 from rso.ownership import OutputLock, OutputLockedError
-from rso.storage import exists, glob, join, open_file, remove_empty_dir
+from rso.storage import cleaned_up_on_failure, glob, join, open_file
 
 
 def add_scored_candidates(pipeline: beam.Pipeline, config: GenerateConfig,
@@ -364,19 +364,14 @@ def main(argv: Sequence[str] | None = None, prog: str = "rso generate", wait: bo
     """``rso generate``: 0 when done (``wait=False``: submitted, see :func:`run`); 2 for a
     configuration that cannot run (one line on stderr, nothing written); 75 when another run
     owns --output. A run that fails or is refused after it ran (e.g. no prompt was read)
-    removes --output again when it made that directory and left it empty."""
+    removes --output again, and the parents it made, when they are left empty."""
     try:
         config, beam_args = GenerateConfig.parse_args(
             argv, prog=prog, description=description or GENERATE_HELP,
             passthrough=beam_option_parser())
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-        made_output = wait and not exists(config.output)
-        try:
+        with cleaned_up_on_failure(config.output) if wait else contextlib.nullcontext():
             run(config, beam_args, wait=wait)
-        except BaseException:
-            if made_output:
-                remove_empty_dir(config.output)
-            raise
     except OutputLockedError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 75  # EX_TEMPFAIL, as deploy/nightly/refresh.sh uses for its own lock

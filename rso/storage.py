@@ -5,8 +5,10 @@ Against a GCS emulator set ``STORAGE_EMULATOR_HOST``; gcsfs then talks to it ano
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+from collections.abc import Iterator
 from typing import IO, Any
 
 import fsspec
@@ -98,6 +100,27 @@ def remove_empty_dir(path: str) -> bool:
     except OSError:  # not empty, or gone
         return False
     return True
+
+
+@contextlib.contextmanager
+def cleaned_up_on_failure(path: str) -> Iterator[None]:
+    """If the block raises (an error, Ctrl-C), removes the local directory ``path`` and each of
+    its ancestors that did not exist before the block, as long as they are empty: a command
+    refused or failed after it began leaves no empty ``a/b/c`` behind, and never touches what
+    was there. Nothing to do on an object store (no empty directories)."""
+    made: list[str] = []
+    if "://" not in path or path.startswith("file://"):
+        d = os.path.abspath(path[len("file://"):] if path.startswith("file://") else path)
+        while not os.path.exists(d):
+            made.append(d)  # deepest first
+            d = os.path.dirname(d)
+    try:
+        yield
+    except BaseException:
+        for d in made:
+            if not remove_empty_dir(d):
+                break
+        raise
 
 
 def makedirs(path: str) -> None:

@@ -418,6 +418,7 @@ def evaluate(args: argparse.Namespace, beam_args: Sequence[str] = (),
                 say(f"[{side}] reusing {source} (run {manifest['run_id']})")
             else:
                 say(f"[{side}] generating with {configs[side].policy} -> {source}")
+                publish.enter_context(rso_io.cleaned_up_on_failure(source))  # no empty dirs
                 with evaluate_flags(side):
                     source = publish.enter_context(staged_run(configs[side], beam_args)).path
                 manifest = read_manifest(source)

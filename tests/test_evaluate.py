@@ -293,6 +293,12 @@ def test_a_failed_overwrite_leaves_the_previous_evaluation_whole(
             _evaluate(other_policy, tiny_policy, tiny_reward_model, prompts, out,
                       "--overwrite", "--seed", "12")
     assert _snapshot(out) == before  # no staging directory left either
+    fresh = tmp_path / "a" / "b"  # a new nested output: nothing of it is left
+    with monkeypatch.context() as patch:
+        patch.setattr(E, "report", judge_crashed)
+        with pytest.raises(RuntimeError, match="judge crashed"):
+            _evaluate(other_policy, tiny_policy, tiny_reward_model, prompts, str(fresh))
+    assert not (tmp_path / "a").exists()
     assert _evaluate(other_policy, tiny_policy, tiny_reward_model, prompts, out,
                      "--overwrite", "--seed", "12") == 0
     ev = json.load(open(os.path.join(out, "evaluation.json")))

@@ -320,6 +320,10 @@ def test_an_empty_night_leaves_no_empty_directory_behind(tiny_policy, tiny_rewar
     out.mkdir()  # made by someone else: kept, empty as it was
     assert generate(_args(str(empty), str(out), tiny_policy, tiny_reward_model)) == 2
     assert out.is_dir() and os.listdir(out) == []
+    # a nested output: the parents the run made go too, down to what was there before
+    nested = root / "region=eu" / "dt=2025-01-02" / "pairs"
+    assert generate(_args(str(empty), str(nested), tiny_policy, tiny_reward_model)) == 2
+    assert sorted(os.listdir(root)) == ["dt=2025-01-01"]
 
 
 def test_an_output_with_glob_characters_is_refused_at_start(prompts_file, tiny_policy,
