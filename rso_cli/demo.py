@@ -27,6 +27,7 @@ measured times).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import logging
@@ -91,20 +92,57 @@ def prepare_policy(cache_dir: str) -> str:
 LEARNING_CURVE = (100, 200, 400)
 
 
+# What shapes a fitted demo reward model (``reward_fit.json`` settings): a cached model fitted
+# otherwise (an earlier version's rows, pooling or learning curve) is fitted again.
+RECIPE = ("rows", "mode", "kind", "pooling", "max_length", "eval_fraction", "max_train_pairs",
+          "seed", "folds", "c_grid", "learning_curve")
+
+
+def fit_config(out: str, backbone: str, rows: tuple[int, int], max_pairs: int | None = None,
+               seed: int = 0):
+    """The ``RewardConfig`` of a demo reward model (see :func:`fit_head_model`)."""
+    from trainer.reward_train import RewardConfig
+
+    return RewardConfig(data=[bundled_data()], rows=f"{rows[0]}:{rows[1]}", model=backbone,
+                        output=out, mode="head", eval_fraction=0.2, max_train_pairs=max_pairs,
+                        seed=seed, plots=False, learning_curve=list(LEARNING_CURVE))
+
+
+def recipe_changes(cached_dir: str, settings: dict) -> list[str]:
+    """The :data:`RECIPE` settings (and the backbone's directory name) in which the model cached
+    in ``cached_dir`` differs from ``settings`` (a ``RewardConfig.to_dict()``);
+    ``["reward_fit.json"]`` when its record is missing or unreadable."""
+    try:
+        with open(os.path.join(cached_dir, "reward_fit.json")) as f:
+            cached = json.load(f)["settings"]
+    except (OSError, KeyError, TypeError, ValueError):
+        return ["reward_fit.json"]
+    changed = [k for k in RECIPE if cached.get(k) != settings.get(k)]
+    name = os.path.basename(os.path.normpath(str(cached.get("model", ""))))
+    return changed + ([] if name == os.path.basename(os.path.normpath(settings["model"]))
+                      else ["model"])
+
+
 def fit_head_model(out: str, backbone: str, rows: tuple[int, int], what: str,
                    max_pairs: int | None = None, seed: int = 0) -> str:
     """``backbone``'s features + a Bradley-Terry head (``rso reward train --mode head``) on
     bundled HH-RLHF rows ``[start, end)``, a fifth of their prompts held out, saved in ``out``
-    (cached: fitted once); ``reward_fit.json`` there holds the held-out accuracy, its 95%
+    (cached: fitted once, and again when the cached one was fitted with another recipe:
+    :func:`recipe_changes`); ``reward_fit.json`` there holds the held-out accuracy, its 95%
     interval and the learning curve (:data:`LEARNING_CURVE`)."""
-    if os.path.exists(os.path.join(out, "model.safetensors")):
-        log.info("%s: cached in %s (held-out accuracy %s)", what, out, fit_accuracy(out))
-        return out
     import shutil
     import tempfile
 
-    from trainer.reward_train import FEATURES_FILE, RewardConfig, train_reward
+    from trainer.reward_train import FEATURES_FILE, train_reward
 
+    cfg = fit_config(out, backbone, rows, max_pairs, seed)
+    if os.path.exists(os.path.join(out, "model.safetensors")):
+        changed = recipe_changes(out, cfg.to_dict())
+        if not changed:
+            log.info("%s: cached in %s (held-out accuracy %s)", what, out, fit_accuracy(out))
+            return out
+        log.info("%s: the model cached in %s was fitted otherwise (%s): fitting it again", what,
+                 out, ", ".join(changed))
     # a directory of this run's own (two demos fitting at once must not share one), removed
     # whatever happens; the model appears under ``out`` in one rename
     parent, name = os.path.split(os.path.normpath(out))
@@ -113,19 +151,20 @@ def fit_head_model(out: str, backbone: str, rows: tuple[int, int], what: str,
     log.info("fitting the %s (%s features + Bradley-Terry head) on HH-RLHF rows %d-%d (once)",
              what, backbone_name(backbone), rows[0], rows[1] - 1)
     try:
-        result = train_reward(RewardConfig(
-            data=[bundled_data()], rows=f"{rows[0]}:{rows[1]}", model=backbone, output=tmp,
-            mode="head", eval_fraction=0.2, max_train_pairs=max_pairs, seed=seed, plots=False,
-            learning_curve=list(LEARNING_CURVE)))
+        result = train_reward(cfg.replace(output=tmp))
         os.remove(os.path.join(tmp, FEATURES_FILE))
+        if os.path.exists(out) and recipe_changes(out, cfg.to_dict()):  # still the stale one
+            with contextlib.suppress(FileNotFoundError):  # aside, then away
+                os.replace(out, tmp + "-stale")
         try:
             os.replace(tmp, out)
         except OSError:
-            if not os.path.exists(os.path.join(out, "model.safetensors")):
+            if recipe_changes(out, cfg.to_dict()):
                 raise
             log.info("%s: another run fitted it first; using %s", what, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp + "-stale", ignore_errors=True)
     fit = result.fit
     log.info("%s: held-out pairwise accuracy %.3f [%.3f, %.3f] on %d pairs; cached in %s", what,
              fit["heldout_accuracy"], *fit["heldout_accuracy_ci95"], fit["heldout_pairs"], out)

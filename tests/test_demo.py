@@ -92,13 +92,14 @@ def test_a_cached_reward_model_is_reused_and_says_so(tmp_path, caplog):
     """A second demo run fits nothing again and says which cached model it uses."""
     import logging
 
-    from rso_cli.demo import fit_head_model
+    from rso_cli.demo import fit_config, fit_head_model
 
     out = tmp_path / "judge"
     out.mkdir()
     (out / "model.safetensors").write_bytes(b"")
+    settings = fit_config(str(out), "no-such-backbone", (0, 1)).to_dict()
     (out / "reward_fit.json").write_text(json.dumps(
-        {"heldout_accuracy": 0.61, "heldout_accuracy_ci95": [0.55, 0.66]}))
+        {"heldout_accuracy": 0.61, "heldout_accuracy_ci95": [0.55, 0.66], "settings": settings}))
     with caplog.at_level(logging.INFO, logger="rso_cli.demo"):
         assert fit_head_model(str(out), "no-such-backbone", (0, 1), "judge") == str(out)
     assert f"judge: cached in {out} (held-out accuracy 0.610 [0.550, 0.660])" in caplog.text
@@ -124,6 +125,16 @@ def test_a_demo_reward_model_is_fitted_once_with_its_learning_curve(tmp_path, ca
     with caplog.at_level(logging.INFO, logger="rso_cli.demo"):
         assert fit_head_model(out, encoder, (256, 416), "proxy") == out
     assert f"proxy: cached in {out}" in caplog.text
+    # a model cached by an earlier version (no learning curve) is fitted again, in its place
+    with open(os.path.join(out, "reward_fit.json"), "w") as f:
+        json.dump({**fit, "settings": {**fit["settings"], "learning_curve": []}}, f)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="rso_cli.demo"):
+        assert fit_head_model(out, encoder, (256, 416), "proxy") == out
+    assert f"model cached in {out} was fitted otherwise (learning_curve)" in caplog.text
+    with open(os.path.join(out, "reward_fit.json")) as f:
+        assert json.load(f)["settings"]["learning_curve"] == list(LEARNING_CURVE)
+    assert sorted(os.listdir(tmp_path)) == ["encoder", "rm"]
 
 
 def test_a_reward_model_fitted_by_two_demos_at_once(tmp_path, monkeypatch, caplog):
