@@ -378,7 +378,8 @@ def main(argv: Sequence[str] | None = None, prog: str = "rso generate", wait: bo
     except ConfigError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {config.output}" if wait else f"submitted; it writes {config.output}")
+    # a log line like the others (hidden with the nested run's details inside rso demo)
+    command_log().info("wrote %s" if wait else "submitted; it writes %s", config.output)
     return 0
 
 

@@ -439,7 +439,9 @@ def main(argv: list[str] | None = None) -> int:
     policy = args.policy or prepare_policy(args.cache_dir)
     proxy = args.proxy or prepare_reward_model(args.cache_dir)
     judge = args.judge or prepare_judge(args.cache_dir, policy if args.full else minilm_dir())
-    with console.details_hidden(not args.verbose):
+    # the nested commands' own lines (counters, cost tables, each evaluation side's steps):
+    # the demo logs one line per stage instead
+    with console.details_hidden(not args.verbose, ("rso.generate", "rso.select", "rso.evaluate")):
         summary = run_loop(args, sizes, policy, proxy, judge)
     print(format_summary(summary))
     print(f"done in {time.time() - start:.0f} s; "

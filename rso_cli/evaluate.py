@@ -52,6 +52,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import logging
 import os
 import re
 import sys
@@ -67,6 +68,7 @@ from rso.model_id import model_id
 from rso.plotting import density, no_data, png, pyplot
 from rso_cli.inspect_output import check_complete, read_manifest, read_records, verify_records
 
+log = logging.getLogger("rso.evaluate")
 EVALUATION = "evaluation.json"
 COMPARISONS = "comparisons.jsonl"
 PLOT_FILES = ("evaluation_win_rate.png", "evaluation_rewards.png", "evaluation_lengths.png")
@@ -388,8 +390,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "baseline_generations": local_absolute(args.baseline_generations)}
 
 
-def evaluate(args: argparse.Namespace, beam_args: Sequence[str] = (),
-             say=print) -> dict[str, Any]:
+def evaluate(args: argparse.Namespace, beam_args: Sequence[str] = ()) -> dict[str, Any]:
     """Runs the evaluation described in the module docstring; returns evaluation.json's
     content. Raises ConfigError (bad settings, existing results without overwrite)."""
     from beam_pipelines.pipeline import staged_run
@@ -415,21 +416,21 @@ def evaluate(args: argparse.Namespace, beam_args: Sequence[str] = (),
             source = outputs[side]
             if side == "baseline" and reuse:
                 manifest = reused
-                say(f"[{side}] reusing {source} (run {manifest['run_id']})")
+                log.info(f"[{side}] reusing {source} (run {manifest['run_id']})")
             else:
-                say(f"[{side}] generating with {configs[side].policy} -> {source}")
+                log.info(f"[{side}] generating with {configs[side].policy} -> {source}")
                 publish.enter_context(rso_io.cleaned_up_on_failure(source))  # no empty dirs
                 with evaluate_flags(side):
                     source = publish.enter_context(staged_run(configs[side], beam_args)).path
                 manifest = read_manifest(source)
             rows[side] = read_records(source, layout.SFT_PREFIX, SFT_COLUMNS)
-            say(f"[{side}] {len(rows[side])} responses, "
+            log.info(f"[{side}] {len(rows[side])} responses, "
                 f"{(manifest.get('counters') or {}).get('dead_letters', 0)} dead letters")
         pairs, unpaired = pair_by_prompt(rows["policy"], rows["baseline"])
         if args.judge_kind == "pointwise":
             margins = [p["reward"] - b["reward"] for p, b in pairs]
         else:
-            say(f"[judge] scoring {len(pairs)} pairs with the pairwise judge, both orders")
+            log.info(f"[judge] scoring {len(pairs)} pairs with the pairwise judge, both orders")
             messages = prompt_messages(args.prompts, args.input_format,
                                        {p["prompt_id"] for p, _ in pairs})
             margins = pairwise_margins(pairs, configs["policy"], messages)
@@ -476,7 +477,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     unpaired = sum(len(v) for v in ev["unpaired"].values())
     if unpaired:
         print(f"[result] {unpaired} prompts answered by one model only (see unpaired)")
-    print(f"wrote {rso_io.join(args.output, EVALUATION)}")
+    log.info("wrote %s", rso_io.join(args.output, EVALUATION))
     return 0
 
 

@@ -22,6 +22,8 @@ def test_whole_loop_on_tiny_models(tiny_policy, tiny_reward_model, tmp_path, cap
                      "--methods", "rso,random,top-k", "--sizes", json.dumps(TINY)]) == 0
     printed = capsys.readouterr().out
     assert "rso-sample-rank (rso)" in printed and "sft-sample-rank (random)" in printed
+    assert "wrote " not in printed and "wrote " not in caplog.text  # the nested runs' own
+    assert "[policy] generating" not in caplog.text
     with open(os.path.join(out, "demo.json")) as f:
         summary = json.load(f)
     assert set(summary["methods"]) == {"rso", "random", "top-k"}

@@ -311,14 +311,15 @@ def test_a_failed_overwrite_leaves_the_previous_evaluation_whole(
 
 @pytest.mark.slow
 def test_baseline_generations_are_reused_only_when_they_are_the_same_run(
-        tiny_policy, other_policy, tiny_reward_model, prompts, tmp_path, capsys):
+        tiny_policy, other_policy, tiny_reward_model, prompts, tmp_path, capsys, caplog):
     """--baseline-generations reads an earlier evaluation's baseline instead of generating it
     again, with the same verdicts; another seed (or baseline, judge, prompts) is refused."""
     first, second = str(tmp_path / "first"), str(tmp_path / "second")
     assert _evaluate(other_policy, tiny_policy, tiny_reward_model, prompts, first) == 0
     reused = os.path.join(first, "generations", "baseline")
-    assert _evaluate(other_policy, tiny_policy, tiny_reward_model, prompts, second,
-                     "--baseline-generations", reused) == 0
+    with caplog.at_level("INFO", logger="rso.evaluate"):
+        assert _evaluate(other_policy, tiny_policy, tiny_reward_model, prompts, second,
+                         "--baseline-generations", reused) == 0
     a, b = (json.load(open(os.path.join(d, "evaluation.json"))) for d in (first, second))
     assert (b["wins"], b["ties"], b["losses"], b["win_rate"]) == \
         (a["wins"], a["ties"], a["losses"], a["win_rate"])
@@ -328,7 +329,7 @@ def test_baseline_generations_are_reused_only_when_they_are_the_same_run(
     assert all((ev["settings"]["dtype"], ev["settings"]["batch_size"]) == ("float32", 8)
                for ev in (a, b))
     assert not os.path.exists(os.path.join(second, "generations", "baseline"))
-    assert "[baseline] reusing" in capsys.readouterr().out
+    assert "[baseline] reusing" in caplog.text
     other_seed = str(tmp_path / "other-seed")
     assert _evaluate(other_policy, tiny_policy, tiny_reward_model, prompts, other_seed,
                      "--baseline-generations", reused, "--seed", "12") == 2
