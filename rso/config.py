@@ -144,6 +144,27 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def check_optimizer(*, lr: float, weight_decay: float, max_grad_norm: float, warmup_steps: int,
+                    adam_beta1: float = 0.9, adam_beta2: float = 0.999,
+                    adam_eps: float = 1e-8) -> None:
+    """ConfigError naming the flag for an AdamW setting that torch would refuse only at the
+    first step, with a traceback (``--adam-beta1 2``, ``--lr -1``), or accept silently
+    (``--weight-decay nan`` makes every weight NaN; ``--max-grad-norm nan`` turns clipping
+    off): lr, weight decay and max grad norm finite and >= 0, betas in [0, 1), eps finite and
+    > 0, warm-up steps >= 0."""
+    for flag, value in (("lr", lr), ("weight-decay", weight_decay),
+                        ("max-grad-norm", max_grad_norm)):
+        if not (math.isfinite(value) and value >= 0):
+            raise ConfigError(f"--{flag} must be a finite number >= 0, got {value}")
+    for flag, value in (("adam-beta1", adam_beta1), ("adam-beta2", adam_beta2)):
+        if not 0.0 <= value < 1.0:
+            raise ConfigError(f"--{flag} must be in [0, 1), got {value}")
+    if not (math.isfinite(adam_eps) and adam_eps > 0):
+        raise ConfigError(f"--adam-eps must be a finite number > 0, got {adam_eps}")
+    if warmup_steps < 0:
+        raise ConfigError(f"--warmup-steps must be >= 0, got {warmup_steps}")
+
+
 def unknown_flags(parser: argparse.ArgumentParser, rest: Sequence[str],
                   passthrough: argparse.ArgumentParser | None = None) -> str | None:
     """:func:`unknown_flag_error` for what ``parser.parse_known_args`` left over (``rest``),

@@ -44,6 +44,26 @@ FORMAT = "%(asctime)s %(name)s: %(message)s"
 DATE_FORMAT = "%H:%M:%S"
 
 
+def interrupted(error: BaseException | None) -> bool:
+    """Whether ``error`` is Ctrl-C: a KeyboardInterrupt, or an error raised because of one (Beam's
+    runner re-raises it as ``RuntimeError: KeyboardInterrupt [while running 'Stage']`` while
+    handling it, and logs that at ERROR with its traceback)."""
+    seen: set[int] = set()
+    e = error
+    while e is not None and id(e) not in seen:
+        if isinstance(e, KeyboardInterrupt) or str(e).startswith("KeyboardInterrupt"):
+            return True
+        seen.add(id(e))
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def _not_an_interruption(record: logging.LogRecord) -> bool:
+    """Handler filter: a library's log of Ctrl-C with its traceback is dropped (the `rso`
+    command says ``interrupted`` in one line instead)."""
+    return not (record.exc_info and interrupted(record.exc_info[1]))
+
+
 class TqdmHandler(logging.StreamHandler):
     """A stream handler that writes through ``tqdm.write``: a log line printed while a
     progress bar is open lands above the bar, which is then redrawn, instead of inside it
@@ -84,6 +104,7 @@ def configure(verbose: bool = False) -> None:
     if not root.handlers:
         handler = TqdmHandler()
         handler.setFormatter(logging.Formatter(FORMAT, DATE_FORMAT))
+        handler.addFilter(_not_an_interruption)
         root.addHandler(handler)
     root.setLevel(logging.INFO if verbose else logging.WARNING)
     for name in OUR_LOGGERS:

@@ -14,6 +14,15 @@ if TYPE_CHECKING:
 DTYPES = ("float32", "bfloat16", "float16")
 
 
+def load_errors() -> tuple[type[Exception], ...]:
+    """What loading a model directory raises for a bad or damaged one (missing or corrupt
+    files, a config transformers cannot read, a truncated safetensors header): the callers turn
+    these into one ConfigError line naming the directory."""
+    from safetensors import SafetensorError
+
+    return OSError, ValueError, SafetensorError
+
+
 def torch_dtype(name: str) -> torch.dtype:
     """``"float32" | "bfloat16" | "float16"`` -> the torch dtype; ValueError otherwise."""
     import torch

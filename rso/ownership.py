@@ -194,6 +194,17 @@ class OutputLock:
         self.release()
 
 
+def release_held(output: str) -> None:
+    """Releases now the lock on ``output`` that this process holds (:func:`hold_until_exit`),
+    e.g. when the run failed; nothing when it holds none."""
+    path = lock_path(output)
+    with _held_guard:
+        token = _held.get(path)
+    current = read_owner(output) if token is not None else None
+    if current is not None and current.token == token:
+        OutputLock(output, current).release()
+
+
 def hold_until_exit(output: str, run_id: str) -> OutputLock:
     """Acquires (re-entrantly) and releases when the process exits (SIGKILL leaves a stale
     lock, which this host takes over automatically, see :func:`is_stale`)."""

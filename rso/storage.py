@@ -132,3 +132,9 @@ def remove(path: str) -> None:
     """Deletes the file ``path`` (local or ``gs://``); FileNotFoundError if there is none."""
     fs, p = filesystem(path)
     fs.rm_file(p)
+
+
+def remove_tree(path: str) -> None:
+    """Deletes the directory ``path`` and everything in it (local or ``gs://``)."""
+    fs, p = filesystem(path)
+    fs.rm(p, recursive=True)

@@ -48,25 +48,31 @@ def main(argv: list[str] | None = None) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE)
         return 0 if argv else 2
-    from rso import console
-
-    console.configure("--verbose" in argv)
     command = argv[0]
-    # a command with its own --verbose (what it shows more: nested runs' details) gets the flag;
-    # the others would refuse it as unknown
-    rest = argv[1:] if command in OWN_VERBOSE else [a for a in argv[1:] if a != "--verbose"]
-    if command not in COMMANDS:
-        print(f"rso: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
-        return 2
-    module, _, function = COMMANDS[command][0].partition(":")
+    name = "rso " + " ".join(argv[:2] if command == "reward" and argv[1:2] == ["train"] else
+                             argv[:1])
     try:
+        from rso import console
+
+        console.configure("--verbose" in argv)
+        # a command with its own --verbose (what it shows more: nested runs' details) gets the
+        # flag; the others would refuse it as unknown
+        rest = argv[1:] if command in OWN_VERBOSE else [a for a in argv[1:] if a != "--verbose"]
+        if command not in COMMANDS:
+            print(f"rso: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
+            return 2
+        module, _, function = COMMANDS[command][0].partition(":")
         run = getattr(importlib.import_module(module), function or "main")
         return int(run(rest) or 0)
-    except KeyboardInterrupt:
+    except BaseException as e:
+        from rso.console import interrupted
+
+        if not interrupted(e):
+            raise
         # Ctrl-C: one line, not a traceback (or two: `rso demo`'s training child gets the
         # signal too). Outputs are staged and published only when complete, so an interrupted
-        # run leaves the previous one in place; a training run resumes from its last checkpoint.
-        print(f"\nrso {command}: interrupted", file=sys.stderr)
+        # run leaves the previous one in place.
+        print(f"\n{name}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -53,6 +53,7 @@ import argparse
 import contextlib
 import json
 import logging
+import math
 import os
 import re
 import sys
@@ -322,8 +323,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
         message = unknown_flags(parser, beam_args, beam_option_parser())
         if message:
             parser.error(message)
-    if args.tie_margin < 0:
-        parser.error(f"--tie-margin must be >= 0, got {args.tie_margin}")
+    if not (math.isfinite(args.tie_margin) and args.tie_margin >= 0):  # NaN too, before any work
+        parser.error(f"--tie-margin must be a finite number >= 0, got {args.tie_margin}")
     if args.num_prompts is not None and args.num_prompts < 1:
         parser.error(f"--num-prompts must be >= 1, got {args.num_prompts}")
     return args, beam_args
@@ -393,6 +394,7 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
 def evaluate(args: argparse.Namespace, beam_args: Sequence[str] = ()) -> dict[str, Any]:
     """Runs the evaluation described in the module docstring; returns evaluation.json's
     content. Raises ConfigError (bad settings, existing results without overwrite)."""
+    from beam_pipelines.config import same_path
     from beam_pipelines.pipeline import staged_run
 
     target = rso_io.join(args.output, EVALUATION)
@@ -448,9 +450,13 @@ def evaluate(args: argparse.Namespace, beam_args: Sequence[str] = ()) -> dict[st
                                      for c in comparisons).encode()
         files[EVALUATION] = (json.dumps(evaluation, indent=2, sort_keys=True) + "\n").encode()
         # Publish: the old results stop counting as complete before their generations are
-        # replaced (leaving the block commits each side's staged run into its directory).
+        # replaced (leaving the block commits each side's staged run into its directory), and
+        # an earlier run's own baseline goes when this one reads its baseline from elsewhere.
         if rso_io.exists(target):
             rso_io.remove(target)
+        own = rso_io.join(args.output, "generations", "baseline")
+        if reuse and rso_io.exists(own) and not same_path(own, outputs["baseline"]):
+            rso_io.remove_tree(own)
     rso_io.makedirs(args.output)
     for name, data in files.items():  # evaluation.json last: it marks complete results
         with rso_io.open_file(rso_io.join(args.output, name), "wb") as f:

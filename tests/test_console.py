@@ -72,3 +72,46 @@ def test_help_text_shows_docstring_markup_as_the_readme_writes_it():
     doc = "See :class:`~a.b.Staged` and :func:`rso.stats.win_rate`: ``k`` pairs.\nWrites::\n"
     assert help_text(doc) == "See `Staged` and `rso.stats.win_rate`: `k` pairs.\nWrites:\n"
     assert help_text(None) == ""
+
+
+CTRL_C_IN_BEAM = """
+import sys
+import apache_beam as beam
+from apache_beam.options.pipeline_options import PipelineOptions
+from rso_cli import cli
+
+def ctrl_c(x):
+    raise KeyboardInterrupt
+
+def pipeline(argv):
+    with beam.Pipeline(options=PipelineOptions(["--runner=FnApiRunner"])) as p:
+        p | beam.Create([1, 2]) | beam.Map(ctrl_c)
+
+cli.COMMANDS["generate"] = ("__main__:pipeline", "")
+sys.exit(cli.main(["generate"]))
+"""
+
+
+def test_ctrl_c_inside_a_beam_stage_is_one_line():
+    """Beam's runner re-raises a Ctrl-C in a stage as RuntimeError("KeyboardInterrupt [while
+    running ...]") and logs it with its traceback: ~230 lines and exit 1, where `rso` says one
+    line and exits 130."""
+    proc = subprocess.run([sys.executable, "-c", CTRL_C_IN_BEAM], capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1] == "rso generate: interrupted"
+
+
+def test_other_errors_are_not_taken_for_ctrl_c():
+    from rso.console import interrupted
+
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise RuntimeError("while running 'Generate'") from e
+    except RuntimeError as e:
+        assert interrupted(e)
+    assert interrupted(RuntimeError("KeyboardInterrupt [while running 'Write']"))
+    assert not interrupted(RuntimeError("CUDA out of memory")) and not interrupted(None)

@@ -170,6 +170,9 @@ def test_bad_settings_are_one_line_errors_in_evaluate_terms(tiny_policy, tiny_re
         assert rso(["evaluate", "--policy", tiny_policy, *argv, "--prompts", str(prompts),
                     "--output", out]) == 2
         assert capsys.readouterr().err == f"rso evaluate: error: {message}\n"
+    # NaN passed a "< 0" check and failed only after both sides had generated
+    assert _exit_code(lambda: E.parse_args(BASE + ["--tie-margin", "nan"])) == 2
+    assert "--tie-margin must be a finite number >= 0, got nan" in capsys.readouterr().err
     assert not os.path.exists(out)
 
 
@@ -345,6 +348,16 @@ def test_baseline_generations_are_reused_only_when_they_are_the_same_run(
     assert capsys.readouterr().err == (
         f"rso evaluate: error: --baseline-generations {first} is an evaluation's output "
         f"directory, not its baseline's generations: give {reused}\n")
+    # --overwrite reading the baseline from elsewhere: the old run's own baseline goes
+    # (it was left beside the new results, from another run)
+    replaced, elsewhere = str(tmp_path / "replaced"), str(tmp_path / "elsewhere")
+    shutil.copytree(first, replaced)
+    shutil.copytree(reused, elsewhere)
+    assert _evaluate(other_policy, tiny_policy, tiny_reward_model, prompts, replaced,
+                     "--overwrite", "--baseline-generations", elsewhere) == 0
+    assert not os.path.exists(os.path.join(replaced, "generations", "baseline"))
+    with open(os.path.join(replaced, "evaluation.json")) as f:
+        assert json.load(f)["generations"]["baseline"] == elsewhere
     # the same run id, but a record file removed: refused, not a comparison of fewer prompts
     damaged = str(tmp_path / "damaged")
     shutil.copytree(reused, damaged)

@@ -75,14 +75,43 @@ def test_unfinished_directory_fails_with_a_clear_message(tiny_policy, records, t
     (["--data", "d", "--batch-size", "0"], "--batch-size must be >= 1"),
     (["--data", "d", "--resume", "--overwrite"], "exclude each other"),
     (["--data", "d", "--policy", "/no/such/model"], "policy directory not found"),
+    # AdamW settings torch refuses only at the first step, or takes silently (NaN)
+    (["--data", "d", "--weight-decay", "nan"], "--weight-decay must be a finite number >= 0"),
+    (["--data", "d", "--lr", "-1"], "--lr must be a finite number >= 0, got -1"),
+    (["--data", "d", "--adam-beta1", "2"], r"--adam-beta1 must be in \[0, 1\), got 2"),
+    (["--data", "d", "--adam-eps", "-1"], "--adam-eps must be a finite number > 0"),
+    (["--data", "d", "--max-grad-norm", "nan"], "--max-grad-norm must be a finite number"),
+    (["--data", "d", "--warmup-steps", "-5"], "--warmup-steps must be >= 0"),
+    (["--data", "OUT", "--output", "OUT"], "is the --data directory"),
 ])
 def test_bad_configuration_fails_at_start(tiny_policy, tmp_path, flags, message):
     base = {"--policy": tiny_policy, "--output": str(tmp_path / "run")}
     for i in range(0, len(flags), 2):
         base.pop(flags[i], None)
     argv = [x for kv in base.items() for x in kv] + flags
+    argv = [str(tmp_path / "run") if a == "OUT" else a for a in argv]
     with pytest.raises(ConfigError, match=message):
         TrainConfig.parse_args(argv)
+
+
+def test_a_policy_that_cannot_load_is_one_line_and_leaves_no_folder(tiny_policy, data_dir,
+                                                                      tmp_path, capsys):
+    """A policy whose weights file is damaged: one error line (was a safetensors traceback),
+    and none of the folders the run had made for its --output (and its lock) is left; a folder
+    that was there before stays."""
+    import shutil
+
+    broken = str(tmp_path / "broken")
+    shutil.copytree(tiny_policy, broken)
+    open(os.path.join(broken, "model.safetensors"), "wb").close()
+    (tmp_path / "kept").mkdir()
+    out = tmp_path / "kept" / "a" / "b"
+    assert main(["--data", data_dir, "--policy", broken, "--output", str(out), "--no-progress",
+                 "--no-tensorboard", "--no-plots"]) == 2
+    err = capsys.readouterr().err
+    assert f"rso train: error: cannot load the policy {broken}: " in err
+    assert "Traceback" not in err
+    assert os.listdir(tmp_path / "kept") == []
 
 
 def test_unknown_config_key_is_an_error(tmp_path):

@@ -11,7 +11,7 @@ import math
 import os
 from typing import Literal
 
-from rso.config import Config, ConfigError, option
+from rso.config import Config, ConfigError, check_optimizer, option
 
 LossType = Literal["sigmoid-norm", "hinge-norm", "hinge", "ipo"]
 
@@ -126,6 +126,10 @@ class TrainConfig(Config):
         if "://" in self.output:
             fail(f"--output must be a local directory (got {self.output}); copy the result to "
                  f"remote storage after training")
+        for data in [*self.data, *(self.eval_data or [])]:
+            if "://" not in data and os.path.realpath(data) == os.path.realpath(self.output):
+                fail(f"--output {self.output} is the --data directory: checkpoints, metrics and "
+                     f"plots would be written into the pipeline's run; choose another folder")
         if "://" not in self.policy and not os.path.isdir(self.policy):
             fail(f"policy directory not found: {self.policy}")
         if not (self.gamma > 0 and math.isfinite(self.gamma)):
@@ -136,13 +140,15 @@ class TrainConfig(Config):
                  f"log-prob margin (ipo aims at the margin 1/(2*gamma)), so beyond this range "
                  f"the float32 loss or its gradient overflows, or vanishes; usual values are "
                  f"0.01 to 1 (the paper's is 0.05)")
-        if not (self.lr >= 0 and math.isfinite(self.lr)):
-            fail(f"--lr must be >= 0, got {self.lr}")
+        check_optimizer(lr=self.lr, weight_decay=self.weight_decay,
+                        max_grad_norm=self.max_grad_norm, warmup_steps=self.warmup_steps,
+                        adam_beta1=self.adam_beta1, adam_beta2=self.adam_beta2,
+                        adam_eps=self.adam_eps)
         for name in ("batch_size", "grad_accum", "epochs", "shuffle_buffer", "bucket_batches",
                      "log_every"):
             if getattr(self, name) < 1:
                 fail(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
-        for name in ("save_every", "keep_checkpoints", "eval_every", "warmup_steps"):
+        for name in ("save_every", "keep_checkpoints", "eval_every"):
             if getattr(self, name) < 0:
                 fail(f"--{name.replace('_', '-')} must be >= 0, got {getattr(self, name)}")
         if self.max_steps is not None and self.max_steps < 1:
@@ -151,8 +157,6 @@ class TrainConfig(Config):
             fail(f"--max-length must be >= 2, got {self.max_length}")
         if not 0.0 <= self.eval_fraction < 1.0:
             fail(f"--eval-fraction must be in [0, 1), got {self.eval_fraction}")
-        if self.max_grad_norm < 0:
-            fail(f"--max-grad-norm must be >= 0, got {self.max_grad_norm}")
         if self.reference_tolerance < 0:
             fail(f"--reference-tolerance must be >= 0, got {self.reference_tolerance}")
         if self.resume and self.overwrite:

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from rso import hf
+from rso.config import ConfigError
 from rso.logprobs import PackedBatch, forward_logps, pack
 from trainer.data import Pair
 
@@ -48,8 +49,11 @@ def load_policy(path: str, device: torch.device, trust_remote_code: bool = False
                 ) -> tuple[torch.nn.Module, Any]:
     """The causal LM in fp32 (master weights) on ``device``, in train mode, and its tokenizer if
     it has one (kept only to be saved with checkpoints: the trainer never tokenises)."""
-    model = hf.load_causal_lm(path, "float32", str(device), trust_remote_code, train=True)
-    tokenizer = hf.load_tokenizer(path, trust_remote_code, required=False)
+    try:
+        model = hf.load_causal_lm(path, "float32", str(device), trust_remote_code, train=True)
+        tokenizer = hf.load_tokenizer(path, trust_remote_code, required=False)
+    except hf.load_errors() as e:
+        raise ConfigError(f"cannot load the policy {path}: {e}") from None
     if tokenizer is None:
         log.warning("no tokenizer in %s; checkpoints will hold the model only", path)
     return model, tokenizer

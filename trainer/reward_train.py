@@ -53,10 +53,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from rso.config import Config, ConfigError, option
+from rso.config import Config, ConfigError, check_optimizer, option
 from rso.pooling import MeanPooledClassifier, is_mean_pooled, sentence_transformers_mean
 from rso.reward_input import pairwise_ids, pointwise_ids, render_pointwise
 from rso.stats import wilson_interval
+from rso.storage import cleaned_up_on_failure
 from rso.transcript import hh_transcript
 from trainer import checkpoint as ckpt
 from trainer.checkpoint import run_preemptible
@@ -161,6 +162,8 @@ class RewardConfig(Config):
             raise ConfigError("--max-train-pairs must be >= 2")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError("--max-steps must be >= 1")
+        check_optimizer(lr=self.lr, weight_decay=self.weight_decay,
+                        max_grad_norm=self.max_grad_norm, warmup_steps=self.warmup_steps)
         if self.resume and self.overwrite:
             raise ConfigError("--resume and --overwrite exclude each other")
 
@@ -245,7 +248,7 @@ def load_backbone(cfg: RewardConfig, path: str, device: torch.device) -> tuple[A
         else:
             model = hf.load_classifier(path, "float32", None, cfg.trust_remote_code,
                                        train=True, num_labels=1, new_head=True)
-    except (OSError, ValueError) as e:
+    except hf.load_errors() as e:
         raise ConfigError(f"cannot load the backbone {path}: {e}") from None
     finally:
         hf_logging.set_verbosity(verbosity)
@@ -892,9 +895,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     def body(should_stop):
         cfg, _ = RewardConfig.parse_args(argv[1:], prog="rso reward train",
                                          description="Train a Bradley-Terry reward model.")
-        # head mode: minutes of feature extraction, which SIGTERM ends as usual
-        return train_reward(cfg) if cfg.mode == "head" else train_reward(
-            cfg, should_stop=should_stop)
+        # head mode: minutes of feature extraction, which SIGTERM ends as usual; a run that
+        # fails at start leaves no folder
+        with cleaned_up_on_failure(cfg.output):
+            return train_reward(cfg) if cfg.mode == "head" else train_reward(
+                cfg, should_stop=should_stop)
 
     return run_preemptible("rso reward train", body, (ConfigError, DataError))
 

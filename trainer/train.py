@@ -29,6 +29,7 @@ import torch
 from rso import ownership
 from rso.config import ConfigError
 from rso.hf import resolve_device
+from rso.storage import cleaned_up_on_failure
 from trainer import checkpoint as ckpt
 from trainer import reference as ref
 from trainer.config import RESUME_CHANGEABLE, RESUME_FIXED, TrainConfig
@@ -458,8 +459,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     saving a checkpoint (preemption: run again with --resume).
     """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    def body(should_stop: Callable[[], bool]) -> TrainResult:
+        cfg = parse_config(argv)
+        with cleaned_up_on_failure(cfg.output):  # a run that fails at start leaves no folder
+            try:
+                return train(cfg, should_stop=should_stop)
+            except BaseException:
+                ownership.release_held(cfg.output)  # now, not at exit: the run is over
+                raise
+
     return ckpt.run_preemptible(
-        "rso train", lambda should_stop: train(parse_config(argv), should_stop=should_stop),
+        "rso train", body,
         (ConfigError, DataError, ref.ReferenceMismatchError, NonFiniteLossError))
 
 
