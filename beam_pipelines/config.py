@@ -67,7 +67,8 @@ class GenerateConfig(Config):
                                         "prompts (chosen by hash of prompt_id and seed)", min=1)
     # ---- generate
     policy: str = option("", "SFT policy: Hugging Face causal LM directory")
-    engine: Literal["vllm", "transformers"] = option("vllm", "decoding engine")
+    engine: Literal["vllm", "transformers"] = option("vllm",
+                                                     "decoding engine: vllm or transformers")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = option(
         "auto", "generation precision; auto = bfloat16 for vLLM on a GPU or a CPU with native "
         "bf16 (AVX512-BF16/AMX), else float32 (bf16 is emulated, and far slower, elsewhere)")

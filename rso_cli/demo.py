@@ -20,8 +20,8 @@ sft-sample-rank (random selection) from the same candidates (Liu et al. 2024, Ta
    prompts (rows 1024-1279), with 95% intervals (the SFT responses are generated once and
    reused for every method: ``--baseline-generations``).
 It ends with a table and the paths of the plots. The default run (12 prompts x 16 candidates,
-48 new tokens, 6 DPO steps of 4 pairs per method, 24 evaluation prompts) takes about a quarter
-of an hour cold on 2 CPU cores; ``--full`` runs a larger version (docs/RESULTS.md has the
+48 new tokens, 6 DPO steps of 4 pairs per method, 24 evaluation prompts) took 11-15 minutes
+cold on 2 CPU cores; ``--full`` runs a larger version (docs/RESULTS.md has the
 measured times).
 """
 from __future__ import annotations

@@ -4,7 +4,7 @@ Round r (0-based), under ``--output ROOT``:
 
 1. ``rso generate`` with policy ``pi_r`` (round 0: ``--policy``) into ``ROOT/round-r/data``:
    candidates sampled from ``pi_r``, so the stored ``sft_logp`` (the reference log-probs) are
-   ``pi_r``'s: ``pi_r`` is round r's proposal **and** its reference, as Liu et al. (2024,
+   ``pi_r``'s: ``pi_r`` is round r's proposal and also its reference, as Liu et al. (2024,
    section 5) suggest against reward-model drift. ``--seed`` + r draws a different
    ``--max-prompts`` shard and different samples each round.
 2. ``rso train`` from ``pi_r`` on those pairs into ``ROOT/round-r/policy``; its final checkpoint
@@ -87,7 +87,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--reward-model", required=True, action="append",
                         help="as rso generate --reward-model (repeatable)")
     parser.add_argument("--output", required=True, help="ROOT: round-R/{data,policy} go here")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0,
+                        help="run seed of round 0; round r uses seed + r (default: 0)")
     parser.add_argument("--generate-args", default="", help="extra rso generate flags")
     parser.add_argument("--train-args", default="", help="extra rso train flags")
     parser.add_argument("--overwrite", action="store_true",

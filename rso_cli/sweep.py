@@ -131,8 +131,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                         help="k kept per prompt (default: the run's)")
     parser.add_argument("--pairing", default=None, help="pairing (default: the run's)")
     parser.add_argument("--replicates", type=int, default=200,
-                        help="Monte-Carlo runs of the selection per prompt and beta")
-    parser.add_argument("--seed", type=int, default=0)
+                        help="Monte-Carlo runs of the selection per prompt and beta "
+                             "(default: 200)")
+    parser.add_argument("--seed", type=int, default=0,
+                        help="seed of the Monte-Carlo selections (default: 0)")
     parser.add_argument("--output", default=None,
                         help="folder for sweep.json and sweep.png (default: --candidates)")
     args = parser.parse_args(argv)
