@@ -11,8 +11,10 @@ Round r (0-based), under ``--output ROOT``:
    is ``pi_{r+1}``.
 
 Every round's data, model and metrics are kept; ``ROOT/round-r/round.json`` marks a finished
-round, so running the same command again continues where an interrupted run stopped
-(``--overwrite`` redoes every round). ``ROOT/iterate.json`` and the printed table
+round, so running the same command again continues where an interrupted run stopped: finished
+rounds are skipped, an unfinished round keeps its data when it is what the round would generate
+(the same run id) and resumes its training from the last checkpoint (``--overwrite`` redoes
+every round). ``ROOT/iterate.json`` and the printed table
 summarise them: pairs, mean chosen / rejected proxy reward, the policy's content id and the last
 train metrics. Extra ``rso generate`` flags go in ``--generate-args``, extra ``rso train`` flags
 in ``--train-args`` (quoted strings, split like a shell).
@@ -31,6 +33,34 @@ from rso import console
 
 log = logging.getLogger("rso_cli.iterate")
 DONE = "round.json"  # ROOT/round-R/round.json: the round's summary, written when it is complete
+
+
+def data_run_id(data: str) -> str | None:
+    """The run id of the complete pipeline output in ``data``, or None (none there, or not
+    finished)."""
+    from rso.layout import MANIFEST, is_complete
+
+    if not is_complete(data):
+        return None
+    try:
+        with open(os.path.join(data, MANIFEST)) as f:
+            return json.load(f).get("run_id")
+    except (OSError, ValueError):
+        return None
+
+
+def wanted_run_id(generate_argv: Sequence[str]) -> str | None:
+    """The run id `rso generate generate_argv` would have (None when its flags do not parse:
+    the generate step then says why)."""
+    from beam_pipelines.config import GenerateConfig
+    from beam_pipelines.pipeline import beam_option_parser
+    from rso.config import ConfigError
+
+    try:
+        config, _ = GenerateConfig.parse_args(generate_argv, passthrough=beam_option_parser())
+    except ConfigError:
+        return None
+    return config.resolved_run_id()
 
 
 def round_dirs(root: str, r: int) -> tuple[str, str]:
@@ -112,16 +142,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             policy = rows[-1]["trained_policy"]
             log.info("round %d/%d: finished earlier (%s), skipped", r + 1, args.rounds, done)
             continue
-        log.info("round %d/%d: generate with %s", r + 1, args.rounds, policy)
         rewards = [a for rm in args.reward_model for a in ("--reward-model", rm)]
-        rc = generate(["--input", args.input, "--output", data, "--policy", policy, *rewards,
-                       "--seed", str(args.seed + r), *overwrite,
-                       *shlex.split(args.generate_args)])
-        if rc:
-            return rc
-        log.info("round %d/%d: train from %s", r + 1, args.rounds, policy)
+        generate_argv = ["--input", args.input, "--output", data, "--policy", policy, *rewards,
+                         "--seed", str(args.seed + r), *overwrite,
+                         *shlex.split(args.generate_args)]
+        # An unfinished round (interrupted): its data is kept when it is what this round would
+        # generate (the same run id), replaced otherwise; its training resumes.
+        earlier = None if args.overwrite else data_run_id(data)
+        if earlier is not None and earlier == wanted_run_id(generate_argv):
+            log.info("round %d/%d: data generated earlier (run %s), kept", r + 1, args.rounds,
+                     earlier)
+        else:
+            log.info("round %d/%d: generate with %s", r + 1, args.rounds, policy)
+            rc = generate(generate_argv + (["--overwrite"] if earlier else []))  # other settings
+            if rc:
+                return rc
+        resume = ["--resume"] if not args.overwrite and os.path.isdir(train_out) else []
+        log.info("round %d/%d: train from %s%s", r + 1, args.rounds, policy,
+                 " (resuming)" if resume else "")
         rc = train(["--data", data, "--policy", policy, "--output", train_out,
-                    "--seed", str(args.seed + r), *overwrite, *shlex.split(args.train_args)])
+                    "--seed", str(args.seed + r), *overwrite, *resume,
+                    *shlex.split(args.train_args)])
         if rc:
             return rc
         rows.append(summarise_round(r, policy, data, train_out))

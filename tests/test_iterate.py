@@ -11,6 +11,33 @@ from rso.model_id import model_id
 from rso_cli.iterate import main
 
 
+def test_an_interrupted_round_continues(tiny_policy, tiny_reward_model, tmp_path, caplog):
+    """Rerunning the same command after a round was interrupted (its data written, its
+    training stopped before the round was marked finished) refused ("already holds a complete
+    run"); now the round keeps its data and resumes its training."""
+    import logging
+
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt_id": f"p{i}", "prompt": f"Hi {i}"}) + "\n"
+                               for i in range(4)))
+    root = tmp_path / "iter"
+    argv = ["--rounds", "1", "--policy", tiny_policy, "--input", str(prompts),
+            "--reward-model", tiny_reward_model, "--output", str(root),
+            "--generate-args", "--engine transformers --num-candidates 4 --num-samples 2 "
+                               "--max-new-tokens 6",
+            "--train-args", "--max-steps 2 --batch-size 2 --no-progress --no-tensorboard "
+                            "--no-plots --num-threads 1"]
+    assert main(argv) == 0
+    os.remove(root / "round-0" / "round.json")  # as if stopped before the round was marked
+    manifest = (root / "round-0" / "data" / "manifest.json").read_text()
+    with caplog.at_level(logging.INFO, logger="rso_cli.iterate"):
+        assert main(argv) == 0
+    assert "round 1/1: data generated earlier (run run-" in caplog.text
+    assert "(resuming)" in caplog.text
+    assert (root / "round-0" / "data" / "manifest.json").read_text() == manifest  # not redone
+    assert (root / "round-0" / "round.json").exists()
+
+
 def test_two_rounds_on_tiny_models(tiny_policy, tiny_reward_model, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt_id": f"p{i}", "prompt": f"Tell me about "
