@@ -125,26 +125,17 @@ class Progress:
     """tqdm bar over optimizer steps showing loss, accuracy and pairs/s."""
 
     def __init__(self, total: int, initial: int, enabled: bool):
-        import contextlib
-
         from tqdm.auto import tqdm
-        from tqdm.contrib.logging import logging_redirect_tqdm
 
+        # log lines written while the bar is shown go above it: rso.console's handler writes
+        # through tqdm.write
         self._bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step",
                          dynamic_ncols=True, desc="train")
-        # log lines while the bar is shown go above it (tqdm.write), not into its line
-        self._redirect = contextlib.ExitStack()
-        if enabled:
-            self._redirect.enter_context(logging_redirect_tqdm())
 
     def update(self, values: dict[str, float]) -> None:
         self._bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.2f}",
                               pairs_s=f"{values['pairs_per_s']:.1f}", refresh=False)
         self._bar.update(1)
 
-    def write(self, text: str) -> None:
-        self._bar.write(text)
-
     def close(self) -> None:
-        self._redirect.close()
         self._bar.close()

@@ -834,8 +834,7 @@ def train_full(cfg: RewardConfig, *, should_stop: Callable[[], bool] | None = No
             if done or (cfg.eval_every and state.step % cfg.eval_every == 0):
                 last_eval = evaluate()[0]
                 writer.log("eval", state.step, last_eval)
-                progress.write(f"step {state.step}: held-out accuracy "
-                               f"{last_eval['accuracy']:.3f}")
+                log.info("step %d: held-out accuracy %.3f", state.step, last_eval["accuracy"])
             stopping = not done and should_stop is not None and should_stop()
             if done or stopping or (cfg.save_every and state.step % cfg.save_every == 0):
                 last_ckpt = ckpt.save_checkpoint(cfg.output, model, tok, optimizer, scheduler,

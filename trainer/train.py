@@ -396,8 +396,8 @@ def train(cfg: TrainConfig, *, should_stop: Callable[[], bool] | None = None
                                               state.step % cfg.eval_every == 0)):
                 last_eval = evaluate(run)
                 writer.log("eval", state.step, last_eval)
-                progress.write(f"step {state.step}: eval loss {last_eval['loss']:.4f} "
-                               f"accuracy {last_eval['accuracy']:.3f}")
+                log.info("step %d: eval loss %.4f accuracy %.3f", state.step,
+                         last_eval["loss"], last_eval["accuracy"])
             if done or (cfg.save_every and state.step % cfg.save_every == 0):
                 last_checkpoint = save(run, state)
 
