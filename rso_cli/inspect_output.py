@@ -500,7 +500,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         summary = inspect_output(args.output, args.plots)
     except (IncompleteOutputError, ValueError, OSError) as e:
-        print(f"rso inspect: error: {e}", file=sys.stderr)
+        sides = [rso_io.join(args.output, "generations", side) for side in ("policy", "baseline")]
+        hint = ("; this is an `rso evaluate` output: inspect " + " or ".join(sides)
+                if any(layout.is_complete(side) for side in sides) else "")
+        print(f"rso inspect: error: {e}{hint}", file=sys.stderr)
         return 2
     print(format_summary(summary))
     print(f"wrote {', '.join(summary['written'])}")

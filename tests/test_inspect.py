@@ -142,6 +142,13 @@ def test_refuses_an_incomplete_directory(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "_SUCCESS" in err
     assert not any(n.startswith("inspect") for n in os.listdir(out))
+    # an `rso evaluate` output: the error names the two runs inside it
+    policy = out / "generations" / "policy"
+    policy.mkdir(parents=True)
+    (policy / "_SUCCESS").write_text("")
+    assert rso(["inspect", str(out)]) == 2
+    assert capsys.readouterr().err.strip().endswith(
+        f"this is an `rso evaluate` output: inspect {policy} or {out}/generations/baseline")
 
 
 @pytest.mark.slow
