@@ -404,7 +404,10 @@ def evaluate(args: argparse.Namespace, beam_args: Sequence[str] = ()) -> dict[st
     for side, model in (("policy", args.policy), ("baseline", args.baseline)):
         outputs[side] = rso_io.join(args.output, "generations", side)
         with evaluate_flags(side):
-            configs[side] = generation_config(model, args, outputs[side])
+            # without evaluation.json the side directories are an unfinished evaluation's
+            # (interrupted while publishing): replaced, as --overwrite would
+            configs[side] = generation_config(model, args, outputs[side]).replace(
+                overwrite=args.overwrite or not rso_io.exists(target))
             configs[side].validate()
     reuse = args.baseline_generations is not None
     if reuse:

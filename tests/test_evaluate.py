@@ -302,8 +302,12 @@ def test_a_failed_overwrite_leaves_the_previous_evaluation_whole(
         with pytest.raises(RuntimeError, match="judge crashed"):
             _evaluate(other_policy, tiny_policy, tiny_reward_model, prompts, str(fresh))
     assert not (tmp_path / "a").exists()
+    # an evaluation stopped while publishing (its evaluation.json gone, the sides already
+    # written) is finished by the same command, without --overwrite (which it once needed,
+    # naming an inner generations/ directory)
+    os.remove(os.path.join(out, "evaluation.json"))
     assert _evaluate(other_policy, tiny_policy, tiny_reward_model, prompts, out,
-                     "--overwrite", "--seed", "12") == 0
+                     "--seed", "12") == 0
     ev = json.load(open(os.path.join(out, "evaluation.json")))
     assert ev["settings"]["seed"] == 12
     for side in E.SIDES:
