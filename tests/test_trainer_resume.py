@@ -305,7 +305,7 @@ def test_ctrl_c_is_one_line_and_leaves_a_resumable_run(dropout_policy, data_dir,
     checkpoints stay loadable for --resume."""
     out = str(tmp_path / "interrupted")
     flags = ["--data", data_dir, "--policy", dropout_policy, "--output", out, "--lr", "1e-3",
-             "--batch-size", "2", "--max-steps", "400", "--save-every", "1",
+             "--batch-size", "2", "--max-steps", "1000000", "--save-every", "1",
              "--keep-checkpoints", "2", "--no-progress", "--no-tensorboard", "--no-plots",
              "--num-threads", "1"]
     proc = subprocess.Popen([sys.executable, "-m", "rso_cli.cli", "train", *flags], cwd=ROOT,

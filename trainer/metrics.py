@@ -125,12 +125,19 @@ class Progress:
     """tqdm bar over optimizer steps showing loss, accuracy and pairs/s."""
 
     def __init__(self, total: int, initial: int, enabled: bool):
-        from tqdm.auto import tqdm
+        import contextlib
 
-        # log lines written while the bar is shown go above it: rso.console's handler writes
-        # through tqdm.write
+        from tqdm.auto import tqdm
+        from tqdm.contrib.logging import logging_redirect_tqdm
+
         self._bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step",
                          dynamic_ncols=True, desc="train")
+        # log lines while the bar is shown go above it (tqdm.write), not into its line, whatever
+        # handler the root logger has (rso.console's already writes through tqdm.write; a
+        # library user's plain StreamHandler is redirected while the bar is open)
+        self._redirect = contextlib.ExitStack()
+        if enabled:
+            self._redirect.enter_context(logging_redirect_tqdm())
 
     def update(self, values: dict[str, float]) -> None:
         self._bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.2f}",
@@ -138,4 +145,5 @@ class Progress:
         self._bar.update(1)
 
     def close(self) -> None:
+        self._redirect.close()
         self._bar.close()
