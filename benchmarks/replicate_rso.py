@@ -10,8 +10,9 @@ OUTPUT/seed-S; a seed whose demo.json exists is read, not run again, so an inter
 replication resumes where it stopped. Prints one row per seed and method, then over all seeds:
 
 - the pooled win rate against SFT: every (seed, prompt) comparison counted once, with its Wilson
-  interval (`rso.stats.win_rate`; it treats the seeds' comparisons as independent, ignoring that
-  they share the evaluation prompts: read it as an approximate interval);
+  interval (`rso.stats.win_rate`; it treats all comparisons as independent: it ignores that each
+  seed's policies were trained once, and that the seeds' evaluation shards can share prompts,
+  so it is narrower than an interval over seeds; read it beside the per-seed rows);
 - each method head to head with rso: on each (seed, prompt), the judge's reward of that method's
   response against the rso policy's response (same prompt, same sampling seed, same tie margin
   as the evaluation), as a win rate of rso over it.
