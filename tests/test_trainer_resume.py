@@ -308,16 +308,23 @@ def test_ctrl_c_is_one_line_and_leaves_a_resumable_run(dropout_policy, data_dir,
              "--batch-size", "2", "--max-steps", "1000000", "--save-every", "1",
              "--keep-checkpoints", "2", "--no-progress", "--no-tensorboard", "--no-plots",
              "--num-threads", "1"]
+    # SIGINT's default action restored in the child: a shell's background job (e.g. the test
+    # suite started with `&`) passes SIGINT on as ignored, and Python then never raises
+    # KeyboardInterrupt
     proc = subprocess.Popen([sys.executable, "-m", "rso_cli.cli", "train", *flags], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.monotonic() + 120
         while proc.poll() is None and len(list_checkpoints(out)) < 2:
             assert time.monotonic() < deadline, "the trainer made no progress in 120 s"
             time.sleep(0.02)
         proc.send_signal(signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
     finally:
-        _, stderr = proc.communicate()
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
     assert proc.returncode == 130, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     assert stderr.rstrip().endswith("rso train: interrupted"), stderr
