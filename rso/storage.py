@@ -90,13 +90,21 @@ def isdir(path: str) -> bool:
     return fs.isdir(p)
 
 
+def _local_path(path: str) -> str | None:
+    """``path`` as a local filesystem path (``file://`` stripped); None on an object store."""
+    if path.startswith("file://"):
+        return path[len("file://"):]
+    return None if "://" in path else path
+
+
 def remove_empty_dir(path: str) -> bool:
     """Removes the local directory ``path`` if it is empty; True if it did. An object store
     (``gs://``) has no empty directories: nothing to do there."""
-    if "://" in path and not path.startswith("file://"):
+    local = _local_path(path)
+    if local is None:
         return False
     try:
-        os.rmdir(path[len("file://"):] if path.startswith("file://") else path)
+        os.rmdir(local)
     except OSError:  # not empty, or gone
         return False
     return True
@@ -109,8 +117,9 @@ def cleaned_up_on_failure(path: str) -> Iterator[None]:
     refused or failed after it began leaves no empty ``a/b/c`` behind, and never touches what
     was there. Nothing to do on an object store (no empty directories)."""
     made: list[str] = []
-    if "://" not in path or path.startswith("file://"):
-        d = os.path.abspath(path[len("file://"):] if path.startswith("file://") else path)
+    local = _local_path(path)
+    if local is not None:
+        d = os.path.abspath(local)
         while not os.path.exists(d):
             made.append(d)  # deepest first
             d = os.path.dirname(d)

@@ -38,13 +38,13 @@ DONE = "round.json"  # ROOT/round-R/round.json: the round's summary, written whe
 def data_run_id(data: str) -> str | None:
     """The run id of the complete pipeline output in ``data``, or None (none there, or not
     finished)."""
-    from rso.layout import MANIFEST, is_complete
+    from rso.layout import is_complete
+    from rso_cli.inspect_output import read_manifest
 
     if not is_complete(data):
         return None
     try:
-        with open(os.path.join(data, MANIFEST)) as f:
-            return json.load(f).get("run_id")
+        return read_manifest(data)["run_id"]
     except (OSError, ValueError):
         return None
 
