@@ -501,9 +501,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         summary = inspect_output(args.output, args.plots)
     except (IncompleteOutputError, ValueError, OSError) as e:
         sides = [rso_io.join(args.output, "generations", side) for side in ("policy", "baseline")]
-        hint = ("; this is an `rso evaluate` output: inspect " + " or ".join(sides)
-                if any(layout.is_complete(side) for side in sides) else "")
-        print(f"rso inspect: error: {e}{hint}", file=sys.stderr)
+        message = str(e)
+        if any(layout.is_complete(side) for side in sides):  # not unfinished: another kind
+            message = (f"{args.output} is an `rso evaluate` output, not a pipeline run: "
+                       f"inspect {' or '.join(sides)}")
+        print(f"rso inspect: error: {message}", file=sys.stderr)
         return 2
     print(format_summary(summary))
     print(f"wrote {', '.join(summary['written'])}")

@@ -147,8 +147,9 @@ def test_refuses_an_incomplete_directory(tmp_path, capsys):
     policy.mkdir(parents=True)
     (policy / "_SUCCESS").write_text("")
     assert rso(["inspect", str(out)]) == 2
-    assert capsys.readouterr().err.strip().endswith(
-        f"this is an `rso evaluate` output: inspect {policy} or {out}/generations/baseline")
+    assert capsys.readouterr().err.strip() == (
+        f"rso inspect: error: {out} is an `rso evaluate` output, not a pipeline run: "
+        f"inspect {policy} or {out}/generations/baseline")
 
 
 @pytest.mark.slow
