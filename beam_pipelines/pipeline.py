@@ -483,37 +483,43 @@ def select_main(argv: Sequence[str] | None = None) -> int:
 def _select_main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         return main(argv, prog="rso select", description=SELECT_HELP)
-    store = _flag_value(argv, "--candidates")
-    if not store:
-        print("rso select: error: --candidates DIR is required", file=sys.stderr)
-        return 2
     try:
-        store_doc = store_manifest(store)
+        full = select_argv(argv, warn=True)
     except ConfigError as e:
         print(f"rso select: error: {e}", file=sys.stderr)
         return 2
+    return main(full, prog="rso select")
+
+
+def select_argv(argv: Sequence[str], warn: bool = False) -> list[str]:
+    """The ``rso generate`` flags that `rso select ARGV` runs with: the candidate store's
+    generation settings, and its selection settings where ARGV (flags or ``--config``) leaves
+    them out, before ARGV. Raises ConfigError (no ``--candidates``, an unreadable store, a
+    generation setting or ``--input`` given). ``warn``: log the incremental-store warning."""
+    argv = list(argv)
+    store = _flag_value(argv, "--candidates")
+    if not store:
+        raise ConfigError("--candidates DIR is required")
+    store_doc = store_manifest(store)
     stored = store_doc.get("config", {})
-    _warn_if_incremental(store, store_doc)
+    if warn:
+        _warn_if_incremental(store, store_doc)
     # The generation settings are the store's: they are what the candidates were made with.
     given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
     for key in GENERATION_KEYS:
         flag = "--" + key.replace("_", "-")
         if flag in given:
-            print(f"rso select: error: {flag} is a generation setting; the candidates in "
-                  f"{store} were generated with {key}={stored.get(key)!r} (leave it out)",
-                  file=sys.stderr)
-            return 2
+            raise ConfigError(f"{flag} is a generation setting; the candidates in {store} were "
+                              f"generated with {key}={stored.get(key)!r} (leave it out)")
     for flag in ("--input", "--input-format"):
         if flag in given:
-            print(f"rso select: error: {flag}: the prompts are the ones stored in {store} "
-                  f"(leave it out)", file=sys.stderr)
-            return 2
+            raise ConfigError(f"{flag}: the prompts are the ones stored in {store} (leave it "
+                              f"out)")
     named = {f[len("--no-"):] if f.startswith("--no-") else f[2:] for f in given}
     from_file = _config_file_keys(argv)
     defaults = [k for k in SELECTION_KEYS
                 if k.replace("_", "-") not in named and k not in from_file]
-    inherited = _inherited_flags(stored, GENERATION_KEYS) + _inherited_flags(stored, defaults)
-    return main(inherited + argv, prog="rso select")
+    return _inherited_flags(stored, GENERATION_KEYS) + _inherited_flags(stored, defaults) + argv
 
 
 if __name__ == "__main__":

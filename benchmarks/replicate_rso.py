@@ -6,8 +6,10 @@ of the chosen responses; each trained policy's win rate against SFT under the ju
         [--output out/replicate]
 
 Each seed is one `rso demo --methods ... --seed S` run (the same code path as the demo) into
-OUTPUT/seed-S; a seed whose demo.json exists is read, not run again, so an interrupted
-replication resumes where it stopped. Prints one row per seed and method, then over all seeds:
+OUTPUT/seed-S; a seed whose demo.json holds every method asked for is read, not run again,
+and otherwise the demo keeps the steps it finished (`rso demo` continues an interrupted run and
+runs a method added to --methods alone), so an interrupted replication resumes where it stopped
+and top-k can be added to finished seeds. Prints one row per seed and method, then over all seeds:
 
 - the pooled win rate against SFT: every (seed, prompt) comparison counted once, with its Wilson
   interval (`rso.stats.win_rate`; it treats all comparisons as independent: it ignores that each
@@ -32,11 +34,23 @@ from typing import Any
 METHODS = ("rso", "random", "top-k")
 
 
-def read_seed(out: str) -> dict[str, Any]:
-    """A finished demo's summary with each method's per-prompt comparisons
-    (``{method: {prompt_id: row}}`` under ``"comparisons"``) and tie margin."""
+def finished_methods(out: str) -> list[str]:
+    """The methods of the finished demo in ``out`` (none when there is none)."""
+    try:
+        with open(os.path.join(out, "demo.json")) as f:
+            return list(json.load(f)["methods"])
+    except (OSError, ValueError, KeyError):
+        return []
+
+
+def read_seed(out: str, methods: list[str] | None = None) -> dict[str, Any]:
+    """A finished demo's summary (its ``methods``, or those of them named) with each method's
+    per-prompt comparisons (``{method: {prompt_id: row}}`` under ``"comparisons"``) and tie
+    margin."""
     with open(os.path.join(out, "demo.json")) as f:
         summary = json.load(f)
+    if methods is not None:
+        summary["methods"] = {m: summary["methods"][m] for m in methods}
     summary["comparisons"] = {}
     for method, m in summary["methods"].items():
         with open(os.path.join(m["evaluation"], "comparisons.jsonl")) as f:
@@ -108,15 +122,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from rso_cli.demo import main as demo
 
+    methods = args.methods.split(",")
     seeds = {}
     for seed in [int(s) for s in args.seeds.split(",")]:
         out = os.path.join(args.output, f"seed-{seed}")
-        if not os.path.exists(os.path.join(out, "demo.json")):
+        if not set(methods) <= set(finished_methods(out)):
             flags = ["--output", out, "--seed", str(seed), "--methods", args.methods,
-                     "--overwrite", *args.demo_flags.split()]
+                     *args.demo_flags.split()]
             if demo(flags + (["--full"] if args.full else [])):
                 return 1
-        seeds[seed] = read_seed(out)
+        seeds[seed] = read_seed(out, methods)
     result = aggregate(seeds)
     print(format_table(result))
     with open(os.path.join(args.output, "results.json"), "w") as f:

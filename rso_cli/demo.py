@@ -19,10 +19,14 @@ sft-sample-rank (random selection) from the same candidates (Liu et al. 2024, Ta
 5. ``rso evaluate`` of each trained policy against the SFT policy under the judge, on held-out
    prompts (rows 1024-1279), with 95% intervals (the SFT responses are generated once and
    reused for every method: ``--baseline-generations``).
-It ends with a table and the paths of the plots. The default run (12 prompts x 16 candidates,
-48 new tokens, 6 DPO steps of 4 pairs per method, 24 evaluation prompts) took 11-15 minutes
-cold on 2 CPU cores; ``--full`` runs a larger version (docs/RESULTS.md has the
-measured times).
+It ends with a table and the paths of the plots. The same command run again keeps every step
+whose output is complete and made with the same settings and models (the same run id, the same
+evaluation settings and content ids), so an interrupted demo continues (a training resumes from
+its last checkpoint) and a method added to ``--methods`` runs alone; a step finished with other
+settings is refused unless ``--overwrite``, which redoes everything. The default run (12
+prompts x 16 candidates, 48 new tokens, 6 DPO steps of 4 pairs per method, 24 evaluation
+prompts) took 11-15 minutes cold on 2 CPU cores; ``--full`` runs a larger version
+(docs/RESULTS.md has the measured times).
 """
 from __future__ import annotations
 
@@ -211,13 +215,17 @@ def minilm_dir() -> str:
 
 
 def write_prompts(path: str, rows: tuple[int, int]) -> str:
-    """Bundled HH-RLHF rows ``[start, end)`` as an HH-RLHF JSONL file (the pipeline's input)."""
+    """Bundled HH-RLHF rows ``[start, end)`` as an HH-RLHF JSONL file (the pipeline's input);
+    a file already there with that content is left as it is (a rerun keeps its steps)."""
     import gzip
 
-    with gzip.open(bundled_data(), "rt") as src, open(path, "w") as dst:
-        for i, line in enumerate(src):
-            if rows[0] <= i < rows[1]:
-                dst.write(line)
+    with gzip.open(bundled_data(), "rt") as src:
+        text = "".join(line for i, line in enumerate(src) if rows[0] <= i < rows[1])
+    with contextlib.suppress(OSError), open(path) as f:
+        if f.read() == text:
+            return path
+    with open(path, "w") as dst:
+        dst.write(text)
     return path
 
 
@@ -281,12 +289,25 @@ def run_counts(output: str) -> str:
         ("dead_letters", "dead letters")))
 
 
+class OtherSettings(Exception):
+    """A finished step's output in --output was made with other settings (refused without
+    ``--overwrite``: replacing it would delete that run's results)."""
+
+
 def run_loop(args: argparse.Namespace, sizes: Sizes, policy: str, proxy: str, judge: str) -> dict:
-    """Steps 2-5 of the module docstring; returns the summary written to demo.json."""
+    """Steps 2-5 of the module docstring; returns the summary written to demo.json.
+
+    A step whose output in ``--output`` is complete and is what this step would write (the same
+    run id, evaluation settings and models: :mod:`rso_cli.reruns`) is kept, so the same command
+    continues an interrupted demo, and a method added to ``--methods`` runs alone; an
+    unfinished training resumes from its last checkpoint. A complete output made with other
+    settings raises :class:`OtherSettings` unless ``--overwrite``."""
     from beam_pipelines.generate_vllm import clear_vllm_engines
     from beam_pipelines.pipeline import main as generate
     from beam_pipelines.pipeline import select_main
+    from rso_cli.evaluate import finished_evaluation
     from rso_cli.evaluate import main as evaluate
+    from rso_cli.reruns import data_run_id, wanted_run_id, wanted_select_run_id
     from trainer.checkpoint import latest_checkpoint
 
     out = args.output
@@ -301,41 +322,70 @@ def run_loop(args: argparse.Namespace, sizes: Sizes, policy: str, proxy: str, ju
               str(args.seed), "--beta", "0.5", "--beta-scale", "std"]
     data = {m: os.path.join(out, f"pairs-{m}") for m in args.methods}
 
-    def step(name: str, rc: int, output: str | None = None) -> None:
+    def step(name: str, rc: int, output: str | None = None, detail: str = "") -> None:
         if rc:
             raise SystemExit(f"rso demo: {name} failed (exit {rc})")
-        log.info("%s: done%s", name, f" ({run_counts(output)})" if output else "")
+        log.info("%s: done%s", name, detail or (f" ({run_counts(output)})" if output else ""))
 
-    step("generate (rso, beta 0.5, candidates stored)", generate([
-        "--input", train_prompts, "--max-prompts", str(sizes.train_prompts),
-        "--output", data["rso"], "--reward-model", proxy, "--selection", "rso",
-        "--write-candidates", "--overwrite", *generation, *common]), data["rso"])
+    def kept(name: str, output: str, complete: bool, same: bool) -> bool:
+        """Whether ``output`` is complete and this step's own (``same``), so it stays;
+        OtherSettings when it is another run's complete output, which may not go."""
+        if not complete or args.overwrite:
+            return False
+        if same:
+            log.info("%s: kept (%s, finished earlier)", name, output)
+            return True
+        raise OtherSettings(f"{output} holds a finished `{name}` step made with other "
+                            f"settings")
+
+    name = "generate (rso, beta 0.5, candidates stored)"
+    argv = ["--input", train_prompts, "--max-prompts", str(sizes.train_prompts),
+            "--output", data["rso"], "--reward-model", proxy, "--selection", "rso",
+            "--write-candidates", *generation, *common]
+    earlier = data_run_id(data["rso"])
+    fresh = set()  # the methods whose pairs this run writes: their training starts over
+    if not kept(name, data["rso"], earlier is not None, earlier == wanted_run_id(argv)):
+        step(name, generate(argv + ["--overwrite"]), data["rso"])
+        fresh = set(args.methods)
     for method in args.methods[1:]:
-        step(f"select ({method}, from the stored candidates)", select_main([
-            "--candidates", data["rso"], "--output", data[method], "--selection", method,
-            "--overwrite", *common]), data[method])
+        name = f"select ({method}, from the stored candidates)"
+        argv = ["--candidates", data["rso"], "--output", data[method], "--selection", method,
+                *common]
+        earlier = data_run_id(data[method])
+        if method in fresh or not kept(name, data[method], earlier is not None,
+                                       earlier == wanted_select_run_id(argv)):
+            step(name, select_main(argv + ["--overwrite"]), data[method])
+            fresh.add(method)
     summary: dict = {"proxy": proxy, "judge": judge, "policy": policy, "methods": {}}
     baseline: list[str] = []  # the SFT responses, generated by the first evaluation only
     for method, pairs in data.items():
         trained = os.path.join(out, f"policy-{method}")
+        # on kept pairs an earlier run's training resumes (`rso train --resume` refuses other
+        # settings, and a finished one takes no step); on new pairs it starts over
+        again = ["--overwrite"] if args.overwrite or method in fresh else ["--resume"]
         step(f"train on {method} pairs", train_in_child([
-            "--data", pairs, "--policy", policy, "--output", trained, "--overwrite",
+            "--data", pairs, "--policy", policy, "--output", trained, *again,
             "--loss", "sigmoid-norm", "--gamma", "0.1", "--lr", str(args.lr),
             "--batch-size", str(sizes.batch_size), "--max-steps", str(sizes.train_steps),
             "--warmup-steps", "0", "--seed", str(args.seed)], args.verbose))
         evaluation = os.path.join(out, f"eval-{method}")
-        step(f"evaluate the {method} policy against SFT", evaluate([
-            "--policy", latest_checkpoint(trained), "--baseline", policy, "--judge", judge,
-            "--prompts", eval_prompts, "--num-prompts", str(sizes.eval_prompts),
-            "--max-new-tokens", str(sizes.max_new_tokens), "--seed", str(args.seed),
-            "--output", evaluation, "--overwrite", "--engine", args.eval_engine,
-            "--batch-size", str(sizes.eval_prompts), *baseline]))
+        name = f"evaluate the {method} policy against SFT"
+        argv = ["--policy", latest_checkpoint(trained), "--baseline", policy, "--judge", judge,
+                "--prompts", eval_prompts, "--num-prompts", str(sizes.eval_prompts),
+                "--max-new-tokens", str(sizes.max_new_tokens), "--seed", str(args.seed),
+                "--output", evaluation, "--engine", args.eval_engine,
+                "--batch-size", str(sizes.eval_prompts), *baseline]
+        ev = None if args.overwrite else finished_evaluation(argv)
+        if not kept(name, evaluation, os.path.exists(os.path.join(evaluation, "evaluation.json")),
+                    ev is not None):
+            step(name, evaluate(argv + ["--overwrite"]))
+            clear_vllm_engines()  # this policy's engine (and SFT's) is not needed again
+            with open(os.path.join(evaluation, "evaluation.json")) as f:
+                ev = json.load(f)
+        assert ev is not None
         if not baseline:  # the first evaluation generated the SFT responses; later ones reuse
             baseline = ["--baseline-generations",
                         os.path.join(evaluation, "generations", "baseline")]
-        clear_vllm_engines()  # this policy's engine (and SFT's) is not needed again: free them
-        with open(os.path.join(evaluation, "evaluation.json")) as f:
-            ev = json.load(f)
         summary["methods"][method] = {
             "pairs": pairs, "mean_chosen_proxy_reward": mean_chosen_reward(pairs),
             "win_rate": ev["win_rate"], "win_rate_ci95": ev["win_rate_ci95"],
@@ -423,16 +473,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--policy", help=argparse.SUPPRESS)
     parser.add_argument("--proxy", help=argparse.SUPPRESS)
     parser.add_argument("--overwrite", action="store_true",
-                        help="replace a finished demo in --output (without it, refused: the "
-                             "rerun would delete that demo's policies before making new ones)")
+                        help="redo every step (without it, the steps a demo in --output "
+                             "finished with these settings are kept, so an interrupted demo "
+                             "continues and a method added to --methods runs alone; a step "
+                             "finished with other settings is refused)")
     parser.add_argument("--judge", help=argparse.SUPPRESS)
     parser.add_argument("--sizes", help=argparse.SUPPRESS)  # JSON of Sizes fields
     args = parser.parse_args(argv)
     if args.methods[0] != "rso" or not set(args.methods) <= {"rso", "random", "top-k"}:
         parser.error("--methods: rso first, then any of random, top-k")
-    if os.path.exists(os.path.join(args.output, "demo.json")) and not args.overwrite:
-        parser.error(f"{args.output} holds a finished demo; pass --overwrite to replace it or "
-                     f"give another --output")
     console.configure(args.verbose)
     sizes = FULL if args.full else Sizes(**json.loads(args.sizes or "{}"))
     start = time.time()
@@ -441,8 +490,14 @@ def main(argv: list[str] | None = None) -> int:
     judge = args.judge or prepare_judge(args.cache_dir, policy if args.full else minilm_dir())
     # the nested commands' own lines (counters, cost tables, each evaluation side's steps):
     # the demo logs one line per stage instead
-    with console.details_hidden(not args.verbose, ("rso.generate", "rso.select", "rso.evaluate")):
-        summary = run_loop(args, sizes, policy, proxy, judge)
+    try:
+        with console.details_hidden(not args.verbose,
+                                    ("rso.generate", "rso.select", "rso.evaluate")):
+            summary = run_loop(args, sizes, policy, proxy, judge)
+    except OtherSettings as e:
+        print(f"rso demo: error: {e}; pass --overwrite to replace that demo (its policies "
+              f"too) or give another --output", file=sys.stderr)
+        return 2
     print(format_summary(summary))
     print(f"done in {time.time() - start:.0f} s; "
           f"summary in {os.path.join(args.output, 'demo.json')}")

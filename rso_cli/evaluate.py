@@ -391,6 +391,24 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "baseline_generations": local_absolute(args.baseline_generations)}
 
 
+def finished_evaluation(argv: Sequence[str]) -> dict[str, Any] | None:
+    """The ``evaluation.json`` in the ``--output`` of `rso evaluate ARGV` when it is what that
+    command would write: the same :func:`settings` and the same content ids of the policy,
+    baseline and judge (:func:`rso.model_id.model_id`). None when there is none, it is
+    unreadable, or it differs (a rerun then replaces it, with ``--overwrite``)."""
+    args, _ = parse_args(argv)
+    try:
+        with rso_io.open_file(rso_io.join(args.output, EVALUATION), "r") as f:
+            earlier = json.load(f)
+        wanted = {"policy": model_id(args.policy), "baseline": model_id(args.baseline),
+                  "judge": model_id(args.judge)}
+    except (OSError, ValueError):
+        return None
+    same = (isinstance(earlier, dict) and earlier.get("settings") == settings(args)
+            and earlier.get("models") == wanted)
+    return earlier if same else None
+
+
 def evaluate(args: argparse.Namespace, beam_args: Sequence[str] = ()) -> dict[str, Any]:
     """Runs the evaluation described in the module docstring; returns evaluation.json's
     content. Raises ConfigError (bad settings, existing results without overwrite)."""
@@ -477,15 +495,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rso evaluate: error: {e}", file=sys.stderr)
         return 2
     if ev["num_prompts"]:
-        lo, hi = ev["win_rate_ci95"]
-        print(f"[result] win rate {ev['win_rate']:.3f} (95% CI {lo:.3f}-{hi:.3f}) over "
-              f"{ev['num_prompts']} prompts: {ev['wins']} wins, {ev['ties']} ties (half a win), "
-              f"{ev['losses']} losses")
+        log.info("[result] win rate %.3f, 95%% CI [%.3f, %.3f], over %d prompts: %d wins, %d "
+                 "ties (half a win), %d losses", ev["win_rate"], *ev["win_rate_ci95"],
+                 ev["num_prompts"], ev["wins"], ev["ties"], ev["losses"])
     else:
-        print("[result] no prompt has a response from both models: no win rate")
+        log.warning("[result] no prompt has a response from both models: no win rate")
     unpaired = sum(len(v) for v in ev["unpaired"].values())
     if unpaired:
-        print(f"[result] {unpaired} prompts answered by one model only (see unpaired)")
+        log.warning("[result] %d prompts answered by one model only (see unpaired)", unpaired)
     log.info("wrote %s", rso_io.join(args.output, EVALUATION))
     return 0
 

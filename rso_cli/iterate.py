@@ -35,34 +35,6 @@ log = logging.getLogger("rso_cli.iterate")
 DONE = "round.json"  # ROOT/round-R/round.json: the round's summary, written when it is complete
 
 
-def data_run_id(data: str) -> str | None:
-    """The run id of the complete pipeline output in ``data``, or None (none there, or not
-    finished)."""
-    from rso.layout import is_complete
-    from rso_cli.inspect_output import read_manifest
-
-    if not is_complete(data):
-        return None
-    try:
-        return read_manifest(data)["run_id"]
-    except (OSError, ValueError):
-        return None
-
-
-def wanted_run_id(generate_argv: Sequence[str]) -> str | None:
-    """The run id `rso generate generate_argv` would have (None when its flags do not parse:
-    the generate step then says why)."""
-    from beam_pipelines.config import GenerateConfig
-    from beam_pipelines.pipeline import beam_option_parser
-    from rso.config import ConfigError
-
-    try:
-        config, _ = GenerateConfig.parse_args(generate_argv, passthrough=beam_option_parser())
-    except ConfigError:
-        return None
-    return config.resolved_run_id()
-
-
 def round_dirs(root: str, r: int) -> tuple[str, str]:
     """(data, policy) directories of round ``r``."""
     base = os.path.join(root, f"round-{r}")
@@ -128,6 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.rounds < 1:
         parser.error("--rounds must be >= 1")
     from beam_pipelines.pipeline import main as generate
+    from rso_cli.reruns import data_run_id, wanted_run_id
     from trainer.checkpoint import latest_checkpoint
     from trainer.train import main as train
 

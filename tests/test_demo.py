@@ -15,12 +15,23 @@ TINY = {"train_prompts": 6, "eval_prompts": 4, "num_candidates": 4, "num_samples
 
 def test_whole_loop_on_tiny_models(tiny_policy, tiny_reward_model, tmp_path, capsys, caplog):
     out = str(tmp_path / "demo")
+    argv = ["--output", out, "--policy", tiny_policy, "--proxy", tiny_reward_model,
+            "--judge", tiny_reward_model, "--engine", "transformers",
+            "--eval-engine", "transformers", "--lr", "1e-3", "--sizes", json.dumps(TINY)]
+    assert main(argv + ["--methods", "rso,random"]) == 0
+    before = snapshot(out)
+    capsys.readouterr()
+    # top-k added to the same command: it runs alone; rso's and random's steps are kept
     with caplog.at_level(logging.INFO):
-        assert main(["--output", out, "--policy", tiny_policy, "--proxy", tiny_reward_model,
-                     "--judge", tiny_reward_model, "--engine", "transformers",
-                     "--eval-engine", "transformers", "--lr", "1e-3",
-                     "--methods", "rso,random,top-k", "--sizes", json.dumps(TINY)]) == 0
+        assert main(argv + ["--methods", "rso,random,top-k"]) == 0
     printed = capsys.readouterr().out
+    after = snapshot(out)
+    assert {p: t for p, t in after.items() if p in before and p != "demo.json"} == {
+        p: t for p, t in before.items() if p != "demo.json"}
+    assert {p.split(os.sep)[0] for p in set(after) - set(before)} == {
+        "pairs-top-k", "policy-top-k", "eval-top-k"}
+    # generate, select random and both evaluations; the trainings were finished (no step)
+    assert caplog.text.count("finished earlier)") == 4
     assert "rso-sample-rank (rso)" in printed and "sft-sample-rank (random)" in printed
     assert "wrote " not in printed and "wrote " not in caplog.text  # the nested runs' own
     assert "[policy] generating" not in caplog.text
@@ -40,8 +51,7 @@ def test_whole_loop_on_tiny_models(tiny_policy, tiny_reward_model, tmp_path, cap
     # one line per stage with what it produced; the nested runs' counters and cost tables are
     # hidden without --verbose (they are in each manifest), and the levels are restored after
     counts = r"done \(\d+ prompts, \d+ candidates, \d+ pairs, \d+ dead letters\)"
-    assert re.search(r"generate \(rso, beta 0.5, candidates stored\): " + counts, caplog.text)
-    assert re.search(r"select \(random, from the stored candidates\): " + counts, caplog.text)
+    assert re.search(r"select \(top-k, from the stored candidates\): " + counts, caplog.text)
     assert "cost: stage" not in caplog.text and "beam counters" not in caplog.text
     assert logging.getLogger("rso.generate").getEffectiveLevel() == logging.INFO
     # random selection re-used the stored candidates: nothing was decoded for it
@@ -60,6 +70,28 @@ def test_whole_loop_on_tiny_models(tiny_policy, tiny_reward_model, tmp_path, cap
     assert set(head) == {"random", "top-k"}
     assert all(h["num_prompts"] == TINY["eval_prompts"] for h in head.values())
     assert "rso vs random" in replicate.format_table(result)
+
+
+    # an interrupted evaluation (no evaluation.json) is the one step the same command redoes
+    os.remove(os.path.join(out, "eval-random", "evaluation.json"))
+    caplog.clear()
+    with caplog.at_level(logging.INFO):
+        assert main(argv + ["--methods", "rso,random,top-k"]) == 0
+    redone = {p for p, t in snapshot(out).items() if after.get(p) != t} - {"demo.json"}
+    assert redone and {p.split(os.sep)[0] for p in redone} == {"eval-random"}, redone
+    with open(os.path.join(out, "demo.json")) as f:
+        assert json.load(f) == summary
+    # another seed is another demo: refused, nothing touched
+    done = snapshot(out)
+    assert main(argv + ["--methods", "rso,random", "--seed", "1"]) == 2
+    assert "holds a finished `generate (rso" in capsys.readouterr().err
+    assert snapshot(out) == done
+
+
+def snapshot(root: str) -> dict[str, int]:
+    """Every file under ``root`` (relative path) and its modification time, in ns."""
+    return {os.path.relpath(os.path.join(d, f), root): os.stat(os.path.join(d, f)).st_mtime_ns
+            for d, _, files in os.walk(root) for f in files}
 
 
 def load_replicate():
@@ -163,16 +195,3 @@ def test_a_reward_model_fitted_by_two_demos_at_once(tmp_path, monkeypatch, caplo
         assert fit_head_model(out, encoder, (256, 416), "proxy") == out
     assert "another run fitted it first" in caplog.text
     assert os.listdir(cache) == ["rm"] and os.path.exists(os.path.join(out, "reward_fit.json"))
-
-
-def test_a_finished_demo_is_not_replaced_without_overwrite(tmp_path, capsys):
-    import pytest
-
-    out = tmp_path / "demo"
-    out.mkdir()
-    (out / "demo.json").write_text("{}")
-    with pytest.raises(SystemExit) as stop:
-        main(["--output", str(out)])
-    assert stop.value.code == 2
-    assert "holds a finished demo; pass --overwrite" in capsys.readouterr().err
-    assert os.listdir(out) == ["demo.json"]

@@ -242,10 +242,21 @@ def test_policy_against_itself_ties_on_every_prompt(tiny_policy, tiny_reward_mod
         assert os.path.getsize(os.path.join(out, name)) > 0, name
     rows = [json.loads(line) for line in open(os.path.join(out, E.COMPARISONS))]
     assert len(rows) == n and all(r["score"] == 0.5 and r["judge_margin"] == 0 for r in rows)
-    console = capsys.readouterr().out
-    assert "win rate 0.500" in console and "INFO" not in console
+    # the result is a log line like every other (time-stamped), its interval as [lo, hi]
+    assert re.search(r"\[result\] win rate 0\.500, 95% CI \[0\.\d{3}, 0\.\d{3}\], over "
+                     rf"{n} prompts: 0 wins, {n} ties", caplog.text), caplog.text
+    assert "INFO" not in capsys.readouterr().out
     # A second run into the same directory is refused without --overwrite.
     assert _evaluate(tiny_policy, tiny_policy, tiny_reward_model, prompts, out) == 2
+    # ... and is what that command would write (a rerun of `rso demo` keeps it), unlike
+    # another seed or another judge (by content id: a copy in another directory differs)
+    argv = ["--policy", tiny_policy, "--baseline", tiny_policy, "--judge", tiny_reward_model,
+            "--prompts", prompts, "--output", out, "--engine", "transformers",
+            "--max-new-tokens", "6", "--seed", "11"]
+    assert E.finished_evaluation(argv) == ev
+    assert E.finished_evaluation(argv[:-1] + ["12"]) is None
+    judge = shutil.copytree(tiny_reward_model, str(tmp_path / "judge"))
+    assert E.finished_evaluation(argv[:5] + [judge] + argv[6:]) is None
 
 
 @pytest.mark.slow

@@ -70,6 +70,9 @@ def peak_memory(device: torch.device) -> dict[str, float]:
     return out
 
 
+METRICS_FILE = "metrics.jsonl"  # in the training output directory
+
+
 class MetricsWriter:
     """Appends records to OUTPUT/metrics.jsonl and scalars to TensorBoard (``split/name``).
 
@@ -78,7 +81,7 @@ class MetricsWriter:
     """
 
     def __init__(self, output: str, tensorboard: bool, resume_step: int | None = None):
-        self.path = os.path.join(output, "metrics.jsonl")
+        self.path = os.path.join(output, METRICS_FILE)
         if resume_step is not None:
             self._truncate_after(resume_step)
         elif os.path.exists(self.path):

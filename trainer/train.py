@@ -44,7 +44,7 @@ from trainer.data import (
 )
 from trainer.losses import preference_loss
 from trainer.memory import limit_heap_retention
-from trainer.metrics import MetricsWriter, PairMetrics, Progress, peak_memory
+from trainer.metrics import METRICS_FILE, MetricsWriter, PairMetrics, Progress, peak_memory
 from trainer.model import (
     autocast,
     load_policy,
@@ -108,7 +108,7 @@ def _prepare_output(cfg: TrainConfig, data_ids: dict[str, str | None]
     if cfg.overwrite:
         stale = ckpt.list_checkpoints(cfg.output) + [
             os.path.join(cfg.output, name)
-            for name in ("tensorboard", "plots", ref.CACHE_FILE, "metrics.jsonl")]
+            for name in ("tensorboard", "plots", ref.CACHE_FILE, METRICS_FILE)]
         for path in stale:
             if os.path.isdir(path):
                 shutil.rmtree(path)
@@ -352,6 +352,11 @@ def train(cfg: TrainConfig, *, should_stop: Callable[[], bool] | None = None
     started = time.perf_counter()
     run = setup(cfg)
     state, last_checkpoint = run.state, run.resumed_from
+    if run.resumed_from and state.step >= run.total_steps:  # finished: leave it as it is
+        log.info("already finished: %d steps, final model in %s", state.step, last_checkpoint)
+        return TrainResult(cfg.output, state.step, last_checkpoint,
+                           os.path.join(cfg.output, METRICS_FILE), {}, {}, {},
+                           finished=True)
     writer = MetricsWriter(cfg.output, cfg.tensorboard,
                            resume_step=state.step if run.resumed_from else None)
     progress = Progress(run.total_steps, state.step, cfg.progress)
