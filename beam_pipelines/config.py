@@ -187,7 +187,7 @@ class GenerateConfig(Config):
                  f"{self.num_candidates} keeps at most {kept} response per prompt, so "
                  f"--pairing {self.pairing} can form no pair; keep >= 2 or use --selection "
                  f"best-of-n")
-        check_model_dir(self.policy, "--policy", tokenizer=True)
+        check_model_dir(self.policy, "--policy", tokenizer=True, role="causal-lm")
         for spec in self.reward_model:
             check_model_dir(spec.path, "--reward-model")
         if self.max_model_len is not None and "://" not in self.policy:
@@ -343,9 +343,11 @@ _WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def check_model_dir(path: str, flag: str, tokenizer: bool = False) -> None:
+def check_model_dir(path: str, flag: str, tokenizer: bool = False,
+                    role: str = "classifier") -> None:
     """ConfigError unless the local directory ``path`` looks like a loadable Hugging Face model
-    (config.json, weights, and with ``tokenizer`` a tokenizer). Remote paths are left to the
+    (config.json, weights, and with ``tokenizer`` a tokenizer) of the kind ``role`` says
+    (``causal-lm`` or ``classifier``: :func:`rso.hf.check_role`). Remote paths are left to the
     engine. This is what ``from_pretrained`` would otherwise fail on mid-pipeline."""
     if "://" in path:
         return
@@ -362,6 +364,12 @@ def check_model_dir(path: str, flag: str, tokenizer: bool = False) -> None:
     if missing:
         raise ConfigError(f"{flag} {path} is not a Hugging Face model directory: it has no "
                           f"{', '.join(missing)}")
+    from rso.hf import check_role
+
+    try:
+        check_role(path, role)
+    except ValueError as e:
+        raise ConfigError(f"{flag}: {e}") from None
 
 
 PARQUET_MAGIC = b"PAR1"

@@ -81,12 +81,50 @@ def load_tokenizer(path: str, trust_remote_code: bool = False, required: bool = 
         return None
 
 
+def architectures(path: str) -> list[str]:
+    """The ``architectures`` that ``path``'s config.json names (``rso_pooling: "mean"`` counts
+    as ``MeanPooledClassifier``); [] when it names none or is not a readable local file."""
+    import json
+    import os
+
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return []
+    if not isinstance(config, dict):
+        return []
+    names = [a for a in config.get("architectures") or [] if isinstance(a, str)]
+    return names + (["MeanPooledClassifier"] if config.get("rso_pooling") else [])
+
+
+def check_role(path: str, role: str) -> None:
+    """ValueError when the model in ``path`` is plainly the other kind: a reward model
+    (``*ForSequenceClassification``) where a causal LM is wanted (``role="causal-lm"``: a
+    policy), or a causal LM (``*ForCausalLM``) where a reward model is (``role="classifier"``).
+    Read from config.json before any weight is loaded: transformers would otherwise build
+    the asked-for class around the weights it finds (a tied-embedding classifier loads as a
+    causal LM without a warning) and initialise the rest at random. Silent when config.json
+    names no architecture."""
+    names = architectures(path)
+    classifier = [a for a in names if a.endswith("ForSequenceClassification")
+                  or a == "MeanPooledClassifier"]
+    causal = [a for a in names if a.endswith("ForCausalLM")]
+    if role == "causal-lm" and classifier and not causal:
+        raise ValueError(f"{path} is a reward model ({classifier[0]}), not a causal LM")
+    if role == "classifier" and causal and not classifier:
+        raise ValueError(f"{path} is a causal LM ({causal[0]}), not a reward model (a "
+                         f"sequence classifier with one output per response)")
+
+
 def load_causal_lm(path: str, dtype: str = "float32", device: str | None = None,
                    trust_remote_code: bool = False, train: bool = False) -> Any:
     """``AutoModelForCausalLM`` from ``path`` in ``dtype``, on ``device`` (None: stay on the
-    CPU; ``auto``: :func:`resolve_device`), in eval mode unless ``train``."""
+    CPU; ``auto``: :func:`resolve_device`), in eval mode unless ``train``. ValueError for a
+    reward model (:func:`check_role`)."""
     from transformers import AutoModelForCausalLM
 
+    check_role(path, "causal-lm")
     model: Any = AutoModelForCausalLM.from_pretrained(path, dtype=torch_dtype(dtype),
                                                  trust_remote_code=trust_remote_code)
     if device is not None:
@@ -104,11 +142,14 @@ def load_classifier(path: str, dtype: str = "float32", device: str | None = None
     ValueError on an ``rso_pooling`` this version does not know, and when the checkpoint lacks
     weights the model has (transformers would initialise them at random, e.g. a mean-pooled
     model whose config lost ``rso_pooling``), unless ``new_head`` (a backbone getting a new
-    classification head: only weights outside the base model may be missing)."""
+    classification head: only weights outside the base model may be missing), and for a
+    causal LM that is not getting one (:func:`check_role`)."""
     from transformers import AutoConfig, AutoModelForSequenceClassification
 
     from rso.pooling import MeanPooledClassifier, is_mean_pooled
 
+    if not new_head:
+        check_role(path, "classifier")
     config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code,
                                         **config_overrides)
     cls: Any = MeanPooledClassifier if is_mean_pooled(config) else \

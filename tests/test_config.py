@@ -94,6 +94,9 @@ def test_inputs_and_models_that_cannot_run_are_refused_at_start(tmp_path, dirs):
         (_args(str(empty), rm, prompts), "is not a Hugging Face model directory: it has no "
                                          "config.json"),
         (_args(policy, str(empty), prompts), "--reward-model"),
+        # the two kinds of model swapped: told apart by config.json, before any weight loads
+        (_args(rm, rm, prompts), f"--policy: {rm} is a reward model (LlamaForSequence"),
+        (_args(policy, policy, prompts), f"--reward-model: {policy} is a causal LM (Llama"),
         (_args(policy, rm, str(tmp_path)), "is a directory; give a file or a glob"),
         (_args(policy, rm, str(tmp_path / "nothing*.jsonl")), "matches no file"),
         (_args(policy, rm, prompts, "--input-format", "parquet"), "is not a Parquet file"),
@@ -103,6 +106,25 @@ def test_inputs_and_models_that_cannot_run_are_refused_at_start(tmp_path, dirs):
         with pytest.raises(ConfigError) as err:
             GenerateConfig.parse_args(argv)
         assert message in str(err.value), argv
+
+
+def test_a_reward_model_is_not_loaded_as_a_policy_anywhere(tmp_path, dirs):
+    """transformers builds a causal LM around a tied-embedding classifier's weights without a
+    word; every policy loader (trainer, HF engine, fp32 re-score) goes through
+    rso.hf.load_causal_lm, which refuses it, and the trainer says so in one ConfigError."""
+    import torch
+
+    from rso import hf
+    from trainer.model import load_policy
+
+    policy, rm, _ = dirs
+    with pytest.raises(ValueError, match="is a reward model"):
+        hf.load_causal_lm(rm)
+    with pytest.raises(ConfigError, match=f"cannot load the policy {rm}: .* not a causal LM"):
+        load_policy(rm, torch.device("cpu"))
+    with pytest.raises(ValueError, match="is a causal LM"):
+        hf.load_classifier(policy)
+    assert hf.load_causal_lm(policy) is not None and hf.load_classifier(rm) is not None
 
 
 def test_unknown_yaml_key_and_yaml_syntax_error(tmp_path):

@@ -166,7 +166,14 @@ def test_bad_settings_are_one_line_errors_in_evaluate_terms(tiny_policy, tiny_re
             (["--baseline", nowhere, "--judge", tiny_reward_model],
              f"--baseline: model directory not found: {nowhere}"),
             (["--baseline", tiny_policy, "--judge", nowhere],
-             f"--judge: model directory not found: {nowhere}")):
+             f"--judge: model directory not found: {nowhere}"),
+            # the models swapped: found before the policy generates (once only after it)
+            (["--baseline", tiny_policy, "--judge", tiny_policy],
+             f"--judge: {tiny_policy} is a causal LM (LlamaForCausalLM), not a reward model (a "
+             f"sequence classifier with one output per response)"),
+            (["--baseline", tiny_reward_model, "--judge", tiny_reward_model],
+             f"--baseline: {tiny_reward_model} is a reward model (LlamaForSequenceClassification)"
+             f", not a causal LM")):
         assert rso(["evaluate", "--policy", tiny_policy, *argv, "--prompts", str(prompts),
                     "--output", out]) == 2
         assert capsys.readouterr().err == f"rso evaluate: error: {message}\n"
