@@ -43,6 +43,7 @@ from beam_pipelines.config import GenerateConfig
 from beam_pipelines.elements import PromptCandidates, RenderedPrompt
 from beam_pipelines.handlers import InferStage, RetryingHandler, run_with_retry
 from beam_pipelines.stage import StageOutput
+from rso.console import counted
 
 log = logging.getLogger(__name__)
 STAGE = "generate"
@@ -113,8 +114,9 @@ class GenerationHandler(RetryingHandler):
     def run_inference(self, batch: Sequence[RenderedPrompt], model: Any,
                       inference_args: dict | None = None) -> Iterable[PredictionResult]:
         if not self._progress["prompts"]:  # the first batch can take minutes on a CPU
-            log.info("decoding batches of %d prompts x %d candidates (up to %d new tokens "
-                     "each); one line per batch", len(batch), self._config.num_candidates,
+            log.info("decoding batches of %s x %s (up to %d new tokens each); one line per "
+                     "batch", counted(len(batch), "prompt"),
+                     counted(self._config.num_candidates, "candidate"),
                      self._config.max_new_tokens)
         start = time.perf_counter()
         fn = lambda ps: self.infer(ps, model)  # noqa: E731
@@ -131,10 +133,11 @@ class GenerationHandler(RetryingHandler):
         p["prompts"] += len(results)
         p["tokens"] += tokens
         p["seconds"] += seconds
-        log.info("generated %d prompts x %d candidates (%d tokens) in %.1f s, %.0f tok/s; "
-                 "this worker: %d prompts, %.0f tok/s", len(results),
-                 self._config.num_candidates, tokens, seconds, tokens / max(seconds, 1e-9),
-                 p["prompts"], p["tokens"] / max(p["seconds"], 1e-9))
+        log.info("generated %s x %s (%s) in %.1f s, %.0f tok/s; this worker: %s, %.0f tok/s",
+                 counted(len(results), "prompt"),
+                 counted(self._config.num_candidates, "candidate"), counted(tokens, "token"),
+                 seconds, tokens / max(seconds, 1e-9), counted(p["prompts"], "prompt"),
+                 p["tokens"] / max(p["seconds"], 1e-9))
 
 
 def make_generation_handler(config: GenerateConfig) -> ModelHandler:

@@ -360,7 +360,7 @@ def beam_option_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None, prog: str = "rso generate", wait: bool = True,
-         description: str | None = None) -> int:
+         description: str | None = None, hidden: Sequence[str] = ()) -> int:
     """``rso generate``: 0 when done (``wait=False``: submitted, see :func:`run`); 2 for a
     configuration that cannot run (one line on stderr, nothing written); 75 when another run
     owns --output. A run that fails or is refused after it ran (e.g. no prompt was read)
@@ -368,7 +368,7 @@ def main(argv: Sequence[str] | None = None, prog: str = "rso generate", wait: bo
     try:
         config, beam_args = GenerateConfig.parse_args(
             argv, prog=prog, description=description or GENERATE_HELP,
-            passthrough=beam_option_parser())
+            passthrough=beam_option_parser(), hidden=hidden)
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
         with cleaned_up_on_failure(config.output) if wait else contextlib.nullcontext():
             run(config, beam_args, wait=wait)
@@ -482,7 +482,9 @@ def select_main(argv: Sequence[str] | None = None) -> int:
 
 def _select_main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
-        return main(argv, prog="rso select", description=SELECT_HELP)
+        # the settings the store decides are not select's to give: not listed
+        return main(argv, prog="rso select", description=SELECT_HELP,
+                    hidden=(*GENERATION_KEYS, "input", "input_format"))
     try:
         full = select_argv(argv, warn=True)
     except ConfigError as e:

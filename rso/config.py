@@ -262,8 +262,10 @@ class Config:
 
     # ---------------------------------------------------------------- command line
     @classmethod
-    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
-        """One flag per field (``--num-candidates`` for ``num_candidates``), default unset."""
+    def add_arguments(cls, parser: argparse.ArgumentParser, hidden: Sequence[str] = ()
+                      ) -> None:
+        """One flag per field (``--num-candidates`` for ``num_candidates``), default unset;
+        the fields named in ``hidden`` are left out of ``--help`` (still parsed)."""
         for name, (f, tp) in cls._fields().items():
             flag = f.metadata.get("flag") or "--" + name.replace("_", "-")
             names = [flag] + ([f.metadata["short"]] if f.metadata.get("short") else [])
@@ -278,24 +280,28 @@ class Config:
                 kw["help"] += f" (default: {f.default})"
             # argparse %-formats help texts ("%(default)s"); a literal "%" must be doubled.
             kw["help"] = kw["help"].replace("%", "%%")
+            if name in hidden:
+                kw["help"] = argparse.SUPPRESS
             parser.add_argument(*names, **kw)
 
     @classmethod
     def parse_args(cls: type[C], argv: Sequence[str] | None = None, *, prog: str | None = None,
                    description: str | None = None, allow_unknown: bool = False,
                    passthrough: argparse.ArgumentParser | None = None,
-                   exit_on_error: bool = False) -> tuple[C, list[str]]:
+                   exit_on_error: bool = False, hidden: Sequence[str] = ()
+                   ) -> tuple[C, list[str]]:
         """``--config FILE.yaml`` then flags. Returns the validated config and the leftover
         flags, which must all be known to ``passthrough`` (a parser of the flags the caller
         passes on, e.g. Beam's pipeline options), or, with ``allow_unknown``, may be anything.
         Any other flag is an error naming it (never its value) with a "did you mean".
 
         Raises ConfigError, or with ``exit_on_error`` prints it as one line
-        ``PROG: error: ...`` and exits 2 (argparse's own errors always do that).
+        ``PROG: error: ...`` and exits 2 (argparse's own errors always do that). ``hidden``:
+        fields ``--help`` leaves out.
         """
         parser = ArgumentParser(prog=prog, description=description, allow_abbrev=False)
         parser.add_argument("--config", default=None, help="YAML file; flags override it")
-        cls.add_arguments(parser)
+        cls.add_arguments(parser, hidden)
         try:
             ns, rest = parser.parse_known_args(argv)
             if not allow_unknown:

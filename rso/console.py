@@ -147,3 +147,9 @@ def help_text(doc: str | None) -> str:
     text = re.sub(r":[a-z]+:`(~?)([^`]+)`",
                   lambda m: f"`{m[2].rsplit('.', 1)[-1] if m[1] else m[2]}`", doc or "")
     return re.sub(r"::$", ":", text.replace("``", "`"), flags=re.M)  # "::" opens an RST block
+
+
+def counted(n: int, noun: str, plural: str | None = None) -> str:
+    """``"1 candidate"``, ``"16 candidates"``: ``n`` and the noun in its number (``plural``
+    when adding ``s`` is wrong)."""
+    return f"{n} {noun if n == 1 else plural or noun + 's'}"

@@ -71,8 +71,10 @@ def main(argv: list[str] | None = None) -> int:
             raise
         # Ctrl-C: one line, not a traceback (or two: `rso demo`'s training child gets the
         # signal too). Outputs are staged and published only when complete, so an interrupted
-        # run leaves the previous one in place.
-        print(f"\n{name}: interrupted", file=sys.stderr)
+        # run leaves the previous one in place. On a terminal the line starts below the "^C"
+        # the terminal echoed where the cursor was (a progress bar's line); in a log it does
+        # not start with a blank line.
+        print(f"{chr(10) if sys.stderr.isatty() else ''}{name}: interrupted", file=sys.stderr)
         return 130
 
 

@@ -281,12 +281,13 @@ def train_in_child(argv: list[str], verbose: bool = False) -> int:
 def run_counts(output: str) -> str:
     """``12 prompts, 192 candidates, 24 pairs, 0 dead letters`` from a pipeline output's
     manifest counters (``n/a`` where the manifest lacks them)."""
+    from rso.console import counted
     from rso_cli.inspect_output import read_manifest
 
     counters = read_manifest(output).get("counters") or {}
-    return ", ".join(f"{counters.get(key, 'n/a')} {what}" for key, what in (
-        ("prompts", "prompts"), ("candidates", "candidates"), ("pairs", "pairs"),
-        ("dead_letters", "dead letters")))
+    return ", ".join(counted(counters[key], what) if key in counters else f"n/a {what}s"
+                     for key, what in (("prompts", "prompt"), ("candidates", "candidate"),
+                                       ("pairs", "pair"), ("dead_letters", "dead letter")))
 
 
 class OtherSettings(Exception):

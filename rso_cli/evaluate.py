@@ -65,6 +65,7 @@ import numpy as np
 from rso import console, layout, stats
 from rso import storage as rso_io
 from rso.config import ArgumentParser, ConfigError, unknown_flags
+from rso.console import counted
 from rso.model_id import model_id
 from rso.plotting import density, no_data, png, pyplot
 from rso_cli.inspect_output import check_complete, read_manifest, read_records, verify_records
@@ -447,8 +448,9 @@ def evaluate(args: argparse.Namespace, beam_args: Sequence[str] = ()) -> dict[st
                     source = publish.enter_context(staged_run(configs[side], beam_args)).path
                 manifest = read_manifest(source)
             rows[side] = read_records(source, layout.SFT_PREFIX, SFT_COLUMNS)
-            log.info(f"[{side}] {len(rows[side])} responses, "
-                f"{(manifest.get('counters') or {}).get('dead_letters', 0)} dead letters")
+            dead = (manifest.get("counters") or {}).get("dead_letters", 0)
+            log.info(f"[{side}] {counted(len(rows[side]), 'response')}, "
+                     f"{counted(dead, 'dead letter')}")
         pairs, unpaired = pair_by_prompt(rows["policy"], rows["baseline"])
         if args.judge_kind == "pointwise":
             margins = [p["reward"] - b["reward"] for p, b in pairs]
@@ -495,14 +497,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"rso evaluate: error: {e}", file=sys.stderr)
         return 2
     if ev["num_prompts"]:
-        log.info("[result] win rate %.3f, 95%% CI [%.3f, %.3f], over %d prompts: %d wins, %d "
-                 "ties (half a win), %d losses", ev["win_rate"], *ev["win_rate_ci95"],
-                 ev["num_prompts"], ev["wins"], ev["ties"], ev["losses"])
+        log.info("[result] win rate %.3f, 95%% CI [%.3f, %.3f], over %s: %s, %s (half a win "
+                 "each), %s", ev["win_rate"], *ev["win_rate_ci95"],
+                 counted(ev["num_prompts"], "prompt"), counted(ev["wins"], "win"),
+                 counted(ev["ties"], "tie"), counted(ev["losses"], "loss", "losses"))
     else:
         log.warning("[result] no prompt has a response from both models: no win rate")
     unpaired = sum(len(v) for v in ev["unpaired"].values())
     if unpaired:
-        log.warning("[result] %d prompts answered by one model only (see unpaired)", unpaired)
+        log.warning("[result] %s answered by one model only (see unpaired)",
+                    counted(unpaired, "prompt"))
     log.info("wrote %s", rso_io.join(args.output, EVALUATION))
     return 0
 

@@ -28,6 +28,10 @@ def test_help_of_every_command(command):
         assert leak not in proc.stdout, proc.stdout
     if command == ["train"]:
         assert "~15% speed" in proc.stdout
+    if command == ["select"]:  # the store decides these: giving one is an error
+        for flag in ("--num-candidates", "--temperature", "--max-new-tokens", "--input "):
+            assert flag not in proc.stdout, proc.stdout
+        assert "--beta" in proc.stdout and "--selection" in proc.stdout
 
 
 def test_percent_in_any_help_text_is_printed_as_written():

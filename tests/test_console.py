@@ -101,6 +101,7 @@ def test_ctrl_c_inside_a_beam_stage_is_one_line():
     assert proc.returncode == 130, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     assert proc.stderr.strip().splitlines()[-1] == "rso generate: interrupted"
+    assert "\n\nrso generate: interrupted" not in proc.stderr  # no blank line in a log
 
 
 def test_other_errors_are_not_taken_for_ctrl_c():
@@ -115,3 +116,11 @@ def test_other_errors_are_not_taken_for_ctrl_c():
         assert interrupted(e)
     assert interrupted(RuntimeError("KeyboardInterrupt [while running 'Write']"))
     assert not interrupted(RuntimeError("CUDA out of memory")) and not interrupted(None)
+
+
+def test_counts_are_written_in_their_number():
+    from rso.console import counted
+
+    assert [counted(n, "candidate") for n in (0, 1, 16)] == [
+        "0 candidates", "1 candidate", "16 candidates"]
+    assert counted(1, "loss", "losses") == "1 loss" and counted(2, "loss", "losses") == "2 losses"
