@@ -102,7 +102,9 @@ def get_vllm_engine(config: GenerateConfig):
     configure_vllm_env(config)
     kwargs = vllm_engine_kwargs(config)
     env = tuple(os.environ.get(k) for k in ("VLLM_CPU_KVCACHE_SPACE", "VLLM_CPU_OMP_THREADS_BIND"))
-    key = (tuple(sorted(kwargs.items())), env)
+    # what the engine is, not how its start is shown: the logging level of the moment (it
+    # decides use_tqdm_on_load) must not start a second engine for the same model
+    key = (tuple(sorted((k, v) for k, v in kwargs.items() if k != "use_tqdm_on_load")), env)
     with _ENGINE_LOCK:
         if key not in _ENGINES:
             import vllm

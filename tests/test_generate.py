@@ -197,6 +197,15 @@ def test_vllm_logps_stay_raw_at_other_temperatures(vllm_config, vllm_model, prom
     config = vllm_config.replace(temperature=0.6, top_k=40)
     handler = VLLMGenerationHandler(config)
     assert get_vllm_engine(config) is vllm_model.llm  # sampling knobs do not start an engine
+    # nor does the logging level of the moment (it only decides whether loading shows a bar)
+    vllm_log = logging.getLogger("vllm")
+    level = vllm_log.level
+    try:
+        for other in (logging.INFO, logging.WARNING):
+            vllm_log.setLevel(other)
+            assert get_vllm_engine(config) is vllm_model.llm
+    finally:
+        vllm_log.setLevel(level)
     results = run(handler, prompts[:2], vllm_model)
     assert_raw_logps(results, fp32_model, tok.pad_token_id)
 
