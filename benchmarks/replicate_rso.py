@@ -1,6 +1,7 @@
 """Replication of RSO's claim on this machine (not run in CI): at equal N, rso (beta 0.5),
 random (sft-sample-rank) and top-k (beta 0) from the same stored candidates; mean proxy reward
-of the chosen responses; each trained policy's win rate against SFT under the judge.
+of the chosen and of the rejected responses (their difference is the pairs' mean margin); each
+trained policy's win rate against SFT under the judge.
 
     .venv/bin/python benchmarks/replicate_rso.py --seeds 0,1,2 [--full] [--methods rso,random]
         [--output out/replicate]
@@ -47,10 +48,14 @@ def read_seed(out: str, methods: list[str] | None = None) -> dict[str, Any]:
     """A finished demo's summary (its ``methods``, or those of them named) with each method's
     per-prompt comparisons (``{method: {prompt_id: row}}`` under ``"comparisons"``) and tie
     margin."""
+    from rso_cli.demo import mean_pair_reward
+
     with open(os.path.join(out, "demo.json")) as f:
         summary = json.load(f)
     if methods is not None:
         summary["methods"] = {m: summary["methods"][m] for m in methods}
+    for m in summary["methods"].values():  # the pairs' other side (demo.json has the chosen)
+        m["mean_rejected_proxy_reward"] = mean_pair_reward(m["pairs"], "rejected")
     summary["comparisons"] = {}
     for method, m in summary["methods"].items():
         with open(os.path.join(m["evaluation"], "comparisons.jsonl")) as f:
@@ -65,12 +70,14 @@ def aggregate(seeds: dict[int, dict[str, Any]]) -> dict[str, Any]:
     each other method, from :func:`read_seed` summaries keyed by seed."""
     from rso import stats
 
-    rows, pooled, head = [], {}, {}
+    rows: list[dict[str, Any]] = []
+    pooled: dict[str, list[float]] = {}
+    head: dict[str, list[float]] = {}
     for seed, summary in sorted(seeds.items()):
         for method, m in summary["methods"].items():
             rows.append({"seed": seed, "method": method, **{k: m[k] for k in (
-                "mean_chosen_proxy_reward", "win_rate", "win_rate_ci95", "wins", "ties",
-                "losses")}})
+                "mean_chosen_proxy_reward", "mean_rejected_proxy_reward", "win_rate",
+                "win_rate_ci95", "wins", "ties", "losses")}})
             pooled.setdefault(method, []).extend(
                 r["score"] for r in summary["comparisons"][method].values())
         rso = summary["comparisons"]["rso"]
@@ -83,11 +90,13 @@ def aggregate(seeds: dict[int, dict[str, Any]]) -> dict[str, Any]:
             head.setdefault(method, []).extend(stats.match_scores(
                 [rso[p]["policy_reward"] for p in both],
                 [theirs[p]["policy_reward"] for p in both], summary["tie_margin"]).tolist())
-    chosen = {method: [r["mean_chosen_proxy_reward"] for r in rows if r["method"] == method]
-              for method in pooled}
+    def mean_over_seeds(method: str, key: str) -> float:
+        values = [r[key] for r in rows if r["method"] == method]
+        return sum(values) / len(values)
+
     return {"rows": rows,
-            "pooled_vs_sft": {m: {**stats.win_rate(s),
-                                  "mean_chosen_proxy_reward": sum(chosen[m]) / len(chosen[m])}
+            "pooled_vs_sft": {m: {**stats.win_rate(s), **{k: mean_over_seeds(m, k) for k in (
+                "mean_chosen_proxy_reward", "mean_rejected_proxy_reward")}}
                               for m, s in pooled.items()},
             "rso_head_to_head": {m: stats.win_rate(s) for m, s in head.items()},
             "seeds": sorted(seeds)}
@@ -98,11 +107,14 @@ def format_table(result: dict[str, Any]) -> str:
         lo, hi = r["win_rate_ci95"]
         return f"{r['win_rate']:>9.3f}  [{lo:.3f}, {hi:.3f}]  {r['wins']}/{r['ties']}/{r['losses']}"
 
-    lines = [f"{'seed':>6} {'method':<8} {'chosen proxy r':>14} {'win rate':>9}  95% CI"
+    def proxy(r: dict[str, Any]) -> str:
+        return f"{r['mean_chosen_proxy_reward']:>8.3f} {r['mean_rejected_proxy_reward']:>8.3f}"
+
+    lines = [f"{'':>15} {'mean proxy reward':>17}",
+             f"{'seed':>6} {'method':<8} {'chosen':>8} {'rejected':>8} {'win rate':>9}  95% CI"
              f"            wins/ties/losses vs SFT"]
-    lines += [f"{r['seed']:>6} {r['method']:<8} {r['mean_chosen_proxy_reward']:>14.3f} {ci(r)}"
-              for r in result["rows"]]
-    lines += [f"{'pooled':>6} {m:<8} {r['mean_chosen_proxy_reward']:>14.3f} {ci(r)}"
+    lines += [f"{r['seed']:>6} {r['method']:<8} {proxy(r)} {ci(r)}" for r in result["rows"]]
+    lines += [f"{'pooled':>6} {m:<8} {proxy(r)} {ci(r)}"
               for m, r in result["pooled_vs_sft"].items()]
     lines += [f"rso vs {m:<8} (head to head, judge) {ci(r)}"
               for m, r in result["rso_head_to_head"].items()]

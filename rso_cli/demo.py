@@ -255,14 +255,15 @@ def fit_accuracy(model_dir: str) -> str:
         return "n/a"
 
 
-def mean_chosen_reward(output: str) -> float:
-    """Mean proxy reward of the chosen responses of a pipeline output."""
+def mean_pair_reward(output: str, side: str = "chosen") -> float:
+    """Mean proxy reward of the chosen (or, ``side="rejected"``, the rejected) responses of a
+    pipeline output."""
     import pyarrow.parquet as pq
 
     from rso import layout
 
     values = [r for path in layout.pair_files(output, "parquet")
-              for r in pq.read_table(path, columns=["chosen_reward"]).column(0).to_pylist()]
+              for r in pq.read_table(path, columns=[f"{side}_reward"]).column(0).to_pylist()]
     return sum(values) / len(values) if values else float("nan")
 
 
@@ -388,7 +389,7 @@ def run_loop(args: argparse.Namespace, sizes: Sizes, policy: str, proxy: str, ju
             baseline = ["--baseline-generations",
                         os.path.join(evaluation, "generations", "baseline")]
         summary["methods"][method] = {
-            "pairs": pairs, "mean_chosen_proxy_reward": mean_chosen_reward(pairs),
+            "pairs": pairs, "mean_chosen_proxy_reward": mean_pair_reward(pairs),
             "win_rate": ev["win_rate"], "win_rate_ci95": ev["win_rate_ci95"],
             "wins": ev["wins"], "ties": ev["ties"], "losses": ev["losses"],
             "evaluation": evaluation}
