@@ -44,18 +44,55 @@ FORMAT = "%(asctime)s %(name)s: %(message)s"
 DATE_FORMAT = "%H:%M:%S"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (a scheduler's stop, ``timeout``, ``kill``), raised in the main thread by
+    :func:`raise_on_sigterm`'s handler so that it unwinds like Ctrl-C: every ``finally`` runs
+    (a staged output discarded, the output's lock released). Its text starts with
+    ``KeyboardInterrupt`` so that Beam's re-raise of it reads as an interruption too."""
+
+    def __init__(self) -> None:
+        super().__init__("KeyboardInterrupt (SIGTERM)")
+
+
+def raise_on_sigterm() -> None:
+    """From now on SIGTERM raises :class:`Terminated` in the main thread, unless the process
+    already handles SIGTERM (an embedding program's handler is kept) or this is not the main
+    thread. The trainers replace it with their own while they train (save a checkpoint and
+    stop: :func:`trainer.checkpoint.run_preemptible`)."""
+    import signal
+    import threading
+
+    def handler(signum: int, frame: object) -> None:
+        raise Terminated()
+
+    if (threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL):
+        signal.signal(signal.SIGTERM, handler)
+
+
 def interrupted(error: BaseException | None) -> bool:
-    """Whether ``error`` is Ctrl-C: a KeyboardInterrupt, or an error raised because of one (Beam's
-    runner re-raises it as ``RuntimeError: KeyboardInterrupt [while running 'Stage']`` while
-    handling it, and logs that at ERROR with its traceback)."""
+    """Whether ``error`` is Ctrl-C or SIGTERM: a KeyboardInterrupt (:class:`Terminated`
+    included), or an error raised because of one (Beam's runner re-raises it as
+    ``RuntimeError: KeyboardInterrupt [while running 'Stage']`` while handling it, and logs
+    that at ERROR with its traceback)."""
+    return _interruption(error) is not None
+
+
+def terminated(error: BaseException | None) -> bool:
+    """Whether the interruption ``error`` (:func:`interrupted`) was SIGTERM."""
+    found = _interruption(error)
+    return found is not None and "SIGTERM" in str(found)
+
+
+def _interruption(error: BaseException | None) -> BaseException | None:
     seen: set[int] = set()
     e = error
     while e is not None and id(e) not in seen:
         if isinstance(e, KeyboardInterrupt) or str(e).startswith("KeyboardInterrupt"):
-            return True
+            return e
         seen.add(id(e))
         e = e.__cause__ or e.__context__
-    return False
+    return None
 
 
 def _not_an_interruption(record: logging.LogRecord) -> bool:

@@ -55,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         from rso import console
 
         console.configure("--verbose" in argv)
+        console.raise_on_sigterm()
         # a command with its own --verbose (what it shows more: nested runs' details) gets the
         # flag; the others would refuse it as unknown
         rest = argv[1:] if command in OWN_VERBOSE else [a for a in argv[1:] if a != "--verbose"]
@@ -65,10 +66,13 @@ def main(argv: list[str] | None = None) -> int:
         run = getattr(importlib.import_module(module), function or "main")
         return int(run(rest) or 0)
     except BaseException as e:
-        from rso.console import interrupted
+        from rso.console import interrupted, terminated
 
         if not interrupted(e):
             raise
+        if terminated(e):  # 143 = 128 + SIGTERM, as the trainers exit when stopped by it
+            print(f"{name}: terminated (SIGTERM)", file=sys.stderr)
+            return 143
         # Ctrl-C: one line, not a traceback (or two: `rso demo`'s training child gets the
         # signal too). Outputs are staged and published only when complete, so an interrupted
         # run leaves the previous one in place. On a terminal the line starts below the "^C"
