@@ -324,10 +324,10 @@ def run_loop(args: argparse.Namespace, sizes: Sizes, policy: str, proxy: str, ju
               str(args.seed), "--beta", "0.5", "--beta-scale", "std"]
     data = {m: os.path.join(out, f"pairs-{m}") for m in args.methods}
 
-    def step(name: str, rc: int, output: str | None = None, detail: str = "") -> None:
+    def step(name: str, rc: int, output: str | None = None) -> None:
         if rc:
             raise SystemExit(f"rso demo: {name} failed (exit {rc})")
-        log.info("%s: done%s", name, detail or (f" ({run_counts(output)})" if output else ""))
+        log.info("%s: done%s", name, f" ({run_counts(output)})" if output else "")
 
     def kept(name: str, output: str, complete: bool, same: bool) -> bool:
         """Whether ``output`` is complete and this step's own (``same``), so it stays;
@@ -365,11 +365,15 @@ def run_loop(args: argparse.Namespace, sizes: Sizes, policy: str, proxy: str, ju
         # on kept pairs an earlier run's training resumes (`rso train --resume` refuses other
         # settings, and a finished one takes no step); on new pairs it starts over
         again = ["--overwrite"] if args.overwrite or method in fresh else ["--resume"]
-        step(f"train on {method} pairs", train_in_child([
+        rc = train_in_child([
             "--data", pairs, "--policy", policy, "--output", trained, *again,
             "--loss", "sigmoid-norm", "--gamma", "0.1", "--lr", str(args.lr),
             "--batch-size", str(sizes.batch_size), "--max-steps", str(sizes.train_steps),
-            "--warmup-steps", "0", "--seed", str(args.seed)], args.verbose))
+            "--warmup-steps", "0", "--seed", str(args.seed)], args.verbose)
+        if rc == 2 and again == ["--resume"]:  # the trainer refused (its line says why)
+            raise OtherSettings(f"{trained} holds a training run that cannot continue with "
+                                f"these settings (the line above says why)")
+        step(f"train on {method} pairs", rc)
         evaluation = os.path.join(out, f"eval-{method}")
         name = f"evaluate the {method} policy against SFT"
         argv = ["--policy", latest_checkpoint(trained), "--baseline", policy, "--judge", judge,

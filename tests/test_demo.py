@@ -13,18 +13,18 @@ TINY = {"train_prompts": 6, "eval_prompts": 4, "num_candidates": 4, "num_samples
         "max_new_tokens": 6, "train_steps": 2, "batch_size": 2}
 
 
-def test_whole_loop_on_tiny_models(tiny_policy, tiny_reward_model, tmp_path, capsys, caplog):
+def test_whole_loop_on_tiny_models(tiny_policy, tiny_reward_model, tmp_path, capfd, caplog):
     out = str(tmp_path / "demo")
     argv = ["--output", out, "--policy", tiny_policy, "--proxy", tiny_reward_model,
             "--judge", tiny_reward_model, "--engine", "transformers",
             "--eval-engine", "transformers", "--lr", "1e-3", "--sizes", json.dumps(TINY)]
     assert main(argv + ["--methods", "rso,random"]) == 0
     before = snapshot(out)
-    capsys.readouterr()
+    capfd.readouterr()
     # top-k added to the same command: it runs alone; rso's and random's steps are kept
     with caplog.at_level(logging.INFO):
         assert main(argv + ["--methods", "rso,random,top-k"]) == 0
-    printed = capsys.readouterr().out
+    printed = capfd.readouterr().out
     after = snapshot(out)
     assert {p: t for p, t in after.items() if p in before and p != "demo.json"} == {
         p: t for p, t in before.items() if p != "demo.json"}
@@ -84,7 +84,12 @@ def test_whole_loop_on_tiny_models(tiny_policy, tiny_reward_model, tmp_path, cap
     # another seed is another demo: refused, nothing touched
     done = snapshot(out)
     assert main(argv + ["--methods", "rso,random", "--seed", "1"]) == 2
-    assert "holds a finished `generate (rso" in capsys.readouterr().err
+    assert "holds a finished `generate (rso" in capfd.readouterr().err
+    assert snapshot(out) == done
+    # another learning rate: the pairs are this run's, the trained policies are not
+    assert main([a if a != "1e-3" else "2e-3" for a in argv] + ["--methods", "rso,random"]) == 2
+    err = capfd.readouterr().err
+    assert "setting(s) lr differ" in err and "cannot continue with these settings" in err, err
     assert snapshot(out) == done
 
 
