@@ -138,31 +138,19 @@ def test_sigterm_on_generate_leaves_nothing_and_is_one_line(tiny_policy, tiny_re
     output's _LOCK and staging directory stayed for the next run to clean up. It now unwinds
     like Ctrl-C: one line, exit 143, and the output it was creating is gone."""
     import signal
-    import time
+
+    from tests.processes import signalled
 
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("".join(json.dumps({"prompt_id": f"p{i}", "prompt": f"hello {i}"}) + "\n"
                                for i in range(400)))
     out = tmp_path / "nested" / "run"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "rso_cli.cli", "generate", "--input", str(prompts),
-         "--output", str(out), "--policy", tiny_policy, "--reward-model", tiny_reward_model,
-         "--engine", "transformers", "--num-candidates", "4", "--num-samples", "2",
-         "--max-new-tokens", "48"], cwd=ROOT, stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.monotonic() + 600  # a bound on a hang, not a timing
-        while proc.poll() is None and not (out / "_LOCK").exists():
-            assert time.monotonic() < deadline, "the run never took its output's lock"
-            time.sleep(0.05)
-        time.sleep(2)  # into the pipeline
-        proc.send_signal(signal.SIGTERM)
-        _, stderr = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 143, stderr[-3000:]
+    returncode, stderr = signalled(
+        ["generate", "--input", str(prompts), "--output", str(out), "--policy", tiny_policy,
+         "--reward-model", tiny_reward_model, "--engine", "transformers", "--num-candidates", "4",
+         "--num-samples", "2", "--max-new-tokens", "48"],
+        (out / "_LOCK").exists, signal.SIGTERM, "took its output's lock", settle=2)
+    assert returncode == 143, stderr[-3000:]
     assert "Traceback" not in stderr, stderr[-3000:]
     assert stderr.rstrip().splitlines()[-1] == "rso generate: terminated (SIGTERM)"
     assert not (tmp_path / "nested").exists()  # lock, staging and the new directories

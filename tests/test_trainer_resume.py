@@ -6,9 +6,6 @@ import itertools
 import json
 import os
 import signal
-import subprocess
-import sys
-import time
 
 import pytest
 import torch
@@ -16,6 +13,7 @@ from safetensors.torch import load_file
 
 from rso.config import ConfigError
 from tests.pair_data import build_pairs, write_output_dir
+from tests.processes import signalled
 from trainer.checkpoint import list_checkpoints, load_trainer_state
 from trainer.config import TrainConfig
 from trainer.metrics import read_metrics
@@ -155,24 +153,15 @@ def test_killed_process_resumes_to_the_same_parameters(dropout_policy, data_dir,
              str(steps), "--save-every", str(settings["save_every"]), "--keep-checkpoints", "2",
              "--shuffle-buffer", "4", "--bucket-batches", "2", "--no-progress",
              "--no-tensorboard", "--no-plots", "--num-threads", "1"]
-    proc = subprocess.Popen([sys.executable, "-m", "trainer.train", *flags], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     metrics = os.path.join(out, "metrics.jsonl")
-    try:
-        deadline = time.monotonic() + 120
-        while proc.poll() is None:  # wait until step 2 is done (and, for SIGKILL, saved)
-            assert time.monotonic() < deadline, "the trainer made no progress in 120 s"
-            if (len(list_checkpoints(out)) >= 2 if sig == signal.SIGKILL else
-                    _lines(metrics) >= 3):
-                break
-            time.sleep(0.02)
-        proc.send_signal(sig)
-    finally:
-        _, stderr = proc.communicate()
+    # once step 2 is done (and, for SIGKILL, saved)
+    returncode, stderr = signalled(
+        ["train", *flags], lambda: (len(list_checkpoints(out)) >= 2 if sig == signal.SIGKILL
+                                    else _lines(metrics) >= 3), sig, "finished step 2")
     stopped_at = load_trainer_state(list_checkpoints(out)[-1])["state"]["step"]
     assert stopped_at < steps, "the process finished before it could be stopped"
     if sig == signal.SIGTERM:
-        assert proc.returncode == 143, stderr
+        assert returncode == 143, stderr
         assert f"stopped at step {stopped_at}" in stderr
     resumed = train(config(dropout_policy, data_dir, out, resume=True, **settings))
     full = train(config(dropout_policy, data_dir, str(tmp_path / "full"), **settings))
@@ -313,25 +302,9 @@ def test_ctrl_c_is_one_line_and_leaves_a_resumable_run(dropout_policy, data_dir,
              "--batch-size", "2", "--max-steps", "1000000", "--save-every", "1",
              "--keep-checkpoints", "2", "--no-progress", "--no-tensorboard", "--no-plots",
              "--num-threads", "1"]
-    # SIGINT's default action restored in the child: a shell's background job (e.g. the test
-    # suite started with `&`) passes SIGINT on as ignored, and Python then never raises
-    # KeyboardInterrupt
-    proc = subprocess.Popen([sys.executable, "-m", "rso_cli.cli", "train", *flags], cwd=ROOT,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    try:
-        # a bound on a hang, not a timing: the child starts slowly on a loaded machine
-        deadline = time.monotonic() + 600
-        while proc.poll() is None and len(list_checkpoints(out)) < 2:
-            assert time.monotonic() < deadline, "the trainer made no progress in 600 s"
-            time.sleep(0.02)
-        proc.send_signal(signal.SIGINT)
-        _, stderr = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
-    assert proc.returncode == 130, stderr
+    returncode, stderr = signalled(["train", *flags], lambda: len(list_checkpoints(out)) >= 2,
+                                   signal.SIGINT, "saved two checkpoints")
+    assert returncode == 130, stderr
     assert "Traceback" not in stderr and "KeyboardInterrupt" not in stderr, stderr
     assert stderr.rstrip().endswith("rso train: interrupted"), stderr
     assert load_trainer_state(list_checkpoints(out)[-1])["state"]["step"] >= 1
