@@ -386,6 +386,10 @@ def main(argv: Sequence[str] | None = None, prog: str = "rso generate", wait: bo
 # Settings that shaped the stored candidates: `rso select` takes them from the store.
 GENERATION_KEYS = ("num_candidates", "max_new_tokens", "temperature", "top_p", "top_k",
                    "engine", "dtype", "max_model_len")
+# Settings of decoding or of choosing prompts, which `rso select` does not do: refused there (they
+# would be recorded in its manifest without effect).
+NOT_SELECT_KEYS = ("max_prompts", "enforce_eager", "vllm_gpu_memory_utilization",
+                   "vllm_cpu_kv_cache_gib", "reuse_candidates")
 # Selection settings: `rso select` defaults each one the user does not give (flag or --config)
 # to the store's run, so `--beta 1` changes only beta.
 SELECTION_KEYS = ("selection", "num_samples", "beta", "beta_scale", "rest_threshold", "dedup",
@@ -484,7 +488,7 @@ def _select_main(argv: list[str]) -> int:
     if any(a in ("-h", "--help") for a in argv):
         # the settings the store decides are not select's to give: not listed
         return main(argv, prog="rso select", description=SELECT_HELP,
-                    hidden=(*GENERATION_KEYS, "input", "input_format"))
+                    hidden=(*GENERATION_KEYS, *NOT_SELECT_KEYS, "input", "input_format"))
     try:
         full = select_argv(argv, warn=True)
     except ConfigError as e:
@@ -517,6 +521,11 @@ def select_argv(argv: Sequence[str], warn: bool = False) -> list[str]:
         if flag in given:
             raise ConfigError(f"{flag}: the prompts are the ones stored in {store} (leave it "
                               f"out)")
+    for key in NOT_SELECT_KEYS:
+        flag = "--" + key.replace("_", "-")
+        if flag in given or "--no-" + flag[2:] in given:
+            raise ConfigError(f"{flag} does not apply to rso select: it decodes nothing and "
+                              f"re-selects every prompt in {store} (leave it out)")
     named = {f[len("--no-"):] if f.startswith("--no-") else f[2:] for f in given}
     from_file = _config_file_keys(argv)
     defaults = [k for k in SELECTION_KEYS

@@ -101,7 +101,8 @@ def architectures(path: str) -> list[str]:
 def check_role(path: str, role: str) -> None:
     """ValueError when the model in ``path`` is plainly the other kind: a reward model
     (``*ForSequenceClassification``) where a causal LM is wanted (``role="causal-lm"``: a
-    policy), or a causal LM (``*ForCausalLM``) where a reward model is (``role="classifier"``).
+    policy), a causal LM (``*ForCausalLM``) where a reward model is (``role="classifier"``),
+    or, for either, a base model with no head at all (``BertModel``).
     Read from config.json before any weight is loaded: transformers would otherwise build
     the asked-for class around the weights it finds (a tied-embedding classifier loads as a
     causal LM without a warning) and initialise the rest at random. Silent when config.json
@@ -110,11 +111,19 @@ def check_role(path: str, role: str) -> None:
     classifier = [a for a in names if a.endswith("ForSequenceClassification")
                   or a == "MeanPooledClassifier"]
     causal = [a for a in names if a.endswith("ForCausalLM")]
+    # a backbone without any head (BertModel, LlamaModel): neither a policy nor a reward model
+    bare = names and all(a.endswith("Model") and not a.endswith("LMHeadModel") for a in names)
     if role == "causal-lm" and classifier and not causal:
         raise ValueError(f"{path} is a reward model ({classifier[0]}), not a causal LM")
+    if role == "causal-lm" and bare:
+        raise ValueError(f"{path} is a base model without a language-model head "
+                         f"({names[0]}), not a causal LM")
     if role == "classifier" and causal and not classifier:
         raise ValueError(f"{path} is a causal LM ({causal[0]}), not a reward model (a "
                          f"sequence classifier with one output per response)")
+    if role == "classifier" and bare:
+        raise ValueError(f"{path} is a base model without a reward head ({names[0]}); fit one "
+                         f"on it with `rso reward train --model {path}`")
 
 
 def load_causal_lm(path: str, dtype: str = "float32", device: str | None = None,

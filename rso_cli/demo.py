@@ -272,11 +272,25 @@ def train_in_child(argv: list[str], verbose: bool = False) -> int:
     exit code. Not in this process: vLLM's CPU
     worker runs in the process that started the engine, binds its OpenMP threads there and
     replaces ``torch.set_num_threads`` with a no-op, and training in that process ran at
-    0.13-0.15 pairs/s against 0.22 on its own (docs/RESULTS.md)."""
+    0.13-0.15 pairs/s against 0.22 on its own (docs/RESULTS.md). SIGTERM is passed on (the
+    trainer saves the step it is on, so the rerun resumes there)."""
+    import signal
     import subprocess
 
     command = [sys.executable, "-m", "rso_cli.cli", "train", *argv]
-    return subprocess.run(command + (["--verbose"] if verbose else [])).returncode
+    child = subprocess.Popen(command + (["--verbose"] if verbose else []))
+    try:
+        return child.wait()
+    except console.Terminated:  # SIGTERM reached this process only: the trainer saves its step
+        child.send_signal(signal.SIGTERM)
+        child.wait()
+        raise
+    finally:  # Ctrl-C reached the child too (one process group); it stops by itself
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=30)
+        if child.poll() is None:
+            child.kill()
+            child.wait()
 
 
 def run_counts(output: str) -> str:
@@ -307,7 +321,7 @@ def run_loop(args: argparse.Namespace, sizes: Sizes, policy: str, proxy: str, ju
     from beam_pipelines.generate_vllm import clear_vllm_engines
     from beam_pipelines.pipeline import main as generate
     from beam_pipelines.pipeline import select_main
-    from rso_cli.evaluate import finished_evaluation
+    from rso_cli.evaluate import complete_evaluation, finished_evaluation
     from rso_cli.evaluate import main as evaluate
     from rso_cli.reruns import data_run_id, wanted_run_id, wanted_select_run_id
     from trainer.checkpoint import latest_checkpoint
@@ -371,8 +385,8 @@ def run_loop(args: argparse.Namespace, sizes: Sizes, policy: str, proxy: str, ju
             "--batch-size", str(sizes.batch_size), "--max-steps", str(sizes.train_steps),
             "--warmup-steps", "0", "--seed", str(args.seed)], args.verbose)
         if rc == 2 and again == ["--resume"]:  # the trainer refused (its line says why)
-            raise OtherSettings(f"{trained} holds a training run that cannot continue with "
-                                f"these settings (the line above says why)")
+            raise OtherSettings(f"{trained} holds a training run that this demo cannot "
+                                f"continue (the line above says why)")
         step(f"train on {method} pairs", rc)
         evaluation = os.path.join(out, f"eval-{method}")
         name = f"evaluate the {method} policy against SFT"
@@ -382,7 +396,7 @@ def run_loop(args: argparse.Namespace, sizes: Sizes, policy: str, proxy: str, ju
                 "--output", evaluation, "--engine", args.eval_engine,
                 "--batch-size", str(sizes.eval_prompts), *baseline]
         ev = None if args.overwrite else finished_evaluation(argv)
-        if not kept(name, evaluation, os.path.exists(os.path.join(evaluation, "evaluation.json")),
+        if not kept(name, evaluation, complete_evaluation(evaluation) is not None,
                     ev is not None):
             step(name, evaluate(argv + ["--overwrite"]))
             clear_vllm_engines()  # this policy's engine (and SFT's) is not needed again
@@ -486,8 +500,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--judge", help=argparse.SUPPRESS)
     parser.add_argument("--sizes", help=argparse.SUPPRESS)  # JSON of Sizes fields
     args = parser.parse_args(argv)
-    if args.methods[0] != "rso" or not set(args.methods) <= {"rso", "random", "top-k"}:
-        parser.error("--methods: rso first, then any of random, top-k")
+    if (args.methods[0] != "rso" or not set(args.methods) <= {"rso", "random", "top-k"}
+            or len(set(args.methods)) < len(args.methods)):
+        parser.error("--methods: rso first, then any of random, top-k, each once")
     console.configure(args.verbose)
     sizes = FULL if args.full else Sizes(**json.loads(args.sizes or "{}"))
     start = time.time()

@@ -392,21 +392,34 @@ def settings(args: argparse.Namespace) -> dict[str, Any]:
         "baseline_generations": local_absolute(args.baseline_generations)}
 
 
-def finished_evaluation(argv: Sequence[str]) -> dict[str, Any] | None:
-    """The ``evaluation.json`` in the ``--output`` of `rso evaluate ARGV` when it is what that
-    command would write: the same :func:`settings` and the same content ids of the policy,
-    baseline and judge (:func:`rso.model_id.model_id`). None when there is none, it is
-    unreadable, or it differs (a rerun then replaces it, with ``--overwrite``)."""
-    args, _ = parse_args(argv)
+def complete_evaluation(output: str) -> dict[str, Any] | None:
+    """The ``evaluation.json`` in ``output`` when the evaluation is whole: readable, and both
+    generation runs it read complete where it records them (an evaluation whose responses were
+    removed since is not). None otherwise."""
     try:
-        with rso_io.open_file(rso_io.join(args.output, EVALUATION), "r") as f:
+        with rso_io.open_file(rso_io.join(output, EVALUATION), "r") as f:
             earlier = json.load(f)
-        wanted = {"policy": model_id(args.policy), "baseline": model_id(args.baseline),
-                  "judge": model_id(args.judge)}
     except (OSError, ValueError):
         return None
-    same = (isinstance(earlier, dict) and earlier.get("settings") == settings(args)
-            and earlier.get("models") == wanted)
+    sides = earlier.get("generations") if isinstance(earlier, dict) else None
+    if not isinstance(sides, dict) or not all(
+            isinstance(p, str) and layout.is_complete(p) for p in sides.values()):
+        return None
+    return earlier
+
+
+def finished_evaluation(argv: Sequence[str]) -> dict[str, Any] | None:
+    """The whole evaluation (:func:`complete_evaluation`) in the ``--output`` of `rso evaluate
+    ARGV` when it is what that command would write: the same :func:`settings` and the same
+    content ids of the policy, baseline and judge (:func:`rso.model_id.model_id`). None when
+    there is none or it differs (a rerun then replaces it, with ``--overwrite``)."""
+    args, _ = parse_args(argv)
+    earlier = complete_evaluation(args.output)
+    if earlier is None:
+        return None
+    wanted = {"policy": model_id(args.policy), "baseline": model_id(args.baseline),
+              "judge": model_id(args.judge)}
+    same = earlier.get("settings") == settings(args) and earlier.get("models") == wanted
     return earlier if same else None
 
 

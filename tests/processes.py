@@ -13,13 +13,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def signalled(argv: Sequence[str], ready: Callable[[], bool], sig: int, waiting_for: str,
-              settle: float = 0.0) -> tuple[int, str]:
-    """Runs ``python -m rso_cli.cli ARGV``, sends ``sig`` once ``ready()`` is true (and
+              settle: float = 0.0, python: Sequence[str] = ("-m", "rso_cli.cli")
+              ) -> tuple[int, str]:
+    """Runs ``python -m rso_cli.cli ARGV`` (``python``: other interpreter arguments before
+    ARGV, e.g. ``-c SCRIPT``), sends ``sig`` once ``ready()`` is true (and
     ``settle`` seconds more), and returns its exit code and stderr. SIGINT's default action is
     restored in the child: a shell's background job (the suite started with ``&``) passes SIGINT
     on as ignored, and Python then never raises KeyboardInterrupt. The 600 s bound is on a hang
     (failing with "never ``waiting_for``"), not a timing: a loaded machine starts slowly."""
-    proc = subprocess.Popen([sys.executable, "-m", "rso_cli.cli", *argv], cwd=ROOT,
+    proc = subprocess.Popen([sys.executable, *python, *argv], cwd=ROOT,
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:

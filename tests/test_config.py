@@ -25,6 +25,10 @@ def dirs(tmp_path, tiny_policy, tiny_reward_model):
     return tiny_policy, tiny_reward_model, str(prompts)
 
 
+def prompts_of(dirs):
+    return dirs[2]
+
+
 def _args(policy, rm, prompts, *extra):
     return ["--input", prompts, "--output", "out", "--policy", policy, "--reward-model", rm,
             *extra]
@@ -125,6 +129,14 @@ def test_a_reward_model_is_not_loaded_as_a_policy_anywhere(tmp_path, dirs):
     with pytest.raises(ValueError, match="is a causal LM"):
         hf.load_classifier(policy)
     assert hf.load_causal_lm(policy) is not None and hf.load_classifier(rm) is not None
+    # a bare encoder (BertModel, as sentence-transformers saves one) is neither
+    from tests import tiny_models
+
+    encoder = tiny_models.build_sentence_encoder(str(tmp_path / "encoder"))
+    for argv, message in ((_args(encoder, rm, prompts_of(dirs)), "without a language-model head"),
+                          (_args(policy, encoder, prompts_of(dirs)), "without a reward head")):
+        with pytest.raises(ConfigError, match=message):
+            GenerateConfig.parse_args(argv)
 
 
 def test_unknown_yaml_key_and_yaml_syntax_error(tmp_path):

@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import re
+import shutil
 
 from rso_cli.demo import main
 
@@ -81,6 +82,12 @@ def test_whole_loop_on_tiny_models(tiny_policy, tiny_reward_model, tmp_path, cap
     assert redone and {p.split(os.sep)[0] for p in redone} == {"eval-random"}, redone
     with open(os.path.join(out, "demo.json")) as f:
         assert json.load(f) == summary
+    # an evaluation whose responses are gone is no finished step: redone, not kept, not refused
+    # (the later evaluations read those SFT responses too)
+    shutil.rmtree(os.path.join(out, "eval-rso", "generations", "baseline"))
+    assert main(argv + ["--methods", "rso,random,top-k"]) == 0
+    with open(os.path.join(out, "demo.json")) as f:
+        assert json.load(f) == summary
     # another seed is another demo: refused, nothing touched
     done = snapshot(out)
     assert main(argv + ["--methods", "rso,random", "--seed", "1"]) == 2
@@ -89,7 +96,7 @@ def test_whole_loop_on_tiny_models(tiny_policy, tiny_reward_model, tmp_path, cap
     # another learning rate: the pairs are this run's, the trained policies are not
     assert main([a if a != "1e-3" else "2e-3" for a in argv] + ["--methods", "rso,random"]) == 2
     err = capfd.readouterr().err
-    assert "setting(s) lr differ" in err and "cannot continue with these settings" in err, err
+    assert "setting(s) lr differ" in err and "this demo cannot continue" in err, err
     assert snapshot(out) == done
 
 

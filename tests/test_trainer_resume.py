@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import re
 import signal
 
 import pytest
@@ -290,6 +291,37 @@ def test_resume_compares_the_data_by_content_not_path(dropout_policy, data_dir, 
                             resume=True, allow_change=["data"]))
     (change,) = _final_run_info(switched)["changes"]
     assert change["setting"] == "data" and change["step"] == 2 and other in change["to"]
+
+
+DEMO_TRAINING = """
+import sys
+from rso_cli import cli, demo
+
+def train(argv):
+    return demo.train_in_child(argv)
+
+cli.COMMANDS["demo"] = ("__main__:train", "")
+sys.exit(cli.main(["demo", *sys.argv[1:]]))
+"""
+
+
+@pytest.mark.slow
+def test_sigterm_to_the_demo_reaches_its_training_child(dropout_policy, data_dir, tmp_path):
+    """`rso demo` trains in a child process; SIGTERM to the demo killed that child where it
+    stood (no checkpoint, its _LOCK left). The demo now passes SIGTERM on: the trainer saves
+    the step it is on and stops, and the demo's rerun resumes there."""
+    out = str(tmp_path / "policy")
+    flags = ["--data", data_dir, "--policy", dropout_policy, "--output", out, "--lr", "1e-3",
+             "--batch-size", "2", "--max-steps", "1000000", "--no-progress",
+             "--no-tensorboard", "--no-plots", "--num-threads", "1"]
+    returncode, stderr = signalled(flags, lambda: _lines(os.path.join(out, "metrics.jsonl")) >= 3,
+                                   signal.SIGTERM, "finished two steps",
+                                   python=("-c", DEMO_TRAINING))
+    assert returncode == 143, stderr
+    assert re.search(r"stopped at step (\d+)", stderr), stderr  # the child saved its step
+    assert stderr.rstrip().endswith("rso demo: terminated (SIGTERM)"), stderr
+    assert load_trainer_state(list_checkpoints(out)[-1])["state"]["step"] >= 2
+    assert not os.path.exists(os.path.join(out, "_LOCK"))
 
 
 @pytest.mark.slow
