@@ -48,12 +48,12 @@ def summarise_round(r: int, policy: str, data: str, train_out: str) -> dict:
     from rso import layout
     from rso.model_id import model_id
     from trainer.checkpoint import latest_checkpoint
-    from trainer.metrics import read_metrics
+    from trainer.metrics import METRICS_FILE, read_metrics
 
     rows = [row for path in layout.pair_files(data, "parquet")
             for row in pq.read_table(path, columns=["chosen_reward", "rejected_reward"])
             .to_pylist()]
-    metrics = read_metrics(os.path.join(train_out, "metrics.jsonl"))
+    metrics = read_metrics(os.path.join(train_out, METRICS_FILE))
     train = [m for m in metrics if m.get("split") == "train"]
     mean = (lambda xs: sum(xs) / len(xs) if xs else float("nan"))  # noqa: E731
     return {

@@ -63,7 +63,7 @@ from trainer import checkpoint as ckpt
 from trainer.checkpoint import run_preemptible
 from trainer.data import DataError
 from trainer.losses import bradley_terry_loss
-from trainer.metrics import MetricsWriter, Progress, peak_memory
+from trainer.metrics import METRICS_FILE, MetricsWriter, Progress, peak_memory
 from trainer.reward_data import PreferenceData, PreferenceExample, read_preferences, split_by_prompt
 
 log = logging.getLogger("rso.reward")
@@ -502,7 +502,7 @@ def _clear_previous(cfg: RewardConfig) -> None:
     if not cfg.overwrite:
         return
     for path in ckpt.list_checkpoints(cfg.output) + [os.path.join(cfg.output, n) for n in (
-            "plots", "metrics.jsonl", FIT_FILE, FEATURES_FILE)]:
+            "plots", METRICS_FILE, FIT_FILE, FEATURES_FILE)]:
         if os.path.isdir(path):
             shutil.rmtree(path)
         elif os.path.exists(path):
