@@ -396,7 +396,8 @@ def run_loop(args: argparse.Namespace, sizes: Sizes, policy: str, proxy: str, ju
                 "--output", evaluation, "--engine", args.eval_engine,
                 "--batch-size", str(sizes.eval_prompts), *baseline]
         ev = None if args.overwrite else finished_evaluation(argv)
-        if not kept(name, evaluation, complete_evaluation(evaluation) is not None,
+        if not kept(name, evaluation,
+                    ev is not None or complete_evaluation(evaluation) is not None,
                     ev is not None):
             step(name, evaluate(argv + ["--overwrite"]))
             clear_vllm_engines()  # this policy's engine (and SFT's) is not needed again
