@@ -143,6 +143,18 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
+    def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
+                   namespace: argparse.Namespace | None = None) -> argparse.Namespace:
+        """argparse's, but an unknown flag is named with a "did you mean" (from this parser's
+        and its subcommands' flags) and its value is never echoed (:func:`unknown_flag_error`)."""
+        ns, rest = self.parse_known_args(args, namespace)
+        parsers = [self, *(p for a in self._actions if isinstance(a, argparse._SubParsersAction)
+                           for p in a.choices.values())]  # argparse has no public list
+        message = unknown_flag_error(rest, [o for p in parsers for o in p._option_string_actions])
+        if message:
+            self.error(message)
+        return ns
+
 
 def check_optimizer(*, lr: float, weight_decay: float, max_grad_norm: float, warmup_steps: int,
                     adam_beta1: float = 0.9, adam_beta2: float = 0.999,

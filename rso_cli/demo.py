@@ -41,6 +41,7 @@ import time
 from importlib import resources
 
 from rso import console
+from rso.config import ArgumentParser
 
 log = logging.getLogger("rso_cli.demo")
 
@@ -466,8 +467,9 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter,
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rso demo", description=console.help_text(__doc__),
-                                     formatter_class=_HelpFormatter)
+    parser = ArgumentParser(prog="rso demo", description=console.help_text(__doc__),
+                            formatter_class=_HelpFormatter,
+                            allow_abbrev=False)
     parser.add_argument("--output", default="out/demo", help="output directory")
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/rso-pipeline"),
                         help="where the SFT policy and the fitted reward models are kept "

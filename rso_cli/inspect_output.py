@@ -50,6 +50,7 @@ import numpy as np
 
 from rso import checksums, console, cost, layout, schema, stats
 from rso import storage as rso_io
+from rso.config import ArgumentParser
 from rso.plotting import NUM_BINS, density, no_data, png, pyplot
 
 SUMMARY_FILE = "inspect.json"
@@ -491,8 +492,9 @@ def inspect_output(output: str, plots_dir: str | None = None) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rso inspect", description=console.help_text(__doc__),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="rso inspect", description=console.help_text(__doc__),
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            allow_abbrev=False)
     parser.add_argument("output", help="a complete `rso generate` output directory")
     parser.add_argument("--plots", default=None,
                         help="write inspect.json and the PNGs here (default: OUTPUT)")

@@ -30,6 +30,7 @@ import sys
 from collections.abc import Sequence
 
 from rso import console
+from rso.config import ArgumentParser
 
 log = logging.getLogger("rso_cli.iterate")
 DONE = "round.json"  # ROOT/round-R/round.json: the round's summary, written when it is complete
@@ -67,6 +68,45 @@ def summarise_round(r: int, policy: str, data: str, train_out: str) -> dict:
     }
 
 
+def generate_argv(args: argparse.Namespace, r: int, policy: str) -> list[str]:
+    """The ``rso generate`` flags of round ``r`` (proposal ``policy``)."""
+    rewards = [a for rm in args.reward_model for a in ("--reward-model", rm)]
+    return ["--input", args.input, "--output", round_dirs(args.output, r)[0], "--policy", policy,
+            *rewards, "--seed", str(args.seed + r),
+            *(["--overwrite"] if args.overwrite else []), *shlex.split(args.generate_args)]
+
+
+def train_argv(args: argparse.Namespace, r: int, policy: str, resume: bool) -> list[str]:
+    """The ``rso train`` flags of round ``r`` (from ``policy``)."""
+    data, train_out = round_dirs(args.output, r)
+    return ["--data", data, "--policy", policy, "--output", train_out,
+            "--seed", str(args.seed + r), *(["--overwrite"] if args.overwrite else []),
+            *(["--resume"] if resume else []), *shlex.split(args.train_args)]
+
+
+def check_round_flags(args: argparse.Namespace) -> str | None:
+    """Why round 0's ``rso generate`` or ``rso train`` flags would be refused (an unknown or
+    malformed flag in ``--generate-args`` / ``--train-args``), or None: checked before any round
+    runs, not when round 0 reaches its training. argparse's own errors (a value that is not a
+    number) exit 2 here with the nested command's one line."""
+    from beam_pipelines.config import GenerateConfig
+    from beam_pipelines.pipeline import beam_option_parser
+    from rso.config import ConfigError
+    from trainer.config import TrainConfig
+
+    for command, parse in (
+            ("rso generate", lambda: GenerateConfig.parse_args(
+                generate_argv(args, 0, args.policy), prog="rso generate",
+                passthrough=beam_option_parser())),
+            ("rso train", lambda: TrainConfig.parse_args(
+                train_argv(args, 0, args.policy, False), prog="rso train"))):
+        try:
+            parse()
+        except (ConfigError, ValueError) as e:  # ValueError: shlex (an unclosed quote)
+            return f"round 1's {command} would refuse its flags: {e}"
+    return None
+
+
 def format_table(rows: list[dict]) -> str:
     lines = [f"{'round':>5} {'pairs':>6} {'chosen r':>9} {'rejected r':>11} {'loss':>7}  policy"]
     for row in rows:
@@ -79,8 +119,9 @@ def format_table(rows: list[dict]) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rso iterate", description=console.help_text(__doc__),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="rso iterate", description=console.help_text(__doc__),
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            allow_abbrev=False)
     parser.add_argument("--rounds", type=int, required=True,
                         help="R: rounds of generate + train (round r samples from round r-1's "
                              "policy)")
@@ -104,8 +145,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     from trainer.checkpoint import latest_checkpoint
     from trainer.train import main as train
 
+    problem = check_round_flags(args)
+    if problem:
+        parser.error(problem)
     policy, rows = args.policy, []
-    overwrite = ["--overwrite"] if args.overwrite else []
     for r in range(args.rounds):
         data, train_out = round_dirs(args.output, r)
         done = os.path.join(os.path.dirname(data), DONE)
@@ -115,27 +158,22 @@ def main(argv: Sequence[str] | None = None) -> int:
             policy = rows[-1]["trained_policy"]
             log.info("round %d/%d: finished earlier (%s), skipped", r + 1, args.rounds, done)
             continue
-        rewards = [a for rm in args.reward_model for a in ("--reward-model", rm)]
-        generate_argv = ["--input", args.input, "--output", data, "--policy", policy, *rewards,
-                         "--seed", str(args.seed + r), *overwrite,
-                         *shlex.split(args.generate_args)]
+        gen_argv = generate_argv(args, r, policy)
         # An unfinished round (interrupted): its data is kept when it is what this round would
         # generate (the same run id), replaced otherwise; its training resumes.
         earlier = None if args.overwrite else data_run_id(data)
-        if earlier is not None and earlier == wanted_run_id(generate_argv):
+        if earlier is not None and earlier == wanted_run_id(gen_argv):
             log.info("round %d/%d: data generated earlier (run %s), kept", r + 1, args.rounds,
                      earlier)
         else:
             log.info("round %d/%d: generate with %s", r + 1, args.rounds, policy)
-            rc = generate(generate_argv + (["--overwrite"] if earlier else []))  # other settings
+            rc = generate(gen_argv + (["--overwrite"] if earlier else []))  # other settings
             if rc:
                 return rc
-        resume = ["--resume"] if not args.overwrite and os.path.isdir(train_out) else []
+        resume = not args.overwrite and os.path.isdir(train_out)
         log.info("round %d/%d: train from %s%s", r + 1, args.rounds, policy,
                  " (resuming)" if resume else "")
-        rc = train(["--data", data, "--policy", policy, "--output", train_out,
-                    "--seed", str(args.seed + r), *overwrite, *resume,
-                    *shlex.split(args.train_args)])
+        rc = train(train_argv(args, r, policy, resume))
         if rc:
             return rc
         rows.append(summarise_round(r, policy, data, train_out))

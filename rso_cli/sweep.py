@@ -17,6 +17,7 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 from rso import console, layout
+from rso.config import ArgumentParser
 from rso.storage import join, makedirs, open_file
 
 DEFAULT_BETAS = "0,0.1,0.25,0.5,1,2,inf"
@@ -123,8 +124,9 @@ def _json_float(value):
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="rso sweep", description=console.help_text(__doc__),
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(prog="rso sweep", description=console.help_text(__doc__),
+                            formatter_class=argparse.RawDescriptionHelpFormatter,
+                            allow_abbrev=False)
     parser.add_argument("--candidates", required=True, help="a complete run with a candidate store")
     parser.add_argument("--beta", default=DEFAULT_BETAS, help="comma-separated betas (inf allowed)")
     parser.add_argument("--num-samples", type=int, default=None,

@@ -66,3 +66,52 @@ def test_verbose_reaches_the_commands_that_parse_it(command, module, monkeypatch
                         lambda argv: seen.append(list(argv)) or 0)
     assert cli.main([command, "x", "--verbose"]) == 0
     assert seen == [["x", "--verbose"] if command in cli.OWN_VERBOSE else ["x"]]
+
+
+# what each command requires, so that the misspelt flag is the only error
+REQUIRED = {"sweep": ["--candidates", "c"], "inspect": ["out"],
+            "evaluate": ["--policy", "p", "--baseline", "b", "--judge", "j", "--prompts", "x",
+                         "--output", "o"],
+            "iterate": ["--rounds", "1", "--policy", "p", "--input", "i", "--reward-model", "r",
+                        "--output", "o"],
+            "nightly-publish": ["publish", "root", "dt=2026-01-01"]}
+
+
+# (`rso select` reads its --candidates store first: test_select covers its flags)
+PARSED = [c for c in COMMANDS[1:] if c != ["select"]] + [["nightly-publish"]]
+
+
+@pytest.mark.parametrize("command", PARSED, ids=[" ".join(c) for c in PARSED])
+def test_a_misspelt_flag_is_one_line_naming_it_never_its_value(command, capsys):
+    """Every command's parser (`rso.config.ArgumentParser`): a misspelt flag is refused, exit 2,
+    in one line that names it with a "did you mean" and never echoes its value (a token given
+    by mistake stays out of logs); argparse's own usage block is not printed. `rso demo`,
+    `iterate`, `sweep`, `inspect` and the nightly publisher once printed argparse's usage and
+    "unrecognized arguments: --reward-model VALUE"; abbreviations were accepted."""
+    from deploy.nightly import publish
+    from rso_cli import cli
+
+    argv = [*REQUIRED.get(command[0], []), "--seeed", "s3cr3t-value"]
+    try:
+        rc = publish.main(argv) if command == ["nightly-publish"] else cli.main([*command, *argv])
+    except SystemExit as e:  # argparse's exit, or the command's own return code
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1, err
+    assert "usage:" not in err and "s3cr3t" not in err
+    assert "unknown flag(s): --seeed" in err
+
+
+@pytest.mark.parametrize("command,flag,meant", [("demo", "--overw", "--overwrite"),
+                                                ("iterate", "--overw", "--overwrite"),
+                                                ("sweep", "--replic", "--replicates"),
+                                                ("inspect", "--plot", "--plots")])
+def test_an_abbreviated_flag_is_refused(command, flag, meant, capsys):
+    """`--overw` for `--overwrite` (or `--out` for `--output`) is not taken as the flag it
+    abbreviates: a later flag of the same prefix would change its meaning."""
+    from rso_cli import cli
+
+    with pytest.raises(SystemExit, match="2"):
+        cli.main([command, *REQUIRED.get(command, []), flag, "1"])
+    assert f"unknown flag(s): {flag} (did you mean {meant}?)" in capsys.readouterr().err

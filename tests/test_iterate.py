@@ -5,6 +5,7 @@ import json
 import os
 
 import pyarrow.parquet as pq
+import pytest
 
 from rso import layout
 from rso.model_id import model_id
@@ -62,3 +63,23 @@ def test_two_rounds_on_tiny_models(tiny_policy, tiny_reward_model, tmp_path):
     assert {r["policy_model"] for r in records} == {model_id(round1_policy)}
     assert model_id(round1_policy) != model_id(tiny_policy)
     assert summary["final_policy"] == summary["rounds"][1]["trained_policy"]
+
+
+def test_a_bad_nested_flag_is_refused_before_round_one(tiny_policy, tiny_reward_model, tmp_path,
+                                                       capsys):
+    """A misspelt `--train-args` flag was found only when round 1 reached its training, after
+    its generation had run; both nested commands' flags are now checked first."""
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(json.dumps({"prompt_id": "p0", "prompt": "Hi"}) + "\n")
+    root = tmp_path / "iter"
+    base = ["--rounds", "2", "--policy", tiny_policy, "--input", str(prompts),
+            "--reward-model", tiny_reward_model, "--output", str(root)]
+    for extra, named in ((["--train-args", "--max-step 2"], "--max-step (did you mean "
+                                                              "--max-steps?)"),
+                         (["--generate-args", "--num-sample 2"], "--num-sample (did you mean "
+                                                                 "--num-samples?)")):
+        with pytest.raises(SystemExit, match="2"):
+            main(base + extra)
+        err = capsys.readouterr().err
+        assert err.startswith("rso iterate: error: round 1's rso ") and named in err, err
+        assert not root.exists()  # nothing ran

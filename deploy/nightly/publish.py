@@ -39,7 +39,6 @@ Beam-free (``rso.storage``, i.e. fsspec/gcsfs), so it runs on any host that can 
 """
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import os
@@ -49,6 +48,7 @@ import tempfile
 from collections.abc import Sequence
 
 from rso import storage as rso_io
+from rso.config import ArgumentParser
 from rso.layout import SUCCESS, candidate_files, is_complete
 
 LATEST = "LATEST"
@@ -266,8 +266,8 @@ def latest_complete(root: str) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m deploy.nightly.publish",
-                                     description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog="python -m deploy.nightly.publish",
+                            description=__doc__.split("\n\n")[0], allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("publish", help="point ROOT/LATEST at ROOT/RUN if RUN has _SUCCESS")
     p.add_argument("root")
