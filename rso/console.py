@@ -190,3 +190,51 @@ def counted(n: int, noun: str, plural: str | None = None) -> str:
     """``"1 candidate"``, ``"16 candidates"``: ``n`` and the noun in its number (``plural``
     when adding ``s`` is wrong)."""
     return f"{n} {noun if n == 1 else plural or noun + 's'}"
+
+
+class ProgressBar:
+    """A progress bar over ``total`` units (None: unknown) on a terminal, tqdm's; anywhere else
+    (stderr redirected to a file, CI, a parent process's pipe) the same text as a log line on
+    ``logger`` at most every ``every_s`` seconds and once at the end, e.g. ``train:  16% 5/32
+    [00:40<03:36, 0.12step/s, loss=0.6931]``. tqdm redraws its bar with ``\\r`` frames, which a
+    log file keeps as one long line with the log lines written meanwhile inside it; tqdm's own
+    ``disable=None`` (off when not a TTY) would leave a redirected run with no progress at all.
+    The text is tqdm's (its ``format_meter``, ``ncols=0``: no bar glyphs), so both show the
+    same rate and time left. ``enabled=False``: nothing at all (``--no-progress``)."""
+
+    def __init__(self, total: int | None, *, desc: str, unit: str, initial: int = 0,
+                 enabled: bool = True, every_s: float = 60.0,
+                 logger: logging.Logger | None = None):
+        import sys
+        import time
+
+        from tqdm.auto import tqdm
+
+        self._clock = time.monotonic
+        self._lines = enabled and not sys.stderr.isatty()
+        self._devnull = open(os.devnull, "w") if self._lines else None
+        self._bar = tqdm(total=total, initial=initial, desc=desc, unit=unit,
+                         disable=not enabled, dynamic_ncols=not self._lines,
+                         **({"file": self._devnull, "ncols": 0} if self._lines else {}))
+        self._every_s, self._log = every_s, logger or logging.getLogger("rso.progress")
+        self._logged_at, self._logged_n = self._clock(), initial
+
+    def set_postfix(self, **values: str) -> None:
+        """Values shown after the rate (e.g. ``loss="0.6931"``), from the next refresh."""
+        self._bar.set_postfix(refresh=False, **values)
+
+    def update(self, n: int = 1) -> None:
+        self._bar.update(n)
+        if self._lines and self._clock() - self._logged_at >= self._every_s:
+            self._write()
+
+    def _write(self) -> None:
+        self._log.info("%s", str(self._bar))  # now: a record is formatted when emitted
+        self._logged_at, self._logged_n = self._clock(), self._bar.n
+
+    def close(self) -> None:
+        if self._lines and self._bar.n != self._logged_n:
+            self._write()  # where it ended
+        self._bar.close()
+        if self._devnull is not None:
+            self._devnull.close()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -154,3 +155,28 @@ def test_sigterm_on_generate_leaves_nothing_and_is_one_line(tiny_policy, tiny_re
     assert "Traceback" not in stderr, stderr[-3000:]
     assert stderr.rstrip().splitlines()[-1] == "rso generate: terminated (SIGTERM)"
     assert not (tmp_path / "nested").exists()  # lock, staging and the new directories
+
+
+def test_progress_off_a_terminal_is_log_lines(caplog, capsys):
+    """stderr here is pytest's capture, not a terminal: tqdm's text as log lines, at most one
+    per ``every_s`` (0: every update) and one at the end, and no `\\r` frame; nothing at all
+    when disabled."""
+    from rso.console import ProgressBar
+
+    with caplog.at_level(logging.INFO, logger="rso.progress"):
+        bar = ProgressBar(4, desc="features", unit="batch", every_s=0)
+        bar.update()
+        bar.set_postfix(loss="0.5")
+        bar.update(3)
+        bar.close()
+        quiet = ProgressBar(4, desc="quiet", unit="batch", enabled=False)
+        quiet.update(4)
+        quiet.close()
+        slow = ProgressBar(None, desc="slow", unit="batch", every_s=3600)
+        slow.update(2)
+        slow.close()
+    lines = [r.getMessage() for r in caplog.records if r.name == "rso.progress"]
+    assert [line.split(" [")[0] for line in lines] == [
+        "features:  25% 1/4", "features: 100% 4/4", "slow: 2batch"], lines
+    assert lines[1].endswith("loss=0.5]")
+    assert "\r" not in capsys.readouterr().err

@@ -16,6 +16,7 @@ policy).
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import sys
@@ -125,16 +126,18 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
 
 
 class Progress:
-    """tqdm bar over optimizer steps showing loss, accuracy and pairs/s."""
+    """Progress over optimizer steps showing loss, accuracy and pairs/s: a tqdm bar on a
+    terminal, a log line a minute when stderr is redirected (:class:`rso.console.ProgressBar`)."""
 
     def __init__(self, total: int, initial: int, enabled: bool):
         import contextlib
 
-        from tqdm.auto import tqdm
         from tqdm.contrib.logging import logging_redirect_tqdm
 
-        self._bar = tqdm(total=total, initial=initial, disable=not enabled, unit="step",
-                         dynamic_ncols=True, desc="train")
+        from rso.console import ProgressBar
+
+        self._bar = ProgressBar(total, initial=initial, enabled=enabled, unit="step",
+                                desc="train", logger=logging.getLogger("trainer.progress"))
         # log lines while the bar is shown go above it (tqdm.write), not into its line, whatever
         # handler the root logger has (rso.console's already writes through tqdm.write; a
         # library user's plain StreamHandler is redirected while the bar is open)
@@ -144,7 +147,7 @@ class Progress:
 
     def update(self, values: dict[str, float]) -> None:
         self._bar.set_postfix(loss=f"{values['loss']:.4f}", acc=f"{values['accuracy']:.2f}",
-                              pairs_s=f"{values['pairs_per_s']:.1f}", refresh=False)
+                              pairs_s=f"{values['pairs_per_s']:.1f}")
         self._bar.update(1)
 
     def close(self) -> None:

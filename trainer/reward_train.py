@@ -335,7 +335,7 @@ def head_features(model: torch.nn.Module, seqs: Sequence[Sequence[int]], pad_id:
     """[N, H] float32: what the one-output head receives for each sequence in the model's own
     forward (a [B, T, H] head input is pooled at the rightmost non-pad token, as transformers'
     classifiers do). Right-padded, length-sorted batches; returned in input order."""
-    from tqdm.auto import tqdm
+    from rso.console import ProgressBar
 
     head = head_layer(model)
     captured: list[torch.Tensor] = []
@@ -344,8 +344,8 @@ def head_features(model: torch.nn.Module, seqs: Sequence[Sequence[int]], pad_id:
     model.eval()
     try:
         batches = _batches([len(s) for s in seqs], batch_size)
-        for idx in tqdm(batches, desc=desc, unit="batch", disable=not progress,
-                        dynamic_ncols=True):
+        bar = ProgressBar(len(batches), desc=desc, unit="batch", enabled=progress, logger=log)
+        for idx in batches:
             ids, mask = _pad([seqs[i] for i in idx], pad_id, device)
             captured.clear()
             model(input_ids=ids, attention_mask=mask)
@@ -355,8 +355,10 @@ def head_features(model: torch.nn.Module, seqs: Sequence[Sequence[int]], pad_id:
             if out is None:
                 out = torch.empty((len(seqs), x.shape[-1]), dtype=torch.float32)
             out[torch.tensor(idx)] = x.cpu()
+            bar.update()
     finally:
         hook.remove()
+    bar.close()
     assert out is not None
     return out
 
