@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--demo-flags", default="",
                         help="more `rso demo` flags, space-separated (tests: tiny models)")
     args = parser.parse_args(argv)
-    from rso_cli.demo import main as demo
+    from rso_cli.cli import main as rso  # the `rso` command: one line on Ctrl-C or SIGTERM
 
     methods = args.methods.split(",")
     seeds = {}
@@ -141,8 +141,9 @@ def main(argv: list[str] | None = None) -> int:
         if not set(methods) <= set(finished_methods(out)):
             flags = ["--output", out, "--seed", str(seed), "--methods", args.methods,
                      *args.demo_flags.split()]
-            if demo(flags + (["--full"] if args.full else [])):
-                return 1
+            rc = rso(["demo", *flags, *(["--full"] if args.full else [])])
+            if rc:
+                return rc
         seeds[seed] = read_seed(out, methods)
     result = aggregate(seeds)
     print(format_table(result))

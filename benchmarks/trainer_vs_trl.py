@@ -246,8 +246,9 @@ def run_child(cmd: list[str], threads: int, log_path: str) -> tuple[str, Any, fl
 
 def ours_result(output: str) -> dict[str, Any]:
     """The figures of an ``rso train`` run, from its metrics.jsonl."""
-    with open(os.path.join(output, "metrics.jsonl")) as f:
-        lines = [json.loads(line) for line in f]
+    from trainer.metrics import METRICS_FILE, read_metrics
+
+    lines = read_metrics(os.path.join(output, METRICS_FILE))
     train = [r for r in lines if r.get("split") == "train"]
     summary = next(r for r in lines if r.get("split") == "summary")
     return {"steps": summary["steps"], "pairs": summary["pairs"],

@@ -23,7 +23,9 @@ It ends with a table and the paths of the plots. The same command run again keep
 whose output is complete and made with the same settings and models (the same run id, the same
 evaluation settings and content ids), so an interrupted demo continues (a training resumes from
 its last checkpoint) and a method added to ``--methods`` runs alone; a step finished with other
-settings is refused unless ``--overwrite``, which redoes everything. The default run (12
+settings is refused unless ``--overwrite``, which redoes everything (at once when
+``OUTPUT/demo_settings.json`` shows another seed, lr, sizes or engine: before any model is
+prepared). The default run (12
 prompts x 16 candidates, 48 new tokens, 6 DPO steps of 4 pairs per method, 24 evaluation
 prompts) took 11-15 minutes cold on 2 CPU cores; ``--full`` runs a larger version
 (docs/RESULTS.md has the measured times).
@@ -306,9 +308,62 @@ def run_counts(output: str) -> str:
                                        ("pairs", "pair"), ("dead_letters", "dead letter")))
 
 
+REFUSAL_ADVICE = "pass --overwrite to replace that demo (its policies too) or give another --output"
+
+
 class OtherSettings(Exception):
     """A finished step's output in --output was made with other settings (refused without
     ``--overwrite``: replacing it would delete that run's results)."""
+
+
+SETTINGS_FILE = "demo_settings.json"  # OUTPUT/demo_settings.json: what the demo there ran with
+
+
+def demo_settings(args: argparse.Namespace, sizes: Sizes) -> dict:
+    """The settings that shape every step's output, bar the models (each step checks those by
+    content id) and ``--methods`` (a method added runs alone)."""
+    return {"seed": args.seed, "lr": args.lr, "engine": args.engine,
+            "eval_engine": args.eval_engine, "sizes": dataclasses.asdict(sizes)}
+
+
+def other_settings(out: str, settings: dict) -> str | None:
+    """Why the demo in ``out`` cannot be continued with ``settings``: it has a finished step
+    and was started with other settings (each one named, old -> new); None otherwise. Read
+    before any model is prepared, so a refusal is immediate; the steps' own checks
+    (:func:`run_loop`) still decide for a folder without the file."""
+    import glob
+
+    try:
+        with open(os.path.join(out, SETTINGS_FILE)) as f:
+            earlier = json.load(f)
+    except (OSError, ValueError):
+        return None
+    finished = [p for pattern in ("pairs-*/_SUCCESS", "policy-*/checkpoint-*",
+                                  "eval-*/evaluation.json")
+                for p in glob.glob(os.path.join(glob.escape(out), pattern))]
+    changed = [f"{k} {earlier.get(k)} -> {v}" for k, v in settings.items()
+               if earlier.get(k) != v]
+    if not finished or not changed:
+        return None
+    return f"{out} holds a demo made with other settings ({'; '.join(changed)})"
+
+
+def record_settings(out: str, settings: dict) -> bool:
+    """Writes ``settings`` to OUT/demo_settings.json unless it already holds them; whether
+    there was no file before (a refused run then removes it again)."""
+    path = os.path.join(out, SETTINGS_FILE)
+    try:
+        with open(path) as f:
+            if json.load(f) == settings:
+                return False
+        absent = False
+    except (OSError, ValueError):
+        absent = not os.path.exists(path)
+    os.makedirs(out, exist_ok=True)
+    with open(path + ".tmp", "w") as f:
+        json.dump(settings, f, indent=2)
+    os.replace(path + ".tmp", path)
+    return absent
 
 
 def run_loop(args: argparse.Namespace, sizes: Sizes, policy: str, proxy: str, judge: str) -> dict:
@@ -326,6 +381,7 @@ def run_loop(args: argparse.Namespace, sizes: Sizes, policy: str, proxy: str, ju
     from rso_cli.evaluate import main as evaluate
     from rso_cli.reruns import data_run_id, wanted_run_id, wanted_select_run_id
     from trainer.checkpoint import latest_checkpoint
+    from trainer.train import finished_run
 
     out = args.output
     os.makedirs(out, exist_ok=True)
@@ -380,15 +436,23 @@ def run_loop(args: argparse.Namespace, sizes: Sizes, policy: str, proxy: str, ju
         # on kept pairs an earlier run's training resumes (`rso train --resume` refuses other
         # settings, and a finished one takes no step); on new pairs it starts over
         again = ["--overwrite"] if args.overwrite or method in fresh else ["--resume"]
-        rc = train_in_child([
-            "--data", pairs, "--policy", policy, "--output", trained, *again,
-            "--loss", "sigmoid-norm", "--gamma", "0.1", "--lr", str(args.lr),
-            "--batch-size", str(sizes.batch_size), "--max-steps", str(sizes.train_steps),
-            "--warmup-steps", "0", "--seed", str(args.seed)], args.verbose)
-        if rc == 2 and again == ["--resume"]:  # the trainer refused (its line says why)
-            raise OtherSettings(f"{trained} holds a training run that this demo cannot "
-                                f"continue (the line above says why)")
-        step(f"train on {method} pairs", rc)
+        argv = ["--data", pairs, "--policy", policy, "--output", trained, *again,
+                "--loss", "sigmoid-norm", "--gamma", "0.1", "--lr", str(args.lr),
+                "--batch-size", str(sizes.batch_size), "--max-steps", str(sizes.train_steps),
+                "--warmup-steps", "0", "--seed", str(args.seed),
+                # 1.27x faster steps here, the same losses (peak RSS 8 GiB instead of 3:
+                # docs/RESULTS.md); not a resume setting, so earlier demos' runs continue
+                "--no-gradient-checkpointing"]
+        name = f"train on {method} pairs"
+        if again == ["--resume"] and finished_run(argv):  # no trainer started to find that out
+            log.info("%s: kept (%s, finished earlier)", name, trained)
+        else:
+            rc = train_in_child(argv, args.verbose)
+            if rc == 2 and again == ["--resume"]:  # the trainer refused (its line says why)
+                raise OtherSettings(f"{trained} holds a training run made with other settings "
+                                    f"(the line above names them; rso demo continues a run "
+                                    f"only with its own settings and has no --allow-change)")
+            step(name, rc)
         evaluation = os.path.join(out, f"eval-{method}")
         name = f"evaluate the {method} policy against SFT"
         argv = ["--policy", latest_checkpoint(trained), "--baseline", policy, "--judge", judge,
@@ -508,6 +572,12 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--methods: rso first, then any of random, top-k, each once")
     console.configure(args.verbose)
     sizes = FULL if args.full else Sizes(**json.loads(args.sizes or "{}"))
+    settings = demo_settings(args, sizes)
+    problem = None if args.overwrite else other_settings(args.output, settings)
+    if problem:
+        print(f"rso demo: error: {problem}; {REFUSAL_ADVICE}", file=sys.stderr)
+        return 2
+    recorded = record_settings(args.output, settings)
     start = time.time()
     policy = args.policy or prepare_policy(args.cache_dir)
     proxy = args.proxy or prepare_reward_model(args.cache_dir)
@@ -519,8 +589,9 @@ def main(argv: list[str] | None = None) -> int:
                                     ("rso.generate", "rso.select", "rso.evaluate")):
             summary = run_loop(args, sizes, policy, proxy, judge)
     except OtherSettings as e:
-        print(f"rso demo: error: {e}; pass --overwrite to replace that demo (its policies "
-              f"too) or give another --output", file=sys.stderr)
+        if recorded:  # the folder had no record (an older demo's): it is left as it was
+            os.remove(os.path.join(args.output, SETTINGS_FILE))
+        print(f"rso demo: error: {e}; {REFUSAL_ADVICE}", file=sys.stderr)
         return 2
     print(format_summary(summary))
     print(f"done in {time.time() - start:.0f} s; "

@@ -17,7 +17,8 @@ rounds are skipped, an unfinished round keeps its data when it is what the round
 every round). ``ROOT/iterate.json`` and the printed table
 summarise them: pairs, mean chosen / rejected proxy reward, the policy's content id and the last
 train metrics. Extra ``rso generate`` flags go in ``--generate-args``, extra ``rso train`` flags
-in ``--train-args`` (quoted strings, split like a shell).
+in ``--train-args`` (quoted strings, split like a shell); both are checked before round 1
+runs (a misspelt flag is refused at once, not when round 1 reaches its training).
 """
 from __future__ import annotations
 

@@ -8,13 +8,16 @@ import os
 import re
 import shutil
 
+import pytest
+
 from rso_cli.demo import main
 
 TINY = {"train_prompts": 6, "eval_prompts": 4, "num_candidates": 4, "num_samples": 2,
         "max_new_tokens": 6, "train_steps": 2, "batch_size": 2}
 
 
-def test_whole_loop_on_tiny_models(tiny_policy, tiny_reward_model, tmp_path, capfd, caplog):
+def test_whole_loop_on_tiny_models(tiny_policy, tiny_reward_model, tmp_path, capfd, caplog,
+                                   monkeypatch):
     out = str(tmp_path / "demo")
     argv = ["--output", out, "--policy", tiny_policy, "--proxy", tiny_reward_model,
             "--judge", tiny_reward_model, "--engine", "transformers",
@@ -31,8 +34,8 @@ def test_whole_loop_on_tiny_models(tiny_policy, tiny_reward_model, tmp_path, cap
         p: t for p, t in before.items() if p != "demo.json"}
     assert {p.split(os.sep)[0] for p in set(after) - set(before)} == {
         "pairs-top-k", "policy-top-k", "eval-top-k"}
-    # generate, select random and both evaluations; the trainings were finished (no step)
-    assert caplog.text.count("finished earlier)") == 4
+    # generate, select random, both trainings (no trainer started) and both evaluations
+    assert caplog.text.count("finished earlier)") == 6
     assert "rso-sample-rank (rso)" in printed and "sft-sample-rank (random)" in printed
     assert "wrote " not in printed and "wrote " not in caplog.text  # the nested runs' own
     assert "[policy] generating" not in caplog.text
@@ -88,7 +91,22 @@ def test_whole_loop_on_tiny_models(tiny_policy, tiny_reward_model, tmp_path, cap
     assert main(argv + ["--methods", "rso,random,top-k"]) == 0
     with open(os.path.join(out, "demo.json")) as f:
         assert json.load(f) == summary
-    # another seed is another demo: refused, nothing touched
+    # another seed is another demo: refused at once (before any model is prepared: the
+    # demo_settings.json it recorded), nothing touched
+    done = snapshot(out)
+    capfd.readouterr()
+    with monkeypatch.context() as m:
+        m.setattr("rso_cli.demo.run_loop", lambda *a: pytest.fail("refused too late"))
+        assert main(argv + ["--methods", "rso,random", "--seed", "1"]) == 2
+        assert main([a if a != "1e-3" else "2e-3" for a in argv] + ["--methods", "rso"]) == 2
+    seed, lr = capfd.readouterr().err.strip().splitlines()
+    assert seed.startswith(f"rso demo: error: {out} holds a demo made with other settings "
+                           f"(seed 0 -> 1)"), seed
+    assert "(lr 0.001 -> 0.002)" in lr and "--overwrite" in lr, lr
+    assert snapshot(out) == done
+    # a folder without that record (an older demo's): each step's own check refuses, and the
+    # folder is left as it was. Another seed: the stored candidates' run id differs
+    os.remove(os.path.join(out, "demo_settings.json"))
     done = snapshot(out)
     assert main(argv + ["--methods", "rso,random", "--seed", "1"]) == 2
     assert "holds a finished `generate (rso" in capfd.readouterr().err
@@ -96,7 +114,8 @@ def test_whole_loop_on_tiny_models(tiny_policy, tiny_reward_model, tmp_path, cap
     # another learning rate: the pairs are this run's, the trained policies are not
     assert main([a if a != "1e-3" else "2e-3" for a in argv] + ["--methods", "rso,random"]) == 2
     err = capfd.readouterr().err
-    assert "setting(s) lr differ" in err and "this demo cannot continue" in err, err
+    assert "setting(s) lr differ" in err, err
+    assert "rso demo continues a run only with its own settings" in err, err
     assert snapshot(out) == done
 
 

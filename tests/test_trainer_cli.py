@@ -224,3 +224,37 @@ def test_gamma_at_the_ends_of_its_range_trains(tiny_policy, data_dir, tmp_path, 
                                progress=False, tensorboard=False, plots=False))
     assert result.finished
     assert all(math.isfinite(loss) for loss in losses(result.output))
+
+
+def test_a_redirected_log_gets_progress_lines_not_bar_frames(tiny_policy, data_dir, tmp_path):
+    """With stderr not a terminal (a log file, CI, a pipe) the bar's `\\r` frames made one long
+    line with the log lines inside it; now progress is a log line a minute and one at the end."""
+    proc = _rso_train("--data", data_dir, "--policy", tiny_policy, "--output",
+                      str(tmp_path / "run"), "--max-steps", "3", "--batch-size", "2",
+                      "--no-tensorboard", "--no-plots", "--num-threads", "1")
+    assert proc.returncode == 0, proc.stderr
+    assert "\r" not in proc.stderr
+    end = [line for line in proc.stderr.splitlines() if "trainer.progress" in line]
+    assert len(end) == 1 and "train: 100% 3/3 [" in end[0] and "loss=" in end[0], proc.stderr
+
+
+def test_finished_run_is_known_without_loading_a_model(tiny_policy, data_dir, tmp_path):
+    """`rso demo` asks `finished_run` before it starts a trainer for a kept training: the final
+    checkpoint only for the same settings and data, when the run closed with its summary."""
+    from trainer.train import finished_run
+
+    out = str(tmp_path / "run")
+    argv = ["--data", data_dir, "--policy", tiny_policy, "--output", out, "--max-steps", "2",
+            "--batch-size", "2", "--no-progress", "--no-tensorboard", "--no-plots"]
+    assert finished_run(argv + ["--resume"]) is None  # nothing there yet
+    assert main(argv) == 0
+    final = os.path.join(out, "checkpoint-00000002")
+    assert finished_run(argv + ["--resume"]) == final
+    assert finished_run(argv + ["--resume", "--lr", "1e-3"]) is None  # the trainer refuses it
+    assert finished_run(argv + ["--resume", "--max-steps", "3"]) is None  # one more step
+    # stopped after its last checkpoint but before the closing summary: the trainer decides
+    metrics = os.path.join(out, "metrics.jsonl")
+    kept = [line for line in open(metrics) if '"summary"' not in line]
+    with open(metrics, "w") as f:
+        f.writelines(kept)
+    assert finished_run(argv + ["--resume"]) is None

@@ -169,7 +169,7 @@ def test_killed_process_resumes_to_the_same_parameters(dropout_policy, data_dir,
     assert_same_params(final_params(resumed), final_params(full))
 
 
-def test_existing_run_needs_resume_or_overwrite(dropout_policy, data_dir, tmp_path):
+def test_existing_run_needs_resume_or_overwrite(dropout_policy, data_dir, tmp_path, monkeypatch):
     out = str(tmp_path / "run")
     done = train(config(dropout_policy, data_dir, out, max_steps=2))
     with pytest.raises(ConfigError, match="pass --resume .* or --overwrite"):
@@ -178,7 +178,9 @@ def test_existing_run_needs_resume_or_overwrite(dropout_policy, data_dir, tmp_pa
         train(config(dropout_policy, data_dir, out, max_steps=2, batch_size=4, resume=True))
     files = {os.path.join(d, f): os.stat(os.path.join(d, f)).st_mtime_ns
              for d, _, names in os.walk(out) for f in names}
-    again = train(config(dropout_policy, data_dir, out, max_steps=2, resume=True))
+    with monkeypatch.context() as m:  # and it loads no model to find that out
+        m.setattr("trainer.train.load_policy", lambda *a, **k: pytest.fail("model loaded"))
+        again = train(config(dropout_policy, data_dir, out, max_steps=2, resume=True))
     assert again.steps == 2 and again.finished and again.checkpoint == done.checkpoint
     # a finished run resumed takes no step and leaves every file as it was (`rso demo` reruns
     # resume each finished training)

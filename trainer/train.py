@@ -44,7 +44,14 @@ from trainer.data import (
 )
 from trainer.losses import preference_loss
 from trainer.memory import limit_heap_retention
-from trainer.metrics import METRICS_FILE, MetricsWriter, PairMetrics, Progress, peak_memory
+from trainer.metrics import (
+    METRICS_FILE,
+    MetricsWriter,
+    PairMetrics,
+    Progress,
+    peak_memory,
+    read_metrics,
+)
 from trainer.model import (
     autocast,
     load_policy,
@@ -137,12 +144,69 @@ def _prepare_output(cfg: TrainConfig, data_ids: dict[str, str | None]
                 f"pass --allow-change {','.join(refused)} to apply the new values from step "
                 f"{saved['state']['step']} on (recorded in the checkpoints)"))
     step = saved["state"]["step"]
+    if _finished(cfg.output, saved, diff):
+        raise AlreadyFinished(latest, step)
     applied = [{"step": step, "setting": k, "from": old, "to": new}
                for k, (old, new) in diff.items()]
     for change in applied:
         log.warning("--allow-change: %s changes from %s to %s at step %d", change["setting"],
                     change["from"], change["to"], step)
     return latest, saved.get("changes", []) + applied
+
+
+class AlreadyFinished(Exception):
+    """--resume of a run that finished with these settings and data: :func:`setup` raises it
+    before loading anything (the run's last checkpoint and step); :func:`train` returns it."""
+
+    def __init__(self, checkpoint: str, step: int):
+        super().__init__(checkpoint)
+        self.checkpoint, self.step = checkpoint, step
+
+
+def _finished(output: str, saved: dict, diff: dict) -> bool:
+    """Whether the run whose last checkpoint's :func:`ckpt.saved_run` is ``saved`` finished
+    with the settings and data now asked for (``diff``: none differ): its closing summary is
+    at that checkpoint's step."""
+    return not diff and _summary_step(output) == saved["state"]["step"]
+
+
+def finished_run(argv: Sequence[str]) -> str | None:
+    """The final checkpoint when `rso train ARGV --resume` would take no step (the run in its
+    --output finished with these settings and data); None otherwise, or when ARGV would be
+    refused (`rso train` then says why). Reads JSON and the data's content ids, loads no model:
+    `rso demo` asks before it starts a trainer."""
+    try:
+        cfg = parse_config(argv)
+        latest = ckpt.latest_checkpoint(cfg.output)
+        if latest is None:
+            return None
+        _, _, data_ids = _data_files(cfg)
+        saved = ckpt.saved_run(latest)
+    except (ConfigError, DataError, OSError, ValueError):
+        return None
+    diff = ckpt.resume_differences(saved, cfg.to_dict(), data_ids,
+                                   RESUME_FIXED + RESUME_CHANGEABLE)
+    return latest if _finished(cfg.output, saved, diff) else None
+
+
+def _data_files(cfg: TrainConfig) -> tuple[list, list, dict[str, str | None]]:
+    """--data's and --eval-data's files, each checked against its manifest's sha256 (a
+    DataError names the file), and their content ids (``data``, ``eval_data``)."""
+    files = verify_files(cfg.data, cfg.data_format)
+    eval_files = verify_files(cfg.eval_data, cfg.data_format) if cfg.eval_data else []
+    return files, eval_files, {"data": data_id(files),
+                               "eval_data": data_id(eval_files) if eval_files else None}
+
+
+def _summary_step(output: str) -> int | None:
+    """The step of the run's closing ``summary`` record in metrics.jsonl (written after its
+    final checkpoint), or None (none: the run did not finish, or the file is gone)."""
+    try:
+        records = read_metrics(os.path.join(output, METRICS_FILE))
+    except (OSError, ValueError):
+        return None
+    steps = [r.get("step") for r in records if r.get("split") == "summary"]
+    return steps[-1] if steps else None
 
 
 def _sources(cfg: TrainConfig, vocab_size: int, files: list[str], eval_files: list[str]
@@ -227,9 +291,7 @@ def setup(cfg: TrainConfig) -> Run:
     amp = resolve_precision(cfg.precision, device)
 
     # ---- data files: checked against their manifest's sha256 (fails naming the file)
-    files = verify_files(cfg.data, cfg.data_format)
-    eval_files = verify_files(cfg.eval_data, cfg.data_format) if cfg.eval_data else []
-    data_ids = {"data": data_id(files), "eval_data": data_id(eval_files) if eval_files else None}
+    files, eval_files, data_ids = _data_files(cfg)
 
     # ---- output directory; a resume must keep the settings (or --allow-change them)
     resume_from, changes = _prepare_output(cfg, data_ids)
@@ -350,11 +412,14 @@ def train(cfg: TrainConfig, *, should_stop: Callable[[], bool] | None = None
     leaves the loop without saving, as if the process had been killed there.
     """
     started = time.perf_counter()
-    run = setup(cfg)
-    state, last_checkpoint = run.state, run.resumed_from
-    if run.resumed_from and state.step >= run.total_steps:  # finished: leave it as it is
-        log.info("already finished: %d steps, final model in %s", state.step, last_checkpoint)
-        return TrainResult(cfg.output, state.step, last_checkpoint,
+    try:
+        run = setup(cfg)
+        state, last_checkpoint = run.state, run.resumed_from
+        if run.resumed_from and state.step >= run.total_steps:  # stopped before its summary
+            raise AlreadyFinished(run.resumed_from, state.step)
+    except AlreadyFinished as ended:  # leave it as it is
+        log.info("already finished: %d steps, final model in %s", ended.step, ended.checkpoint)
+        return TrainResult(cfg.output, ended.step, ended.checkpoint,
                            os.path.join(cfg.output, METRICS_FILE), {}, {}, {},
                            finished=True)
     writer = MetricsWriter(cfg.output, cfg.tensorboard,
