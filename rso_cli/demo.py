@@ -196,8 +196,8 @@ def prepare_reward_model(cache_dir: str, max_pairs: int = 768, seed: int = 0) ->
 def prepare_judge(cache_dir: str, backbone: str, max_pairs: int = 800, seed: int = 0) -> str:
     """The judge: ``backbone``'s features + a Bradley-Terry head on bundled HH-RLHF rows
     1280-2311, data the proxy never saw. The default run uses all-MiniLM-L6-v2 (a disjoint data
-    split: minutes on 2 cores); ``--full`` uses SmolLM2-135M (a different backbone too: about
-    half an hour of feature extraction on 2 cores, once)."""
+    split: minutes on 2 cores); ``--full`` uses SmolLM2-135M (a different backbone too: 11
+    minutes of feature extraction on 2 quiet cores, 26 under load, once)."""
     # the cache key names the backbone and its pooling (MiniLM's package dir is ".../model")
     name = ("all-minilm-l6-v2-mean" if backbone == minilm_dir()
             else os.path.basename(os.path.normpath(backbone)).lower())
@@ -440,8 +440,9 @@ def run_loop(args: argparse.Namespace, sizes: Sizes, policy: str, proxy: str, ju
                 "--loss", "sigmoid-norm", "--gamma", "0.1", "--lr", str(args.lr),
                 "--batch-size", str(sizes.batch_size), "--max-steps", str(sizes.train_steps),
                 "--warmup-steps", "0", "--seed", str(args.seed),
-                # 1.27x faster steps here, the same losses (peak RSS 8 GiB instead of 3:
-                # docs/RESULTS.md); not a resume setting, so earlier demos' runs continue
+                # the same losses, 3-11% less training time in the two cold --full runs, peak
+                # RSS 8.1 GiB against 7.7 (docs/RESULTS.md); not a resume setting, so an
+                # earlier demo's training continues
                 "--no-gradient-checkpointing"]
         name = f"train on {method} pairs"
         if again == ["--resume"] and finished_run(argv):  # no trainer started to find that out
@@ -540,7 +541,7 @@ def main(argv: list[str] | None = None) -> int:
                              "between runs")
     full = ", ".join(f"{f.name} {getattr(FULL, f.name)}" for f in dataclasses.fields(FULL))
     parser.add_argument("--full", action="store_true",
-                        help=f"a larger run (on 2 CPU cores about 35 min, an hour the first time, "
+                        help=f"a larger run (on 2 quiet CPU cores about 31 min, 43 the first time, "
                              f"which fits the SmolLM2 judge; docs/RESULTS.md): {full}")
     parser.add_argument("--engine", choices=("vllm", "transformers"), default="vllm",
                         help="engine that decodes the candidates")
