@@ -138,7 +138,13 @@ def check_field(label: str, tp: Any, meta: Any, value: Any) -> None:
 
 
 class ArgumentParser(argparse.ArgumentParser):
-    """argparse, but an error is one line ``PROG: error: MESSAGE`` (exit 2), not the usage."""
+    """argparse, but an error is one line ``PROG: error: MESSAGE`` (exit 2), not the usage, and
+    no flag may be abbreviated (``allow_abbrev`` False unless given; subcommands' parsers are of
+    this class too, so theirs neither)."""
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> typing.NoReturn:
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
@@ -193,7 +199,9 @@ def unknown_flags(parser: argparse.ArgumentParser, rest: Sequence[str],
 def unknown_flag_error(tokens: Sequence[str], known: Sequence[str]) -> str | None:
     """One line naming the flags in ``tokens`` (leftovers of argparse) with a "did you mean"
     from ``known``; values are never echoed (a secret given by mistake stays out of logs)."""
-    flags = [t.split("=", 1)[0] for t in tokens if t.startswith("-") and t != "--"]
+    # "--flag=VALUE" and "-fVALUE" (a short flag with its value attached) name the flag only
+    flags = [t.split("=", 1)[0] if t.startswith("--") else t[:2] for t in tokens
+             if t.startswith("-") and t != "--"]
     if not flags:
         return (f"{len(tokens)} unexpected argument(s) without a flag (values are not shown)"
                 if tokens else None)

@@ -288,6 +288,12 @@ def train_in_child(argv: list[str], verbose: bool = False) -> int:
         child.send_signal(signal.SIGTERM)
         child.wait()
         raise
+    except KeyboardInterrupt:  # a terminal's Ctrl-C reaches the child too; `kill -INT` does not
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            child.wait(timeout=5)
+        if child.poll() is None:  # still training: stop it as SIGTERM does (it saves its step)
+            child.send_signal(signal.SIGTERM)
+        raise
     finally:  # Ctrl-C reached the child too (one process group); it stops by itself
         with contextlib.suppress(subprocess.TimeoutExpired):
             child.wait(timeout=30)
@@ -320,10 +326,14 @@ SETTINGS_FILE = "demo_settings.json"  # OUTPUT/demo_settings.json: what the demo
 
 
 def demo_settings(args: argparse.Namespace, sizes: Sizes) -> dict:
-    """The settings that shape every step's output, bar the models (each step checks those by
-    content id) and ``--methods`` (a method added runs alone)."""
+    """The settings that shape every step's output, bar ``--methods`` (a method added runs
+    alone). The models count by where they are (``--cache-dir`` and the models given): `rso
+    train --resume` compares its ``--policy`` by path."""
     return {"seed": args.seed, "lr": args.lr, "engine": args.engine,
-            "eval_engine": args.eval_engine, "sizes": dataclasses.asdict(sizes)}
+            "eval_engine": args.eval_engine, "sizes": dataclasses.asdict(sizes),
+            "cache_dir": os.path.abspath(args.cache_dir),
+            **{k: os.path.abspath(v) if v else None for k, v in (
+                ("policy", args.policy), ("proxy", args.proxy), ("judge", args.judge))}}
 
 
 def other_settings(out: str, settings: dict) -> str | None:
@@ -336,13 +346,23 @@ def other_settings(out: str, settings: dict) -> str | None:
     try:
         with open(os.path.join(out, SETTINGS_FILE)) as f:
             earlier = json.load(f)
+    except FileNotFoundError:
+        return None
     except (OSError, ValueError):
+        earlier = None
+    if not isinstance(earlier, dict):  # damaged: the steps' own checks decide
+        log.warning("%s is not a demo's settings record: ignored (it is rewritten)",
+                    os.path.join(out, SETTINGS_FILE))
         return None
     finished = [p for pattern in ("pairs-*/_SUCCESS", "policy-*/checkpoint-*",
                                   "eval-*/evaluation.json")
                 for p in glob.glob(os.path.join(glob.escape(out), pattern))]
-    changed = [f"{k} {earlier.get(k)} -> {v}" for k, v in settings.items()
-               if earlier.get(k) != v]
+    # a setting the record lacks (written by an older version) is not compared
+    old_sizes = earlier.get("sizes") if isinstance(earlier.get("sizes"), dict) else {}
+    changed = [f"{k} {earlier[k]} -> {v}" for k, v in settings.items()
+               if k != "sizes" and k in earlier and earlier[k] != v]
+    changed += [f"{k} {old_sizes[k]} -> {v}" for k, v in settings["sizes"].items()
+                if k in old_sizes and old_sizes[k] != v]
     if not finished or not changed:
         return None
     return f"{out} holds a demo made with other settings ({'; '.join(changed)})"

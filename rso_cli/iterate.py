@@ -85,6 +85,11 @@ def train_argv(args: argparse.Namespace, r: int, policy: str, resume: bool) -> l
             *(["--resume"] if resume else []), *shlex.split(args.train_args)]
 
 
+# what iterate sets in each round's commands: the nested args may not set them too
+GENERATE_OWN = ("--input", "--output", "--policy", "--reward-model", "--seed", "--overwrite")
+TRAIN_OWN = ("--data", "--policy", "--output", "--seed", "--overwrite", "--resume")
+
+
 def check_round_flags(args: argparse.Namespace) -> str | None:
     """Why round 0's ``rso generate`` or ``rso train`` flags would be refused (an unknown or
     malformed flag in ``--generate-args`` / ``--train-args``), or None: checked before any round
@@ -95,6 +100,16 @@ def check_round_flags(args: argparse.Namespace) -> str | None:
     from rso.config import ConfigError
     from trainer.config import TrainConfig
 
+    for flag, value, own in (("--generate-args", args.generate_args, GENERATE_OWN),
+                             ("--train-args", args.train_args, TRAIN_OWN)):
+        try:
+            given = {t.split("=", 1)[0] for t in shlex.split(value) if t.startswith("--")}
+        except ValueError as e:  # shlex: an unclosed quote
+            return f"{flag}: {e}"
+        taken = sorted(given & set(own))
+        if taken:
+            return (f"{flag}: {', '.join(taken)} is set by rso iterate for each round (its own "
+                    f"flags: {', '.join(own)}); leave it out")
     for command, parse in (
             ("rso generate", lambda: GenerateConfig.parse_args(
                 generate_argv(args, 0, args.policy), prog="rso generate",
@@ -133,8 +148,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--output", required=True, help="ROOT: round-R/{data,policy} go here")
     parser.add_argument("--seed", type=int, default=0,
                         help="run seed of round 0; round r uses seed + r (default: 0)")
-    parser.add_argument("--generate-args", default="", help="extra rso generate flags")
-    parser.add_argument("--train-args", default="", help="extra rso train flags")
+    parser.add_argument("--generate-args", default="",
+                        help="extra rso generate flags, quoted (one flag alone: "
+                             "--generate-args=--write-candidates)")
+    parser.add_argument("--train-args", default="",
+                        help="extra rso train flags, quoted (one flag alone: "
+                             "--train-args=--no-progress)")
     parser.add_argument("--overwrite", action="store_true",
                         help="redo every round (default: rounds finished earlier are kept and "
                              "skipped, so an interrupted run continues where it stopped)")

@@ -91,7 +91,7 @@ def test_a_misspelt_flag_is_one_line_naming_it_never_its_value(command, capsys):
     from deploy.nightly import publish
     from rso_cli import cli
 
-    argv = [*REQUIRED.get(command[0], []), "--seeed", "s3cr3t-value"]
+    argv = [*REQUIRED.get(command[0], []), "--seeed", "s3cr3t-value", "-Xs3cr3t"]
     try:
         rc = publish.main(argv) if command == ["nightly-publish"] else cli.main([*command, *argv])
     except SystemExit as e:  # argparse's exit, or the command's own return code
@@ -100,18 +100,21 @@ def test_a_misspelt_flag_is_one_line_naming_it_never_its_value(command, capsys):
     err = capsys.readouterr().err
     assert len(err.strip().splitlines()) == 1, err
     assert "usage:" not in err and "s3cr3t" not in err
-    assert "unknown flag(s): --seeed" in err
+    assert "unknown flag(s): --seeed" in err and "-X" in err
 
 
 @pytest.mark.parametrize("command,flag,meant", [("demo", "--overw", "--overwrite"),
+                                                ("nightly-publish", "--forc", "--force"),
                                                 ("iterate", "--overw", "--overwrite"),
                                                 ("sweep", "--replic", "--replicates"),
                                                 ("inspect", "--plot", "--plots")])
 def test_an_abbreviated_flag_is_refused(command, flag, meant, capsys):
     """`--overw` for `--overwrite` (or `--out` for `--output`) is not taken as the flag it
     abbreviates: a later flag of the same prefix would change its meaning."""
+    from deploy.nightly import publish
     from rso_cli import cli
 
-    with pytest.raises(SystemExit, match="2"):
-        cli.main([command, *REQUIRED.get(command, []), flag, "1"])
+    argv = [*REQUIRED.get(command, []), flag, "1"]
+    with pytest.raises(SystemExit, match="2"):  # (a subcommand's flag too: publish --force)
+        publish.main(argv) if command == "nightly-publish" else cli.main([command, *argv])
     assert f"unknown flag(s): {flag} (did you mean {meant}?)" in capsys.readouterr().err

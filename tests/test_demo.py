@@ -99,7 +99,10 @@ def test_whole_loop_on_tiny_models(tiny_policy, tiny_reward_model, tmp_path, cap
         m.setattr("rso_cli.demo.run_loop", lambda *a: pytest.fail("refused too late"))
         assert main(argv + ["--methods", "rso,random", "--seed", "1"]) == 2
         assert main([a if a != "1e-3" else "2e-3" for a in argv] + ["--methods", "rso"]) == 2
-    seed, lr = capfd.readouterr().err.strip().splitlines()
+        # the same models elsewhere: `rso train --resume` compares --policy by path
+        assert main(argv + ["--cache-dir", str(tmp_path / "elsewhere")]) == 2
+    seed, lr, cache = capfd.readouterr().err.strip().splitlines()
+    assert "(cache_dir " in cache and "elsewhere" in cache, cache
     assert seed.startswith(f"rso demo: error: {out} holds a demo made with other settings "
                            f"(seed 0 -> 1)"), seed
     assert "(lr 0.001 -> 0.002)" in lr and "--overwrite" in lr, lr
@@ -226,3 +229,16 @@ def test_a_reward_model_fitted_by_two_demos_at_once(tmp_path, monkeypatch, caplo
         assert fit_head_model(out, encoder, (256, 416), "proxy") == out
     assert "another run fitted it first" in caplog.text
     assert os.listdir(cache) == ["rm"] and os.path.exists(os.path.join(out, "reward_fit.json"))
+
+
+@pytest.mark.parametrize("content", ["[]", '{"seed": 0, "lr": ', '"x"'])
+def test_a_damaged_settings_record_is_ignored_with_a_warning(tmp_path, content, caplog):
+    """A demo_settings.json that is not a settings object (hand-edited, cut short) raised an
+    AttributeError traceback, or was ignored without a word; now a warning, and each step's own
+    check decides."""
+    from rso_cli.demo import other_settings
+
+    (tmp_path / "demo_settings.json").write_text(content)
+    with caplog.at_level(logging.WARNING, logger="rso_cli.demo"):
+        assert other_settings(str(tmp_path), {"seed": 1, "sizes": {}}) is None
+    assert "is not a demo's settings record" in caplog.text

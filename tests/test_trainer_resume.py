@@ -308,20 +308,24 @@ sys.exit(cli.main(["demo", *sys.argv[1:]]))
 
 
 @pytest.mark.slow
-def test_sigterm_to_the_demo_reaches_its_training_child(dropout_policy, data_dir, tmp_path):
+@pytest.mark.parametrize("sig, code, line", [(signal.SIGTERM, 143, "terminated (SIGTERM)"),
+                                             (signal.SIGINT, 130, "interrupted")])
+def test_a_signal_to_the_demo_reaches_its_training_child(dropout_policy, data_dir, tmp_path,
+                                                         sig, code, line):
     """`rso demo` trains in a child process; SIGTERM to the demo killed that child where it
-    stood (no checkpoint, its _LOCK left). The demo now passes SIGTERM on: the trainer saves
-    the step it is on and stops, and the demo's rerun resumes there."""
+    stood (no checkpoint, its _LOCK left), and so did SIGINT sent to the demo alone (`kill
+    -INT`: a terminal's Ctrl-C reaches the whole process group, this does not). The demo now
+    stops the child as SIGTERM does: the trainer saves the step it is on and stops, and the
+    demo's rerun resumes there."""
     out = str(tmp_path / "policy")
     flags = ["--data", data_dir, "--policy", dropout_policy, "--output", out, "--lr", "1e-3",
              "--batch-size", "2", "--max-steps", "1000000", "--no-progress",
              "--no-tensorboard", "--no-plots", "--num-threads", "1"]
     returncode, stderr = signalled(flags, lambda: _lines(os.path.join(out, "metrics.jsonl")) >= 3,
-                                   signal.SIGTERM, "finished two steps",
-                                   python=("-c", DEMO_TRAINING))
-    assert returncode == 143, stderr
+                                   sig, "finished two steps", python=("-c", DEMO_TRAINING))
+    assert returncode == code, stderr
     assert re.search(r"stopped at step (\d+)", stderr), stderr  # the child saved its step
-    assert stderr.rstrip().endswith("rso demo: terminated (SIGTERM)"), stderr
+    assert stderr.rstrip().endswith(f"rso demo: {line}"), stderr
     assert load_trainer_state(list_checkpoints(out)[-1])["state"]["step"] >= 2
     assert not os.path.exists(os.path.join(out, "_LOCK"))
 
