@@ -152,11 +152,9 @@ class ArgumentParser(argparse.ArgumentParser):
     def parse_args(self, args: Sequence[str] | None = None,  # type: ignore[override]
                    namespace: argparse.Namespace | None = None) -> argparse.Namespace:
         """argparse's, but an unknown flag is named with a "did you mean" (from this parser's
-        and its subcommands' flags) and its value is never echoed (:func:`unknown_flag_error`)."""
+        and its subcommands' flags) and its value is never echoed (:func:`unknown_flags`)."""
         ns, rest = self.parse_known_args(args, namespace)
-        parsers = [self, *(p for a in self._actions if isinstance(a, argparse._SubParsersAction)
-                           for p in a.choices.values())]  # argparse has no public list
-        message = unknown_flag_error(rest, [o for p in parsers for o in p._option_string_actions])
+        message = unknown_flags(self, rest)
         if message:
             self.error(message)
         return ns
@@ -191,8 +189,10 @@ def unknown_flags(parser: argparse.ArgumentParser, rest: Sequence[str],
     unknown = list(rest)
     if passthrough is not None:
         _, unknown = passthrough.parse_known_args(rest)
-    known = [o for p in (parser, passthrough) if p is not None
-             for o in p._option_string_actions]  # argparse has no public list
+    parsers = [p for p in (parser, passthrough) if p is not None]
+    parsers += [sp for p in parsers for a in p._actions  # and their subcommands' parsers
+                if isinstance(a, argparse._SubParsersAction) for sp in a.choices.values()]
+    known = [o for p in parsers for o in p._option_string_actions]  # argparse: no public list
     return unknown_flag_error(unknown, known)
 
 
@@ -319,7 +319,7 @@ class Config:
         ``PROG: error: ...`` and exits 2 (argparse's own errors always do that). ``hidden``:
         fields ``--help`` leaves out.
         """
-        parser = ArgumentParser(prog=prog, description=description, allow_abbrev=False)
+        parser = ArgumentParser(prog=prog, description=description)
         parser.add_argument("--config", default=None, help="YAML file; flags override it")
         cls.add_arguments(parser, hidden)
         try:

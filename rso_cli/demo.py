@@ -354,16 +354,15 @@ def other_settings(out: str, settings: dict) -> str | None:
         log.warning("%s is not a demo's settings record: ignored (it is rewritten)",
                     os.path.join(out, SETTINGS_FILE))
         return None
-    finished = [p for pattern in ("pairs-*/_SUCCESS", "policy-*/checkpoint-*",
-                                  "eval-*/evaluation.json")
-                for p in glob.glob(os.path.join(glob.escape(out), pattern))]
     # a setting the record lacks (written by an older version) is not compared
     old_sizes = earlier.get("sizes") if isinstance(earlier.get("sizes"), dict) else {}
     changed = [f"{k} {earlier[k]} -> {v}" for k, v in settings.items()
                if k != "sizes" and k in earlier and earlier[k] != v]
     changed += [f"{k} {old_sizes[k]} -> {v}" for k, v in settings["sizes"].items()
                 if k in old_sizes and old_sizes[k] != v]
-    if not finished or not changed:
+    finished = changed and any(glob.glob(os.path.join(glob.escape(out), pattern)) for pattern in (
+        "pairs-*/_SUCCESS", "policy-*/checkpoint-*", "eval-*/evaluation.json"))
+    if not finished:
         return None
     return f"{out} holds a demo made with other settings ({'; '.join(changed)})"
 
@@ -553,8 +552,7 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter,
 
 def main(argv: list[str] | None = None) -> int:
     parser = ArgumentParser(prog="rso demo", description=console.help_text(__doc__),
-                            formatter_class=_HelpFormatter,
-                            allow_abbrev=False)
+                            formatter_class=_HelpFormatter)
     parser.add_argument("--output", default="out/demo", help="output directory")
     parser.add_argument("--cache-dir", default=os.path.expanduser("~/.cache/rso-pipeline"),
                         help="where the SFT policy and the fitted reward models are kept "

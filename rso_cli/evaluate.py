@@ -273,8 +273,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[argparse.Namespace, list[str
     # rso.config.ArgumentParser: an error is one line ``rso evaluate: error: ...``, exit 2, as
     # `rso generate` prints it
     parser = ArgumentParser(prog="rso evaluate", description=console.help_text(__doc__),
-                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                            allow_abbrev=False)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--policy", required=True, help="Hugging Face causal LM directory")
     parser.add_argument("--baseline", required=True,
                         help="the model to beat (e.g. the SFT policy): causal LM directory")

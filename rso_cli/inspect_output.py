@@ -493,8 +493,7 @@ def inspect_output(output: str, plots_dir: str | None = None) -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="rso inspect", description=console.help_text(__doc__),
-                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                            allow_abbrev=False)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("output", help="a complete `rso generate` output directory")
     parser.add_argument("--plots", default=None,
                         help="write inspect.json and the PNGs here (default: OUTPUT)")

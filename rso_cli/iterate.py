@@ -118,7 +118,7 @@ def check_round_flags(args: argparse.Namespace) -> str | None:
                 train_argv(args, 0, args.policy, False), prog="rso train"))):
         try:
             parse()
-        except (ConfigError, ValueError) as e:  # ValueError: shlex (an unclosed quote)
+        except ConfigError as e:
             return f"round 1's {command} would refuse its flags: {e}"
     return None
 
@@ -136,8 +136,7 @@ def format_table(rows: list[dict]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="rso iterate", description=console.help_text(__doc__),
-                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                            allow_abbrev=False)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rounds", type=int, required=True,
                         help="R: rounds of generate + train (round r samples from round r-1's "
                              "policy)")

@@ -125,8 +125,7 @@ def _json_float(value):
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="rso sweep", description=console.help_text(__doc__),
-                            formatter_class=argparse.RawDescriptionHelpFormatter,
-                            allow_abbrev=False)
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--candidates", required=True, help="a complete run with a candidate store")
     parser.add_argument("--beta", default=DEFAULT_BETAS, help="comma-separated betas (inf allowed)")
     parser.add_argument("--num-samples", type=int, default=None,

@@ -267,7 +267,7 @@ def latest_complete(root: str) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = ArgumentParser(prog="python -m deploy.nightly.publish",
-                            description=__doc__.split("\n\n")[0], allow_abbrev=False)
+                            description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("publish", help="point ROOT/LATEST at ROOT/RUN if RUN has _SUCCESS")
     p.add_argument("root")
